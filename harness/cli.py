@@ -1,0 +1,169 @@
+"""The `llamasys` command line: parses options into an `Experiment` and runs one stage or all of them.
+
+Errors raised below become one line on stderr and an exit code here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from harness.config import Experiment, load_experiment
+from harness.errors import HarnessError
+
+DEMO_EXPERIMENT = Path(__file__).parent / "experiments" / "demo.toml"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-e", "--experiment", type=Path, metavar="TOML",
+                        help="experiment file (default: built-in defaults, the original study's settings)")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set llamacpp.backend=cuda (repeatable)")  # fmt: skip
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<experiment name>)")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="cache for builds, sources and models (default: ~/.cache/llamasys)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def _build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=("pypi", "git", "local", "prebuilt"), help="where llama.cpp comes from")
+    parser.add_argument("--ref", help="git tag/commit, or llama-cpp-python version for --source pypi")
+    parser.add_argument("--path", type=Path, help="local source tree or prebuilt binary directory")
+    parser.add_argument("--backend", choices=("cpu", "cuda"), help="compute backend to build for")
+    parser.add_argument("--cuda-architectures", metavar="LIST", help="e.g. 90 (H100), '80;86', native")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamasys",
+        description="Measure what 4-bit quantization costs in quality and buys in speed on llama.cpp.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="build llama.cpp (cached) and print where the binaries are")
+    _common(p)
+    _build_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="start llama-server on 127.0.0.1 for a model and keep it running")
+    _common(p)
+    _build_options(p)
+    p.add_argument("--model", type=Path, required=True, help="GGUF file to serve")
+    p.add_argument("--parallel", type=int, help="slots (default: the largest load step)")
+    p.add_argument("--port", type=int, help="llama-server port (default: 8080 if free)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on the small demo model (CPU)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def experiment_from_args(args: argparse.Namespace, *, default: Path | None = None) -> Experiment:
+    overrides = list(args.overrides)
+    for option, key in (("source", "llamacpp.source"), ("ref", "llamacpp.ref"), ("backend", "llamacpp.backend"),
+                        ("cuda_architectures", "llamacpp.cuda_architectures")):  # fmt: skip
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides.append(f"{key}={_toml_string(value)}")
+    if getattr(args, "path", None) is not None:
+        overrides.append(f"llamacpp.path={_toml_string(str(args.path.resolve()))}")
+    if args.run_dir is not None:
+        overrides.append(f"run_dir={_toml_string(str(args.run_dir))}")
+    if args.cache_dir is not None:
+        overrides.append(f"cache_dir={_toml_string(str(args.cache_dir.resolve()))}")
+    return load_experiment(args.experiment or default, overrides=overrides)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from harness.llamacpp import ensure_build
+
+    exp = experiment_from_args(args)
+    started = time.monotonic()
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
+    print(f"llama.cpp build {build.build_number} ({build.commit}), {build.backend}, from {build.source}")
+    print(f"binaries: {build.bin_dir}  ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from harness.llamacpp import ensure_build
+    from harness.server import LlamaServer, ServerSizing, free_port
+
+    exp = experiment_from_args(args)
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
+    parallel = args.parallel or max(exp.load.steps)
+    sizing = ServerSizing(parallel, exp.load.prompt_tokens, exp.load.output_tokens, exp.server.margin_tokens)
+    port = args.port or exp.server.port
+    if port is None:
+        port = 8080 if _port_free(exp.server.host, 8080) else free_port(exp.server.host)
+    log_path = exp.resolved_run_dir() / "serve" / "server.log"
+    server = LlamaServer(
+        build, args.model.resolve(), sizing, log_path=log_path, host=exp.server.host, port=port,
+        gpu_layers=exp.server.gpu_layers, threads=exp.server.threads, extra_args=exp.server.extra_args,
+        startup_timeout_s=exp.server.startup_timeout_s,
+    )  # fmt: skip
+    with server:
+        print(f"llama-server {server.url} (pid {server.pid}): {parallel} slots x {sizing.per_slot} tokens")
+        print(f"log: {log_path}")
+        print(f"from your machine: ssh -L {port}:127.0.0.1:{port} <this host>   then open http://127.0.0.1:{port}")
+        print("Ctrl-C stops it.", flush=True)
+        while server._proc is not None and server._proc.poll() is None:
+            time.sleep(0.5)
+        code = server._proc.returncode if server._proc else None
+        raise HarnessError(f"llama-server stopped by itself (exit {code}); see {log_path}")
+
+
+def _port_free(host: str, port: int) -> bool:
+    from harness.errors import ServerError
+    from harness.server import check_port_free
+
+    try:
+        check_port_free(host, port)
+    except ServerError:
+        return False
+    return True
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from harness.llamacpp import ensure_build
+
+    exp = experiment_from_args(args, default=DEMO_EXPERIMENT)
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
+    print(f"llama.cpp build {build.build_number} ({build.commit}) ready in {build.bin_dir}")
+    print("the demo's model, MMLU, load and report stages are not implemented yet")
+    return 0
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    # Turn SIGTERM/SIGHUP into an exception so every context manager stops the servers it started.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_on_sigterm)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except HarnessError as exc:
+        print(f"llamasys: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llamasys: interrupted; finished work is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

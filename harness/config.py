@@ -1,0 +1,366 @@
+"""The experiment: one TOML file -> one validated `Experiment`, built as defaults < file < environment < CLI.
+
+Every stage receives the `Experiment` explicitly; nothing below the CLI reads `os.environ` for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+ENV_PREFIX = "LLAMASYS_"
+
+# llama-quantize type names (as `llama-quantize --help` lists them) that a variant may ask for.
+QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
+    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S",
+    "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+    "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
+)  # fmt: skip
+# Types that are not quantized: a variant of this type is the converted GGUF itself (or a re-typed copy).
+UNQUANTIZED_TYPES = ("F32", "F16", "BF16")
+# Tensor types accepted by --output-tensor-type / --token-embedding-type.
+TENSOR_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q6_k",
+    "q5_k",
+    "q5_1",
+    "q5_0",
+    "q4_k",
+    "q4_1",
+    "q4_0",
+    "iq4_nl",
+    "iq4_xs",
+)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LlamaCppConfig(Section):
+    """Where llama.cpp comes from and how it is built."""
+
+    source: Literal["pypi", "git", "local", "prebuilt"] = "pypi"
+    # pypi: a llama-cpp-python version whose sdist vendors llama.cpp; git: a tag or commit of git_url.
+    ref: str = "0.3.36"
+    git_url: str = "https://github.com/ggml-org/llama.cpp"
+    # local: a llama.cpp source tree; prebuilt: a directory holding llama-server and the other tools.
+    path: Path | None = None
+    backend: Literal["cpu", "cuda"] = "cpu"
+    cuda_architectures: str = "90"
+    cmake_args: list[str] = Field(default_factory=list)
+    jobs: int = Field(default=0, ge=0, description="parallel compile jobs; 0 = all cores")
+    # Recorded in the binaries (`--version`); needed when the tree carries no git metadata.
+    build_number: int | None = None
+    build_commit: str | None = None
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> LlamaCppConfig:
+        if self.source in ("local", "prebuilt") and self.path is None:
+            raise ValueError(f"source '{self.source}' needs llamacpp.path")
+        if not re.fullmatch(r"[0-9]+(;[0-9]+)*|native|all|all-major", self.cuda_architectures):
+            raise ValueError("cuda_architectures must look like '90', '80;86;90', 'native' or 'all'")
+        return self
+
+
+class ModelConfig(Section):
+    """The model under test."""
+
+    source: Literal["hf", "dir", "gguf", "demo"] = "hf"
+    repo: str = "42dot/42dot_LLM-PLM-1.3B"
+    revision: str | None = None
+    path: Path | None = None
+    # BPE pre-tokenizer name to use when llama.cpp does not know the tokenizer's hash (42dot: gpt-2).
+    pretokenizer: str | None = "gpt-2"
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> ModelConfig:
+        if self.source in ("dir", "gguf") and self.path is None:
+            raise ValueError(f"source '{self.source}' needs model.path")
+        return self
+
+
+class VariantConfig(Section):
+    """One model variant: the baseline (F16) or a llama-quantize type with its options."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=64)
+    type: str
+    imatrix: bool = False
+    pure: bool = False
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value.upper() not in QUANT_TYPES:
+            raise ValueError(f"unknown quant type {value!r}; allowed: {', '.join(QUANT_TYPES)}")
+        return value.upper()
+
+    @field_validator("output_tensor_type", "token_embedding_type")
+    @classmethod
+    def _known_tensor_type(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in TENSOR_TYPES:
+            raise ValueError(f"unknown tensor type {value!r}; allowed: {', '.join(TENSOR_TYPES)}")
+        return value.lower() if value else value
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.type in UNQUANTIZED_TYPES
+
+
+def default_variants() -> list[VariantConfig]:
+    """F16 baseline, Q8_0, the original study's 4-bit pair, and the best 4-bit types with an importance matrix."""
+    return [
+        VariantConfig(name="F16", type="F16"),
+        VariantConfig(name="Q8_0", type="Q8_0"),
+        VariantConfig(name="Q4_0", type="Q4_0"),
+        VariantConfig(name="Q4_K_M", type="Q4_K_M"),
+        VariantConfig(name="Q4_K_M-imat", type="Q4_K_M", imatrix=True),
+        VariantConfig(name="IQ4_XS-imat", type="IQ4_XS", imatrix=True),
+    ]
+
+
+class ImatrixConfig(Section):
+    """Calibration text for llama-imatrix (run once on the F16 model)."""
+
+    # A `datasets` id (with config) or, offline, a local text file in `path`.
+    dataset: str = "Salesforce/wikitext"
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "train"
+    text_column: str = "text"
+    path: Path | None = None
+    chunks: int = Field(default=100, ge=1)
+    ctx_size: int = Field(default=512, ge=64)
+
+
+class MMLUConfig(Section):
+    """The MMLU quality stage (llama-perplexity --multiple-choice) and the KL-divergence check."""
+
+    enabled: bool = True
+    source: Literal["hf", "local"] = "hf"
+    dataset: str = "cais/mmlu"
+    dataset_config: str = "all"
+    split: str = "test"
+    path: Path | None = None
+    # Column mapping for local JSONL/CSV files that do not use the cais/mmlu schema.
+    columns: dict[str, str] = Field(default_factory=dict)
+    subjects: list[str] = Field(default_factory=list, description="empty = all 57")
+    per_subject: int | None = Field(default=None, ge=1, description="stratified subset size; None = all")
+    seed: int = 0
+    kld: bool = True
+    kld_chunks: int = Field(default=20, ge=1)
+    ctx_size: int = Field(default=512, ge=64, description="KL-divergence context")
+    threads: int | None = Field(default=None, ge=1)
+
+
+class LoadConfig(Section):
+    """The Locust speed stage: fixed-length streamed completions at stepped concurrency."""
+
+    enabled: bool = True
+    api: Literal["native", "openai", "chat"] = "native"
+    prompt_tokens: int = Field(default=2560, ge=1)
+    output_tokens: int = Field(default=768, ge=2)
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    # Each step runs until every user finished `requests_per_user` requests, or for `step_duration_s`.
+    requests_per_user: int | None = Field(default=3, ge=1)
+    step_duration_s: float | None = Field(default=None, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    prompt_text: Path | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_increasing(cls, steps: list[int]) -> list[int]:
+        if any(s < 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("steps must be distinct positive user counts in increasing order, e.g. [1, 2, 4, 8]")
+        return steps
+
+    @model_validator(mode="after")
+    def _one_step_length(self) -> LoadConfig:
+        if (self.requests_per_user is None) == (self.step_duration_s is None):
+            raise ValueError("set exactly one of load.requests_per_user and load.step_duration_s")
+        return self
+
+
+class ServerConfig(Section):
+    """How llama-server is started for the load stage and `llamasys serve`."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535, description="None = a free port")
+    # Headroom per slot beyond prompt + output (BOS, template tokens, rounding).
+    margin_tokens: int = Field(default=64, ge=0)
+    gpu_layers: int = Field(default=999, ge=0, description="layers offloaded when the backend has a GPU")
+    threads: int | None = Field(default=None, ge=1)
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class Experiment(Section):
+    """Everything one run needs. Defaults reproduce the original study (42dot 1.3B, F16 vs 4-bit, 2560/768)."""
+
+    name: str = Field(default="42dot-b3661", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run_dir: Path | None = None
+    cache_dir: Path | None = None
+    llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    variants: list[VariantConfig] = Field(default_factory=default_variants, min_length=1)
+    imatrix: ImatrixConfig = Field(default_factory=ImatrixConfig)
+    mmlu: MMLUConfig = Field(default_factory=MMLUConfig)
+    load: LoadConfig = Field(default_factory=LoadConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> Experiment:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir if self.run_dir is not None else Path("runs") / self.name
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return base / "llamasys"
+
+    def to_toml(self) -> str:
+        """The resolved experiment as TOML (what actually ran), for the run directory."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (dotted key, value); the value is read as TOML when it parses, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"bad override {text!r}: expected KEY=VALUE, e.g. llamacpp.backend=cuda")
+    return key, _parse_value(raw.strip())
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """LLAMASYS_SECTION__KEY=value -> (section.key, value, variable name). `__` separates levels."""
+    found = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "LLAMASYS_EXPERIMENT":
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        found.append((dotted, _parse_value(raw), name))
+    return found
+
+
+def load_experiment(
+    path: Path | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Experiment:
+    """Build the experiment from defaults < TOML file < LLAMASYS_* environment < CLI `KEY=VALUE` overrides."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"experiment file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read experiment file {path}: {exc.strerror}") from None
+        _resolve_relative_paths(data, Path(path).resolve().parent)
+    for dotted, value, var in env_overrides(os.environ if environ is None else environ):
+        _set_dotted(data, dotted, value, source=f"environment variable {var}")
+    for text in overrides:
+        dotted, value = parse_override(text)
+        _set_dotted(data, dotted, value, source=f"--set {text}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+# Keys holding paths: relative paths in a file are relative to that file, as a user reading it expects.
+_PATH_KEYS = {("run_dir",), ("cache_dir",), ("llamacpp", "path"), ("model", "path"), ("imatrix", "path"),
+              ("mmlu", "path"), ("load", "prompt_text")}  # fmt: skip
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        node: Any = data
+        for part in keys[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            value = Path(node[keys[-1]]).expanduser()
+            # run_dir stays relative to where the user runs the command: runs/ next to the work, not the file.
+            if not value.is_absolute() and keys != ("run_dir",):
+                node[keys[-1]] = str(base / value)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Experiment
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        model = inner[0] if inner else annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return sorted(model.model_fields)
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[") or "(top)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = f"unknown key '{loc[-1]}'" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "literal_error":
+            msg = f"{err['input']!r} is not allowed; {err['msg'].replace('Input should be', 'choose')}"
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    head = f"invalid experiment ({origin}): " if len(lines) == 1 else f"invalid experiment ({origin}):\n  "
+    return head + "\n  ".join(lines)

@@ -1,0 +1,59 @@
+"""Typed errors raised deep in the harness and turned into one line and an exit code at the CLI edge."""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Base of every error the harness reports to the user as one clear line."""
+
+    exit_code = 1
+
+
+class ConfigError(HarnessError):
+    """The experiment file, environment or command line asks for something invalid."""
+
+    exit_code = 2
+
+
+class BuildError(HarnessError):
+    """llama.cpp could not be obtained, configured or compiled."""
+
+    exit_code = 3
+
+
+class SourceError(BuildError):
+    """The llama.cpp source (git tag, PyPI version, local tree, prebuilt dir) does not exist or is unusable."""
+
+
+class ToolMissingError(BuildError):
+    """A program the build needs (cmake, a compiler, nvcc, git) is not installed."""
+
+
+class ModelError(HarnessError):
+    """A model could not be found, downloaded, converted or quantized."""
+
+    exit_code = 4
+
+
+class ServerError(HarnessError):
+    """llama-server could not be started, sized or talked to."""
+
+    exit_code = 5
+
+
+class MMLUError(HarnessError):
+    """The MMLU data or the llama-perplexity multiple-choice run failed."""
+
+    exit_code = 6
+
+
+class LoadTestError(HarnessError):
+    """The Locust load test could not run or its results are unusable."""
+
+    exit_code = 7
+
+
+class ReportError(HarnessError):
+    """The results could not be merged or rendered."""
+
+    exit_code = 8

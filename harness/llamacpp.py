@@ -1,0 +1,462 @@
+"""llama.cpp: obtain a source tree (git tag, PyPI sdist, local tree) or prebuilt binaries, build, cache.
+
+Builds are keyed by source identity + backend + flags, built in a work directory, installed into the cache
+with one atomic rename under a file lock, and verified by asking the built llama-server for its version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+from tqdm import tqdm
+
+from harness import pypi
+from harness.config import LlamaCppConfig
+from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
+from harness.process import run_streaming
+
+# The six tools every stage needs (FACTS.md 2).
+TOOLS = ("llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-cli", "llama-bench")
+
+Era = Literal["legacy", "current"]
+
+# llama-cpp-python sdists vendor llama.cpp without git metadata: what each one holds (FACTS.md 1).
+# A build number of None means we do not know it; the experiment must then give llamacpp.build_number.
+PYPI_VENDORED: dict[str, tuple[int | None, str]] = {
+    "0.3.36": (11312, "0c1e57098"),
+    "0.2.90": (None, "1d1ccce"),
+}
+
+_BUILD_RECORD = "build.json"
+_LEGACY_MARKER = "# llamasys: build identity injected"
+
+
+@dataclass(frozen=True)
+class SourceTree:
+    """A llama.cpp source tree ready for CMake, with what we know of its identity."""
+
+    root: Path
+    era: Era
+    identity: str  # what the cache key hashes: a commit, an sdist digest, or a tree fingerprint
+    description: str  # for people: "PyPI llama-cpp-python 0.3.36", "git b3661", ...
+    build_number: int | None
+    commit: str | None
+
+
+@dataclass
+class Build:
+    """A finished, verified set of llama.cpp binaries."""
+
+    bin_dir: Path
+    backend: str
+    era: Era
+    build_number: int
+    commit: str
+    source: str
+    cache_key: str
+    cmake_args: list[str] = field(default_factory=list)
+    version_text: str = ""
+    tree: Path | None = None  # the source tree (convert_hf_to_gguf.py, gguf-py); None for prebuilt
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.is_file():
+            raise BuildError(f"{name} is missing from {self.bin_dir}")
+        return path
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.backend == "cuda"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["bin_dir"] = str(self.bin_dir)
+        data["tree"] = str(self.tree) if self.tree else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Build:
+        data = dict(data)
+        data["bin_dir"] = Path(data["bin_dir"])
+        data["tree"] = Path(data["tree"]) if data.get("tree") else None
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- pure helpers (unit-tested)
+
+
+def detect_era(root: Path) -> Era:
+    """Tools moved from examples/ to tools/ in 2025; the b3661 era keeps them under examples/."""
+    if (root / "tools" / "server").is_dir():
+        return "current"
+    if (root / "examples" / "server").is_dir():
+        return "legacy"
+    raise SourceError(f"{root} does not look like a llama.cpp tree (no tools/server or examples/server)")
+
+
+def cmake_configure_args(
+    *,
+    era: Era,
+    backend: str,
+    cuda_architectures: str,
+    build_number: int,
+    commit: str,
+    extra: list[str],
+) -> list[str]:
+    """CMake cache arguments for a static Release build of the tools (FACTS.md 2), per era and backend."""
+    args = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
+    ]
+    if era == "current":
+        # The legacy tree generates build-info from git at build time instead (see _inject_legacy_build_info).
+        args += [
+            f"-DLLAMA_BUILD_NUMBER={build_number}",
+            f"-DLLAMA_BUILD_COMMIT={commit}",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+        ]
+    else:
+        # In the b3661 era the tools themselves are "examples".
+        args += ["-DLLAMA_BUILD_EXAMPLES=ON"]
+    if backend == "cuda":
+        # A GPU image is built for other machines' GPUs: no -march=native, explicit CUDA architectures.
+        args += ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}"]
+    else:
+        args += ["-DGGML_NATIVE=ON"]
+    return args + list(extra)
+
+
+def cache_key(identity: str, backend: str, cuda_architectures: str, configure_args: list[str]) -> str:
+    """Stable key of what produced a build: source identity, backend, and the exact configure arguments."""
+    payload = json.dumps(
+        {
+            "identity": identity,
+            "backend": backend,
+            "cuda_architectures": cuda_architectures if backend == "cuda" else None,
+            "configure": configure_args,
+            "tools": TOOLS,
+            "platform": sys.platform,
+            "machine": os.uname().machine,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+_VERSION_RE = re.compile(r"version:\s*(?P<number>\d+)\s*\((?P<commit>[^)]*)\)")
+
+
+def parse_version_output(text: str) -> tuple[int, str]:
+    """`llama-server --version` -> (build number, commit). Both eras print `version: N (commit)`."""
+    match = _VERSION_RE.search(text)
+    if not match:
+        raise BuildError(f"cannot read a version from: {text.strip()[:200]!r}")
+    return int(match["number"]), match["commit"]
+
+
+_PROGRESS_RE = re.compile(r"^\[\s*(\d+)%\]")
+
+
+def parse_build_progress(line: str) -> int | None:
+    """`[ 45%] Building CXX object ...` -> 45 (CMake's Makefile generator prints this for each step)."""
+    match = _PROGRESS_RE.match(line)
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------- sources
+
+
+def obtain_source(cfg: LlamaCppConfig, cache_dir: Path) -> SourceTree:
+    """Fetch (or find) the tree `cfg` names. Sources are cached under `cache_dir/sources`."""
+    if cfg.source == "pypi":
+        tree = _pypi_source(cfg.ref, cache_dir)
+    elif cfg.source == "git":
+        tree = _git_source(cfg.git_url, cfg.ref, cache_dir)
+    elif cfg.source == "local":
+        tree = _local_source(Path(cfg.path))  # type: ignore[arg-type]
+    else:
+        raise SourceError("source 'prebuilt' has no source tree")
+    number = cfg.build_number if cfg.build_number is not None else tree.build_number
+    commit = cfg.build_commit or tree.commit
+    return SourceTree(tree.root, tree.era, tree.identity, tree.description, number, commit)
+
+
+def _atomic_dir(final: Path, fill) -> Path:
+    """Create `final` by filling a temporary sibling and renaming it: a killed run leaves no half entry."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if final.is_dir():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        try:
+            fill(tmp)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
+    try:
+        sdist = pypi.download(
+            f"llama-cpp-python=={version}",
+            cache_dir / "downloads",
+            pattern=f"llama_cpp_python-{version}.tar.gz",
+            sdist=True,
+        )
+    except HarnessError as exc:
+        raise SourceError(str(exc)) from None
+    digest = _sha256(sdist)
+
+    def extract(tmp: Path) -> None:
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            if not members:
+                raise SourceError(f"{sdist.name} carries no vendor/llama.cpp tree")
+            for member in members:
+                member.name = member.name[len(prefix) :]
+            tar.extractall(tmp, members=[m for m in members if m.name], filter="data")
+
+    root = _atomic_dir(cache_dir / "sources" / f"pypi-{version}-{digest[:12]}", extract)
+    number, commit = PYPI_VENDORED.get(version, (None, None))
+    return SourceTree(root, detect_era(root), f"pypi:{digest}", f"PyPI llama-cpp-python {version}", number, commit)
+
+
+def _git_source(url: str, ref: str, cache_dir: Path) -> SourceTree:
+    git = shutil.which("git")
+    if git is None:
+        raise ToolMissingError("git is not installed; it is needed for llamacpp.source = 'git'")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", ref)
+    url_tag = hashlib.sha256(url.encode()).hexdigest()[:8]
+
+    def clone(tmp: Path) -> None:
+        proc = subprocess.run(
+            [git, "clone", "--quiet", "--depth", "1", "--branch", ref, url, str(tmp / "src")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SourceError(f"cannot fetch llama.cpp ref '{ref}' from {url}: {last}")
+        for item in (tmp / "src").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "src").rmdir()
+
+    root = _atomic_dir(cache_dir / "sources" / f"git-{url_tag}-{safe}", clone)
+    commit = subprocess.run(
+        [git, "-C", str(root), "rev-parse", "--short=9", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    # Release tags are bNNNN where NNNN is the commit count; a shallow clone cannot count, the tag can.
+    tag = re.fullmatch(r"b(\d+)", ref)
+    number = int(tag.group(1)) if tag else None
+    return SourceTree(root, detect_era(root), f"git:{commit}", f"git {ref} ({commit})", number, commit or None)
+
+
+def _local_source(root: Path) -> SourceTree:
+    root = root.expanduser().resolve()
+    if not (root / "CMakeLists.txt").is_file():
+        raise SourceError(f"{root} is not a llama.cpp source tree (no CMakeLists.txt)")
+    era = detect_era(root)
+    commit = number = None
+    if shutil.which("git") and (root / ".git").exists():
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=9", "HEAD"], capture_output=True, text=True)
+        commit = out.stdout.strip() or None
+        count = subprocess.run(["git", "-C", str(root), "rev-list", "--count", "HEAD"], capture_output=True, text=True)
+        number = int(count.stdout.strip()) if count.stdout.strip().isdigit() else None
+    return SourceTree(root, era, f"local:{_tree_fingerprint(root)}", f"local tree {root}", number, commit)
+
+
+def _tree_fingerprint(root: Path) -> str:
+    """Cheap content identity of a source tree: every source file's path, size and mtime."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "build")))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- building
+
+
+def find_nvcc() -> Path | None:
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def check_toolchain(backend: str) -> dict[str, str]:
+    """The programs a build needs, or a clear error naming the missing one. Returns extra environment."""
+    if shutil.which("cmake") is None:
+        raise ToolMissingError("cmake is not installed; install it (e.g. apt-get install cmake) to build llama.cpp")
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")):
+        raise ToolMissingError("no C++ compiler found; install one (e.g. apt-get install g++)")
+    env: dict[str, str] = {}
+    if backend == "cuda":
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise ToolMissingError(
+                "backend 'cuda' needs the CUDA toolkit, but nvcc was not found (looked at $CUDACXX, PATH and "
+                "/usr/local/cuda/bin); install the toolkit or use llamacpp.backend = 'cpu'"
+            )
+        env["CUDACXX"] = str(nvcc)
+    return env
+
+
+def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True) -> Build:
+    """Return the cached build for `cfg`, building it first if needed (locked, atomic, verified)."""
+    if cfg.source == "prebuilt":
+        return _prebuilt(Path(cfg.path), cfg.backend)  # type: ignore[arg-type]
+    tree = obtain_source(cfg, cache_dir)
+    if tree.build_number is None or not tree.commit:
+        raise SourceError(
+            f"the build number or commit of {tree.description} is not known; set llamacpp.build_number and "
+            "llamacpp.build_commit (the llama.cpp release tag bNNNN has build number NNNN)"
+        )
+    configure = cmake_configure_args(
+        era=tree.era,
+        backend=cfg.backend,
+        cuda_architectures=cfg.cuda_architectures,
+        build_number=tree.build_number,
+        commit=tree.commit,
+        extra=cfg.cmake_args,
+    )
+    key = cache_key(
+        tree.identity + f"#{tree.build_number}:{tree.commit}", cfg.backend, cfg.cuda_architectures, configure
+    )
+    builds = cache_dir / "builds"
+    final = builds / key
+    if (final / _BUILD_RECORD).is_file():
+        return _load_record(final)
+    env = {**os.environ, **check_toolchain(cfg.backend)}
+    builds.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(builds / f"{key}.lock")):
+        if (final / _BUILD_RECORD).is_file():  # another run finished it while we waited
+            return _load_record(final)
+        return _build(tree, cfg, configure, key, final, env, progress=progress, jobs=cfg.jobs or os.cpu_count() or 1)
+
+
+def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs: int) -> Build:
+    work = final.parent / f".work-{key}"  # kept on failure so a retry compiles incrementally
+    log = work / "build.log"
+    work.mkdir(parents=True, exist_ok=True)
+    if tree.era == "legacy":
+        _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
+    print(f"building llama.cpp ({tree.description}, {cfg.backend}) -> {final}\n  log: {log}", file=sys.stderr)
+    code, tail = run_streaming(["cmake", "-S", tree.root, "-B", work / "tree", *configure], log_path=log, env=env)
+    if code != 0:
+        raise BuildError(f"cmake configure failed (exit {code}); see {log}\n" + "\n".join(tail[-15:]))
+    bar = tqdm(total=100, desc="llama.cpp build", unit="%", disable=not progress, file=sys.stderr)
+
+    def on_line(line: str) -> None:
+        pct = parse_build_progress(line)
+        if pct is not None and pct > bar.n:
+            bar.update(pct - bar.n)
+
+    try:
+        code, tail = run_streaming(
+            ["cmake", "--build", work / "tree", "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
+            log_path=log, env=env, on_line=on_line,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    if code != 0:
+        raise BuildError(f"llama.cpp build failed (exit {code}); see {log}\n" + "\n".join(tail[-15:]))
+
+    def install(tmp: Path) -> None:
+        bin_dir = tmp / "bin"
+        bin_dir.mkdir()
+        for name in TOOLS:
+            built = work / "tree" / "bin" / name
+            if not built.is_file():
+                raise BuildError(f"the build did not produce {name} (looked in {built.parent})")
+            shutil.copy2(built, bin_dir / name)
+        version_text = _run_version(bin_dir / "llama-server")
+        number, commit = parse_version_output(version_text)
+        if number != tree.build_number:
+            raise BuildError(f"built llama-server reports build {number}, expected {tree.build_number}")
+        record = Build(
+            bin_dir=final / "bin", backend=cfg.backend, era=tree.era, build_number=number, commit=commit,
+            source=tree.description, cache_key=key, cmake_args=configure, version_text=version_text.strip(),
+            tree=tree.root,
+        )  # fmt: skip
+        shutil.copy2(log, tmp / "build.log")
+        (tmp / _BUILD_RECORD).write_text(json.dumps(record.to_json(), indent=2))
+
+    _atomic_dir(final, install)
+    shutil.rmtree(work, ignore_errors=True)
+    return _load_record(final)
+
+
+def _inject_legacy_build_info(root: Path, number: int, commit: str) -> None:
+    """b3661-era trees compute build-info from git at build time (build 0 in an sdist): pin it instead."""
+    path = root / "cmake" / "build-info.cmake"
+    text = path.read_text()
+    text = text.split(_LEGACY_MARKER)[0].rstrip("\n")
+    text += f'\n{_LEGACY_MARKER}\nset(BUILD_NUMBER {int(number)})\nset(BUILD_COMMIT "{commit}")\n'
+    path.write_text(text)
+    generated = root / "common" / "build-info.cpp"
+    if generated.exists():
+        generated.unlink()  # regenerated by the build with the pinned identity
+
+
+def _run_version(server: Path) -> str:
+    try:
+        proc = subprocess.run([str(server), "--version"], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise BuildError(f"cannot run {server}: {exc.strerror}") from None
+    return proc.stdout + proc.stderr
+
+
+def _load_record(final: Path) -> Build:
+    build = Build.from_json(json.loads((final / _BUILD_RECORD).read_text()))
+    build.bin_dir = final / "bin"  # the cache directory may have moved
+    return build
+
+
+def _prebuilt(path: Path, backend: str) -> Build:
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise SourceError(f"prebuilt llama.cpp directory not found: {path}")
+    missing = [t for t in TOOLS if not (path / t).is_file()]
+    if "llama-server" in missing:
+        raise SourceError(f"{path} has no llama-server binary")
+    if missing:
+        print(f"warning: {path} lacks {', '.join(missing)}; stages needing them will fail", file=sys.stderr)
+    text = _run_version(path / "llama-server")
+    number, commit = parse_version_output(text)
+    era: Era = "current" if number >= 5000 else "legacy"
+    return Build(
+        bin_dir=path, backend=backend, era=era, build_number=number, commit=commit, source=f"prebuilt {path}",
+        cache_key="prebuilt", version_text=text.strip(),
+    )  # fmt: skip

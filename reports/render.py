@@ -1,0 +1,101 @@
+"""Render results.json into one self-contained report.html (Jinja2 with autoescape, plotly.js inlined)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jinja2
+from plotly.offline import get_plotlyjs
+
+from harness.errors import ReportError
+from reports.charts import all_charts
+from reports.model import Results
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("reports", "templates"),
+    autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _fmt(value: float | None, spec: str = ".2f", missing: str = "–") -> str:
+    if value is None:
+        return missing
+    return format(value, spec)
+
+
+def _ms(value: float | None) -> str:
+    return _fmt(value * 1000 if value is not None else None, ".1f")
+
+
+_ENV.filters["fmt"] = _fmt
+_ENV.filters["ms"] = _ms
+
+
+def render_report(
+    results: Results, target: Path, *, run_dir: Path | None = None, runs: list[Results] | None = None
+) -> Path:
+    """Write report.html for `results` (and, side by side, other runs' results when given)."""
+    template = _ENV.get_template("report.html")
+    run_dir = run_dir or target.parent
+    page = template.render(
+        r=results,
+        runs=runs or [],
+        charts=all_charts(results),
+        subjects=subject_table(results),
+        zip=zip,
+        plotlyjs=get_plotlyjs(),
+        links=_raw_links(results, run_dir, target.parent),
+        results_json=results.to_json(),
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def subject_table(results: Results) -> dict:
+    """Subjects as rows, variants with per-subject scores as columns (a cell is None where a variant lacks one)."""
+    variants = [v for v in results.variants if v.quality and v.quality.subjects]
+    names = sorted({s.subject for v in variants for s in v.quality.subjects})  # type: ignore[union-attr]
+    rows = []
+    for subject in names:
+        cells = [next((s for s in v.quality.subjects if s.subject == subject), None) for v in variants]  # type: ignore[union-attr]
+        n = max((c.n for c in cells if c), default=0)
+        rows.append({"subject": subject, "n": n, "cells": cells})
+    return {"variants": variants, "rows": rows}
+
+
+def _raw_links(results: Results, run_dir: Path, report_dir: Path) -> list[tuple[str, str]]:
+    """Relative links from the report to the raw files that exist, so the report stays movable with its run."""
+    candidates = [
+        ("experiment.toml", run_dir / "experiment.toml"),
+        ("manifest.json", run_dir / "manifest.json"),
+        ("results.json", run_dir / "results.json"),
+    ]
+    for v in results.variants:
+        candidates += [
+            (f"MMLU {v.name}", run_dir / "mmlu" / f"{v.name}.json"),
+            (f"KLD {v.name}", run_dir / "kld" / f"{v.name}.json"),
+        ]
+        if v.speed:
+            candidates += [(f"load {v.name}: {label}", run_dir / rel) for label, rel in v.speed.files.items()]
+    links = []
+    for label, path in candidates:
+        if path.exists():
+            links.append((label, os.path.relpath(path, report_dir)))
+    return links
+
+
+def load_results(path: Path) -> Results:
+    try:
+        return Results.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ReportError(f"no results.json in {path.parent}: run the pipeline there first") from None
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise ReportError(f"{path} is not a results file this version can read: {exc}") from None

@@ -1,0 +1,97 @@
+"""Experiment loading: layering (defaults < file < env < CLI) and one clear error per bad key or value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from harness.config import Experiment, load_experiment, parse_override
+from harness.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_reproduce_the_original_study():
+    exp = load_experiment(None, environ={})
+    assert exp.model.repo == "42dot/42dot_LLM-PLM-1.3B"
+    assert exp.model.pretokenizer == "gpt-2"
+    assert (exp.load.prompt_tokens, exp.load.output_tokens, exp.load.steps) == (2560, 768, [1, 2, 4, 8])
+    names = [v.name for v in exp.variants]
+    assert names[0] == "F16" and {"Q4_0", "Q4_K_M", "Q4_K_M-imat", "IQ4_XS-imat"} <= set(names)
+    assert exp.mmlu.split == "test"
+
+
+def test_shipped_experiments_load():
+    root = Path(__file__).parents[2] / "harness" / "experiments"
+    study = load_experiment(root / "original-study.toml", environ={})
+    assert (study.llamacpp.source, study.llamacpp.ref) == ("git", "b3661")
+    demo = load_experiment(root / "demo.toml", environ={})
+    assert demo.llamacpp.source == "pypi" and demo.model.source == "demo"
+    assert demo.load.steps == [1, 2, 4, 8]
+
+
+def test_layers_file_then_env_then_cli(tmp_path):
+    path = write(tmp_path, '[llamacpp]\nbackend = "cuda"\nref = "0.2.90"\n[load]\nsteps = [1, 2]\n')
+    exp = load_experiment(
+        path,
+        environ={"LLAMASYS_LLAMACPP__REF": "0.3.36", "LLAMASYS_LOAD__STEPS": "[1, 2, 4]", "HOME": "/x"},
+        overrides=["load.steps=[1, 8]"],
+    )
+    assert exp.llamacpp.backend == "cuda"  # file
+    assert exp.llamacpp.ref == "0.3.36"  # environment beats file
+    assert exp.load.steps == [1, 8]  # CLI beats environment
+
+
+def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
+    path = write(tmp_path, '[model]\nsource = "gguf"\npath = "m/x.gguf"\n')
+    assert load_experiment(path, environ={}).model.path == tmp_path / "m" / "x.gguf"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[llamacpp]\nbakend = 'cpu'\n", "llamacpp.bakend: unknown key 'bakend'; allowed keys: backend,"),
+        ("[llamacpp]\nbackend = 'rocm'\n", "llamacpp.backend: 'rocm' is not allowed; choose 'cpu' or 'cuda'"),
+        ("[[variants]]\nname = 'x'\ntype = 'Q9_9'\n", "variants[0].type: unknown quant type 'Q9_9'; allowed: F32"),
+        ("[load]\nsteps = [4, 2]\n", "load.steps: steps must be distinct positive user counts"),
+        ("[load]\nstep_duration_s = 10\n", "set exactly one of load.requests_per_user and load.step_duration_s"),
+        ("[llamacpp]\nsource = 'local'\n", "source 'local' needs llamacpp.path"),
+        ("colour = 'blue'\n", "colour: unknown key 'colour'; allowed keys:"),
+        ("[[variants]]\nname='a'\ntype='F16'\n[[variants]]\nname='a'\ntype='Q4_0'\n", "repeated: a"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(write(tmp_path, text), environ={})
+    assert expected in str(err.value)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment(write(tmp_path, "[llamacpp\n"), environ={})
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        load_experiment(tmp_path / "nope.toml", environ={})
+
+
+def test_env_typo_is_an_error_naming_the_variable():
+    with pytest.raises(ConfigError, match="unknown key 'bakend'"):
+        load_experiment(None, environ={"LLAMASYS_LLAMACPP__BAKEND": "cpu"})
+
+
+def test_override_syntax():
+    assert parse_override("load.steps=[1,2]") == ("load.steps", [1, 2])
+    assert parse_override("llamacpp.ref=b3661") == ("llamacpp.ref", "b3661")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("no-equals-sign")
+
+
+def test_resolved_experiment_round_trips_through_toml(tmp_path):
+    exp = load_experiment(None, environ={}, overrides=["cache_dir='/c'", "mmlu.per_subject=3"])
+    again = Experiment.model_validate(tomllib.loads(exp.to_toml()))
+    assert again == exp

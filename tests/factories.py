@@ -1,0 +1,44 @@
+"""Results records for tests of the report (no llama.cpp needed to render one)."""
+
+from __future__ import annotations
+
+from reports.model import Quality, Results, Speed, StepResult, SubjectScore, VariantResult
+
+
+def step(users: int, tps: float) -> StepResult:
+    return StepResult(
+        users=users, requests=4 * users, failures=0, duration_s=10.0, request_rate=0.4 * users,
+        output_tps=tps, output_tps_per_user=tps / users,
+        ttft_s={"p50": 0.2 * users, "p90": 0.3 * users, "p99": 0.4 * users},
+        tpot_s={"p50": 0.01, "p90": 0.012, "p99": 0.02}, itl_s={"p50": 0.01, "p90": 0.012, "p99": 0.03},
+        e2e_s={"p50": 2.0, "p90": 2.5, "p99": 3.0, "min": 1.5},
+    )  # fmt: skip
+
+
+def variant(name, qtype, *, acc, delta=None, p=None, kld=None, tps=100.0, size=1000, bpw=16.0, base=False):
+    quality = Quality(
+        n_questions=200, accuracy=acc, ci_low=acc - 3, ci_high=acc + 3, delta=delta, p_value=p,
+        verdict=None if base else ("significant drop" if p is not None and p < 0.05 else "no significant difference"),
+        subjects=[SubjectScore("anatomy", 4, acc, delta), SubjectScore("virology", 4, acc, delta)],
+        kld_mean=kld, kld_p99=kld * 10 if kld else None, same_top_pct=95.0 if kld else None, ppl_ratio=1.01,
+    )  # fmt: skip
+    speed = Speed(steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0, rss_mb_max=300.0)
+    return VariantResult(
+        name, qtype, is_baseline=base, size_bytes=size, bits_per_weight=bpw, quality=quality, speed=speed
+    )
+
+
+def results(**overrides) -> Results:
+    variants = [
+        variant("F16", "F16", acc=40.0, base=True, size=2_000_000_000),
+        variant("Q8_0", "Q8_0", acc=40.0, delta=0.0, p=1.0, kld=0.0005, tps=150, size=1_100_000_000, bpw=8.5),
+        variant("Q4_0", "Q4_0", acc=36.0, delta=-4.0, p=0.01, kld=0.08, tps=260, size=600_000_000, bpw=4.5),
+        variant("Q4_K_M-imat", "Q4_K_M", acc=39.5, delta=-0.5, p=0.6, kld=0.02, tps=240, size=650_000_000, bpw=4.9),
+    ]
+    data = dict(
+        name="unit", model="demo/model", baseline="F16", llamacpp={"build_number": 1, "commit": "abc"},
+        hardware={"cpu": "test"}, experiment_toml='name = "unit"\n', variants=variants,
+        load_settings={"prompt_tokens": 256, "output_tokens": 32},
+    )  # fmt: skip
+    data.update(overrides)
+    return Results(**data)

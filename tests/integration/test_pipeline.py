@@ -1,0 +1,143 @@
+"""`llamasys run` / `demo` end to end on the real small model: results, report, interrupt + resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.rundir import RunDir
+from tests.integration.helpers import REPO, error_line, llamasys, processes_mentioning
+
+pytestmark = pytest.mark.integration
+
+DEMO = REPO / "harness" / "experiments" / "demo.toml"
+# A smaller cut of the demo for the interrupt/resume test: two variants, few questions, two short steps.
+SMALL = [
+    "--set", 'variants=[{name="F16", type="F16"}, {name="Q4_0", type="Q4_0"}]',
+    "--set", 'mmlu.subjects=["anatomy", "astronomy", "virology"]',
+    "--set", "mmlu.per_subject=2",
+    "--set", "mmlu.kld_chunks=2",
+    "--set", "load.prompt_tokens=64",
+    "--set", "load.output_tokens=8",
+    "--set", "load.steps=[1, 2]",
+    "--set", "load.requests_per_user=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(cache_dir: Path, current_build) -> dict[str, str]:
+    return {"LLAMASYS_CACHE_DIR": str(cache_dir)}
+
+
+def test_demo_end_to_end(env, tmp_path: Path):
+    run_dir = tmp_path / "demo"
+    result = llamasys("demo", "--run-dir", str(run_dir), "--no-progress", env=env, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"open the report: {(run_dir / 'report.html').resolve()}" in result.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    names = [v["name"] for v in results["variants"]]
+    assert names == ["F16", "Q4_0", "Q4_K_M-imat"]
+    assert results["missing"] == []
+    for v in results["variants"]:
+        assert v["quality"]["accuracy"] is not None and v["quality"]["n_questions"] >= 100
+        assert [s["users"] for s in v["speed"]["steps"]] == [1, 2, 4, 8]
+        assert all(s["requests"] > 0 and s["failures"] == 0 for s in v["speed"]["steps"])
+        if not v["is_baseline"]:
+            assert v["quality"]["p_value"] is not None and v["quality"]["kld_mean"] is not None
+    page = (run_dir / "report.html").read_text()
+    for name in names:
+        assert f'data-variant="{name}"' in page
+    assert results["recommendation"]["variant"] in ("Q4_0", "Q4_K_M-imat")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {k: v["state"] for k, v in manifest["stages"].items()} == {
+        "build": "done", "models": "done", "mmlu": "done", "load": "done", "report": "done",
+    }  # fmt: skip
+    assert manifest["llamacpp"]["build_number"] == 11312 and manifest["hardware"]["cores_logical"] >= 1
+
+    # A finished run re-runs without redoing anything: every stage output stays as it was.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.json") if p.parent.name in ("mmlu", "kld", "load")}
+    again = llamasys("demo", "--run-dir", str(run_dir), "--no-progress", env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def _wait_for(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail("timed out waiting for the run to reach the load stage")
+
+
+def test_interrupt_mid_load_then_resume(env, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run = RunDir(run_dir)
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(DEMO), "--run-dir", str(run_dir), "--no-progress", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+
+        def in_load() -> bool:
+            try:
+                stages = json.loads(run.manifest.read_text())["stages"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+            return stages.get("load", {}).get("state") == "running" and any((run_dir / "load").rglob("*.jsonl"))
+
+        _wait_for(in_load, 1500, proc)
+        time.sleep(2)  # let some requests run
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert processes_mentioning(str(run_dir)) == []  # no llama-server or locust left behind
+    manifest = json.loads(run.manifest.read_text())
+    states = {k: v["state"] for k, v in manifest["stages"].items()}
+    assert states["models"] == states["mmlu"] == "done" and states["load"] == "interrupted"
+    partial = json.loads(run.results.read_text())
+    assert partial["missing"], "the partial results must say what is missing"
+    assert 'id="missing"' in run.report.read_text()
+    kept = {p: p.stat().st_mtime_ns for p in [run.mmlu("F16"), run.mmlu("Q4_0"), run.kld("Q4_0")]}
+
+    resumed = llamasys("run", str(DEMO), "--run-dir", str(run_dir), "--no-progress", *SMALL, env=env, timeout=1500)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were not redone
+    final = json.loads(run.results.read_text())
+    assert final["missing"] == []
+    assert [[s["users"] for s in v["speed"]["steps"]] for v in final["variants"]] == [[1, 2], [1, 2]]
+
+
+def test_bad_input_to_run(env, tmp_path: Path):
+    missing = llamasys("run", str(tmp_path / "nope.toml"), env=env)
+    assert missing.returncode == 2 and "experiment file not found" in error_line(missing.stderr)
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    bad = llamasys("run", str(broken), env=env)
+    assert bad.returncode == 2 and "not valid TOML" in error_line(bad.stderr)
+
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[[variants]]\nname = "F16"\ntype = "F16"\n[[variants]]\nname = "x"\ntype = "Q4_Q"\n')
+    wrong = llamasys("run", str(typo), env=env)
+    assert wrong.returncode == 2 and "variants[1].type: unknown quant type 'Q4_Q'" in error_line(wrong.stderr)
+
+    run_dir = tmp_path / "shared"
+    run_dir.mkdir()
+    (run_dir / "experiment.toml").write_text('name = "demo"\n[model]\nsource = "hf"\nrepo = "someone/else"\n')
+    clash = llamasys("run", str(DEMO), "--run-dir", str(run_dir), env=env)
+    assert clash.returncode == 2
+    assert f"run directory {run_dir} holds a different experiment (model differs" in error_line(clash.stderr)

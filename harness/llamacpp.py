@@ -160,15 +160,21 @@ def cache_key(identity: str, backend: str, cuda_architectures: str, configure_ar
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-_VERSION_RE = re.compile(r"version:\s*(?P<number>\d+)\s*\((?P<commit>[^)]*)\)")
+# b3661 era and most builds since: "version: 3661 (1d1ccce)"; current (b11312): "version: 0.5.0-dev (build 11312,
+# commit 0c1e57098)".
+_VERSION_RES = (
+    re.compile(r"version:\s*\S+\s*\(build\s+(?P<number>\d+),\s*commit\s+(?P<commit>[^)\s]+)\)"),
+    re.compile(r"version:\s*(?P<number>\d+)\s*\((?P<commit>[^)]*)\)"),
+)
 
 
 def parse_version_output(text: str) -> tuple[int, str]:
-    """`llama-server --version` -> (build number, commit). Both eras print `version: N (commit)`."""
-    match = _VERSION_RE.search(text)
-    if not match:
-        raise BuildError(f"cannot read a version from: {text.strip()[:200]!r}")
-    return int(match["number"]), match["commit"]
+    """`llama-server --version` -> (build number, commit), for both output formats."""
+    for pattern in _VERSION_RES:
+        match = pattern.search(text)
+        if match:
+            return int(match["number"]), match["commit"]
+    raise BuildError(f"cannot read a version from: {text.strip()[:200]!r}")
 
 
 _PROGRESS_RE = re.compile(r"^\[\s*(\d+)%\]")
@@ -367,7 +373,8 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True)
         return _load_record(final)
     env = {**os.environ, **check_toolchain(cfg.backend)}
     builds.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(builds / f"{key}.lock")):
+    # One lock per key for the whole build; _atomic_dir takes its own, differently named lock for the install.
+    with FileLock(str(builds / f".{key}.build.lock")):
         if (final / _BUILD_RECORD).is_file():  # another run finished it while we waited
             return _load_record(final)
         return _build(tree, cfg, configure, key, final, env, progress=progress, jobs=cfg.jobs or os.cpu_count() or 1)
@@ -378,6 +385,11 @@ def cmake_configure(
 ) -> None:
     """Run CMake's configure step; this is where a missing CUDA toolkit or a bad flag shows up."""
     code, tail = run_streaming(["cmake", "-S", source, "-B", build_dir, *configure], log_path=log_path, env=env)
+    if code != 0 and any("CUDA::cublas" in line for line in tail):
+        raise BuildError(
+            f"the CUDA toolkit ({env.get('CUDACXX', 'nvcc')}) has no cuBLAS, which llama.cpp's CUDA backend links; "
+            f"install the toolkit's libraries (e.g. the cuda-libraries-dev package); see {log_path}"
+        )
     if code != 0:
         raise BuildError(f"cmake configure failed (exit {code}); see {log_path}\n" + "\n".join(tail[-15:]))
 

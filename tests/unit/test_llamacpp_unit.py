@@ -64,7 +64,7 @@ def test_cache_key_changes_with_what_produced_the_build():
 
 def test_version_output_of_both_eras():
     legacy = "version: 1 (1d1ccce)\nbuilt with cc (Debian 12.2.0-14) 12.2.0 for x86_64-linux-gnu\n"
-    current = "load_backend: loaded CPU backend\nversion: 11312 (0c1e57098)\nbuilt with GNU 12.2.0 for Linux x86_64\n"
+    current = "version: 0.5.0-dev (build 11312, commit 0c1e57098)\nbuilt with GNU 12.2.0 for Linux x86_64\n"
     assert parse_version_output(legacy) == (1, "1d1ccce")
     assert parse_version_output(current) == (11312, "0c1e57098")
 

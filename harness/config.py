@@ -88,6 +88,8 @@ class ModelConfig(Section):
     # BPE pre-tokenizer name to use when llama.cpp does not know the tokenizer's hash (42dot: gpt-2).
     pretokenizer: str | None = "gpt-2"
     outtype: Literal["f16", "bf16", "f32"] = "f16"
+    # Threads for llama-imatrix and llama-quantize; None = the tools' default (all cores).
+    threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> ModelConfig:
@@ -223,10 +225,17 @@ class LoadConfig(Section):
     prompt_tokens: int = Field(default=2560, ge=1)
     output_tokens: int = Field(default=768, ge=2)
     steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
-    # Each step runs until every user finished `requests_per_user` requests, or for `step_duration_s`.
-    requests_per_user: int | None = Field(default=3, ge=1)
+    # Each step runs until every user finished `requests_per_user` requests (3 when neither is set), or for
+    # `step_duration_s` seconds. TOML cannot unset a key, so setting one must not require clearing the other.
+    requests_per_user: int | None = Field(default=None, ge=1)
     step_duration_s: float | None = Field(default=None, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # Seconds for every user of a step to build its prompts before the step is abandoned.
+    ready_timeout_s: float = Field(default=300.0, gt=0)
+    # Locust processes generating the load (Locust's --processes; 1 = one process, no master/worker split).
+    processes: int = Field(default=1, ge=1, le=64)
+    # How often the server's CPU, memory, GPU and /metrics are sampled during the load.
+    sample_interval_s: float = Field(default=0.5, gt=0)
     prompt_text: Path | None = None
 
     @field_validator("steps")
@@ -236,11 +245,16 @@ class LoadConfig(Section):
             raise ValueError("steps must be distinct positive user counts in increasing order, e.g. [1, 2, 4, 8]")
         return steps
 
-    @model_validator(mode="after")
-    def _one_step_length(self) -> LoadConfig:
-        if (self.requests_per_user is None) == (self.step_duration_s is None):
-            raise ValueError("set exactly one of load.requests_per_user and load.step_duration_s")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_step_length(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            per_user, duration = data.get("requests_per_user"), data.get("step_duration_s")
+            if per_user is not None and duration is not None:
+                raise ValueError("set only one of load.requests_per_user and load.step_duration_s")
+            if per_user is None and duration is None:
+                data = {**data, "requests_per_user": 3}
+        return data
 
 
 class ServerConfig(Section):

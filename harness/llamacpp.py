@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from harness import pypi
+from harness.cache import atomic_dir
 from harness.config import LlamaCppConfig
 from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
 from harness.process import run_streaming
@@ -204,24 +204,6 @@ def obtain_source(cfg: LlamaCppConfig, cache_dir: Path) -> SourceTree:
     return SourceTree(tree.root, tree.era, tree.identity, tree.description, number, commit)
 
 
-def _atomic_dir(final: Path, fill) -> Path:
-    """Create `final` by filling a temporary sibling and renaming it: a killed run leaves no half entry."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if final.is_dir():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        try:
-            fill(tmp)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
     try:
         sdist = pypi.download(
@@ -244,7 +226,7 @@ def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
                 member.name = member.name[len(prefix) :]
             tar.extractall(tmp, members=[m for m in members if m.name], filter="data")
 
-    root = _atomic_dir(cache_dir / "sources" / f"pypi-{version}-{digest[:12]}", extract)
+    root = atomic_dir(cache_dir / "sources" / f"pypi-{version}-{digest[:12]}", extract)
     number, commit = PYPI_VENDORED.get(version, (None, None))
     return SourceTree(root, detect_era(root), f"pypi:{digest}", f"PyPI llama-cpp-python {version}", number, commit)
 
@@ -268,7 +250,7 @@ def _git_source(url: str, ref: str, cache_dir: Path) -> SourceTree:
             item.rename(tmp / item.name)
         (tmp / "src").rmdir()
 
-    root = _atomic_dir(cache_dir / "sources" / f"git-{url_tag}-{safe}", clone)
+    root = atomic_dir(cache_dir / "sources" / f"git-{url_tag}-{safe}", clone)
     commit = subprocess.run(
         [git, "-C", str(root), "rev-parse", "--short=9", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -373,7 +355,7 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True)
         return _load_record(final)
     env = {**os.environ, **check_toolchain(cfg.backend)}
     builds.mkdir(parents=True, exist_ok=True)
-    # One lock per key for the whole build; _atomic_dir takes its own, differently named lock for the install.
+    # One lock per key for the whole build; atomic_dir takes its own, differently named lock for the install.
     with FileLock(str(builds / f".{key}.build.lock")):
         if (final / _BUILD_RECORD).is_file():  # another run finished it while we waited
             return _load_record(final)
@@ -439,7 +421,7 @@ def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs:
         shutil.copy2(log, tmp / "build.log")
         (tmp / _BUILD_RECORD).write_text(json.dumps(record.to_json(), indent=2))
 
-    _atomic_dir(final, install)
+    atomic_dir(final, install)
     shutil.rmtree(work, ignore_errors=True)
     return _load_record(final)
 
@@ -498,7 +480,7 @@ def install_build(build: Build, dest: Path) -> Build:
         raise BuildError(f"{dest} exists and is not empty; choose a new directory to install the build into")
     if dest.exists():
         dest.rmdir()
-    _atomic_dir(dest, fill)
+    atomic_dir(dest, fill)
     return _load_record(dest)
 
 

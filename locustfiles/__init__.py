@@ -1,0 +1,13 @@
+"""Locust load for llama.cpp's server and OpenAI-compatible servers: users, the stepped shape, per-request records.
+
+Run a locustfile with plain Locust (`locust -f locustfiles/native.py --host URL`) or through `llamasys load`.
+Modules whose name starts with `_` are the machinery the locustfiles share (Locust skips them when given the
+directory); this package root imports nothing from Locust, so the harness can read the record schema without
+gevent patching its process.
+"""
+
+from __future__ import annotations
+
+from locustfiles._records import RequestRecord, StepRecord, read_records
+
+__all__ = ["RequestRecord", "StepRecord", "read_records"]

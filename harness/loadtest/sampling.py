@@ -1,0 +1,156 @@
+"""Samples of the server under load: process CPU and memory (psutil), GPU (NVML, when present) and llama-server's
+own Prometheus /metrics, written as JSON lines while the load runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# name{labels} value [timestamp]; labels may hold escaped quotes, values may be NaN or +Inf.
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+-?\d+)?$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {name or name{labels}: value}; comments and malformed lines are skipped."""
+    out: dict[str, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        try:
+            number = float(value)  # float() reads NaN, +Inf, -Inf and exponents as Prometheus writes them
+        except ValueError:
+            continue
+        out[name + (labels or "")] = number
+    return out
+
+
+def server_alive(pid: int | None) -> bool:
+    """True while `pid` runs (a killed child stays a zombie until reaped: that counts as dead)."""
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _Gpu:
+    """NVML (pip nvidia-ml-py), if installed and a driver answers; otherwise absent without noise."""
+
+    def __init__(self) -> None:
+        self.nvml: Any = None
+        self.handles: list[Any] = []
+        try:
+            import pynvml  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.nvml = pynvml
+        except pynvml.NVMLError as exc:  # no driver or no device: no GPU figures, not an error
+            logger.info("GPU figures unavailable (NVML: %s)", exc)
+
+    def sample(self, pid: int) -> dict[str, float]:
+        if self.nvml is None or not self.handles:
+            return {}
+        nvml = self.nvml
+        try:
+            util = [nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+            used = 0
+            for handle in self.handles:
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory is not None:
+                        used += proc.usedGpuMemory
+            if not used:  # containers often hide other PIDs from NVML: fall back to the devices' used memory
+                used = sum(nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
+        except nvml.NVMLError as exc:
+            logger.info("GPU sample failed (NVML: %s)", exc)
+            return {}
+        return {"gpu_util_percent": float(max(util)), "gpu_mem_bytes": float(used)}
+
+    def close(self) -> None:
+        if self.nvml is not None:
+            self.nvml.nvmlShutdown()
+
+
+class ResourceSampler:
+    """Context manager: a thread sampling the server every `interval_s` into `path` (and `self.samples`)."""
+
+    def __init__(self, pid: int, metrics_url: str | None, path: Path, *, interval_s: float = 0.5) -> None:
+        self.pid = pid
+        self.metrics_url = metrics_url
+        self.path = path
+        self.interval_s = interval_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
+
+    def __enter__(self) -> ResourceSampler:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        gpu = _Gpu()
+        try:
+            proc = psutil.Process(self.pid)
+            proc.cpu_percent()  # the first call only starts the measurement interval
+        except psutil.NoSuchProcess:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                while not self._stop.wait(self.interval_s):
+                    sample = self._sample(proc, gpu)
+                    if sample is None:
+                        return
+                    self.samples.append(sample)
+                    fh.write(json.dumps(sample) + "\n")
+                    fh.flush()
+        finally:
+            gpu.close()
+
+    def _sample(self, proc: psutil.Process, gpu: _Gpu) -> dict[str, Any] | None:
+        try:
+            with proc.oneshot():
+                sample: dict[str, Any] = {
+                    "t": time.time(),
+                    "cpu_percent": proc.cpu_percent(),
+                    "rss_bytes": proc.memory_info().rss,
+                    "threads": proc.num_threads(),
+                }
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return None
+        sample.update(gpu.sample(self.pid))
+        if self.metrics_url:
+            sample["metrics"] = self._scrape()
+        return sample
+
+    def _scrape(self) -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as resp:
+                metrics = parse_metrics(resp.read().decode("utf-8", errors="replace"))
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return {}
+        return {k: v for k, v in metrics.items() if k.startswith("llamacpp:") and math.isfinite(v)}

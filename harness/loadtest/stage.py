@@ -1,0 +1,283 @@
+"""The load stage: for each variant, llama-server sized for the largest step, the stepped Locust run (headless,
+as a child process), server sampling, and the per-step summary; plus `serve_with_web_ui` for interactive use."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from harness.config import Experiment, LoadConfig
+from harness.errors import LoadTestError
+from harness.llamacpp import Build
+from harness.loadtest.runner import (
+    LOCUSTFILES,
+    USERS,
+    check_complete,
+    headless_command,
+    load_arguments,
+    locust_env,
+    locust_running,
+    run_headless,
+    stop_timeout,
+    user_for,
+)
+from harness.loadtest.sampling import ResourceSampler, server_alive
+from harness.loadtest.summary import LoadSummary, summarize_step
+from harness.process import spawn
+from harness.rundir import RunDir, inputs_digest, is_fresh, read_json, write_json
+from harness.server import LlamaServer, ServerSizing, check_port_free
+
+SUMMARY_SCHEMA = 1  # bump when the records or the summary change meaning: finished runs are measured again
+
+
+def run_load_stage(
+    exp: Experiment,
+    build: Build,
+    models: Mapping[str, Path],
+    run_dir: RunDir,
+    *,
+    progress: bool = True,
+) -> dict[str, LoadSummary]:
+    """Load-test every variant in `models` (name -> GGUF), skipping those whose summary is fresh."""
+    if not exp.load.enabled:
+        return {}
+    results: dict[str, LoadSummary] = {}
+    for variant, model in models.items():
+        out = run_dir.load(variant)
+        summary_path = out / "summary.json"
+        digest = load_digest(exp, build, Path(model))
+        if is_fresh(summary_path, digest):
+            results[variant] = LoadSummary.from_json(read_json(summary_path))
+            continue
+        summary = run_variant(exp, build, variant, Path(model), out, progress=progress)
+        write_json(summary_path, summary.to_json(), digest=digest)
+        results[variant] = summary
+    return results
+
+
+def load_digest(exp: Experiment, build: Build, model: Path) -> str:
+    try:
+        stat = model.stat()
+    except FileNotFoundError:
+        raise LoadTestError(f"model file not found: {model}") from None
+    return inputs_digest(
+        {
+            "schema": SUMMARY_SCHEMA,
+            "model": str(model),
+            "model_size": stat.st_size,
+            "model_mtime_ns": stat.st_mtime_ns,
+            "build": build.cache_key,
+            "load": exp.load.model_dump(mode="json"),
+            "server": exp.server.model_dump(mode="json"),
+        }
+    )
+
+
+def sizing_for(exp: Experiment) -> ServerSizing:
+    """One slot per user of the largest step, each holding a whole request."""
+    return ServerSizing(
+        parallel=max(exp.load.steps),
+        prompt_tokens=exp.load.prompt_tokens,
+        output_tokens=exp.load.output_tokens,
+        margin_tokens=exp.server.margin_tokens,
+    )
+
+
+def start_server(exp: Experiment, build: Build, model: Path, log_path: Path) -> LlamaServer:
+    return LlamaServer(
+        build,
+        model,
+        sizing_for(exp),
+        log_path=log_path,
+        host=exp.server.host,
+        port=exp.server.port,
+        gpu_layers=exp.server.gpu_layers,
+        threads=exp.server.threads,
+        extra_args=exp.server.extra_args,
+        startup_timeout_s=exp.server.startup_timeout_s,
+    )
+
+
+def run_variant(
+    exp: Experiment, build: Build, variant: str, model: Path, out: Path, *, progress: bool = True
+) -> LoadSummary:
+    """One variant: server up, steps run headless, everything stopped, records summarised."""
+    cfg = exp.load
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("requests.jsonl", "resources.jsonl"):  # a re-run measures afresh, it does not append
+        (out / stale).unlink(missing_ok=True)
+    records = out / "requests.jsonl"
+    bar = tqdm(total=_expected_requests(cfg), desc=f"load {variant}", unit="req", disable=not progress)
+    try:
+        with start_server(exp, build, model, out / "server.log") as server:
+            cmd = headless_command(cfg, server.url, out)
+            with ResourceSampler(
+                server.pid, server.url + "/metrics", out / "resources.jsonl", interval_s=cfg.sample_interval_s
+            ) as sampler:
+                result = run_headless(
+                    cmd,
+                    records=records,
+                    log_path=out / "locust.log",
+                    deadline_s=_deadline_s(cfg),
+                    watch=lambda: _server_problem(server, variant),
+                    on_progress=lambda n: _advance(bar, n),
+                )
+            samples = sampler.samples
+            props = server.props
+    finally:
+        bar.close()
+    check_complete(result, len(cfg.steps))
+    steps = [summarize_step(step, result.requests, samples) for step in result.steps]
+    empty = [s for s in steps if s.requests - s.failures == 0]
+    if empty:
+        reasons = next(iter(empty[0].failure_reasons), "no request finished inside the step")
+        raise LoadTestError(
+            f"{variant}: step with {empty[0].users} users measured no successful request: {reasons} "
+            f"(records: {records})"
+        )
+    _, user = user_for(cfg.api)
+    route = next((r.route for r in result.requests), "")
+    return LoadSummary(
+        variant=variant,
+        api=cfg.api,
+        route=route,
+        prompt_tokens=cfg.prompt_tokens,
+        output_tokens=cfg.output_tokens,
+        steps=steps,
+        requests=len(result.requests),
+        failures=sum(not r.ok for r in result.requests),
+        server={
+            "model": str(model),
+            "build": f"b{build.build_number} ({build.commit})",
+            "backend": build.backend,
+            "parallel": sizing_for(exp).parallel,
+            "ctx_size": sizing_for(exp).ctx_size,
+            "slot_ctx": (props.get("default_generation_settings") or {}).get("n_ctx"),
+            "threads": exp.server.threads,
+        },
+        locust={"user": user, "processes": cfg.processes, "exit_code": result.exit_code},
+        files={
+            "requests": "requests.jsonl",
+            "resources": "resources.jsonl",
+            "server_log": "server.log",
+            "locust_log": "locust.log",
+            "locust_csv": "locust_stats.csv",
+            "locust_html": "locust.html",
+        },
+    )
+
+
+def _advance(bar: tqdm, done: int) -> None:
+    # Drain tails add a few requests beyond the plan: the bar stops at its total instead of overflowing.
+    target = min(done, bar.total) if bar.total else done
+    if target > bar.n:
+        bar.update(target - bar.n)
+
+
+def _server_problem(server: LlamaServer, variant: str) -> str | None:
+    if server_alive(server.pid):
+        return None
+    return f"llama-server for {variant} died during the load test (log: {server.log_path})"
+
+
+def _expected_requests(cfg: LoadConfig) -> int | None:
+    return sum(cfg.steps) * cfg.requests_per_user if cfg.requests_per_user else None
+
+
+def _deadline_s(cfg: LoadConfig) -> float:
+    """A bound on the whole run: every step's readiness, its measurement, and one request timeout to drain."""
+    per_step = cfg.ready_timeout_s + cfg.request_timeout_s
+    if cfg.requests_per_user is not None:
+        # A closed-loop user's requests run one after another; the slowest user bounds the step.
+        per_step += cfg.requests_per_user * cfg.request_timeout_s
+    else:
+        per_step += cfg.step_duration_s or 0.0
+    return len(cfg.steps) * per_step + 120.0
+
+
+# ------------------------------------------------------------------------------------------------ web UI
+
+
+def web_ui_command(cfg: LoadConfig, host: str, out: Path, *, web_host: str, web_port: int) -> list[str]:
+    """Locust's web UI with every user class and the step shape selectable (Locust's class picker)."""
+    files = sorted({file for file, _ in USERS.values()})
+    return [
+        sys.executable, "-m", "locust", "-f", ",".join(str(LOCUSTFILES / f) for f in files),
+        "--class-picker", "--host", host, "--web-host", web_host, "--web-port", str(web_port),
+        "--stop-timeout", stop_timeout(cfg), "--loglevel", "INFO",
+    ] + load_arguments(cfg, out / "requests.jsonl")  # fmt: skip
+
+
+def ssh_tunnel_hint(web_port: int) -> str:
+    return f"ssh -L {web_port}:127.0.0.1:{web_port} {getpass.getuser()}@{socket.getfqdn()}"
+
+
+def serve_with_web_ui(
+    exp: Experiment,
+    build: Build,
+    model: Path,
+    run_dir: RunDir,
+    *,
+    web_port: int = 8089,
+    variant: str | None = None,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """A variant's llama-server plus the Locust web UI on 127.0.0.1:`web_port`, until Ctrl-C (or `stop`).
+
+    Prints the `ssh -L` line that reaches the UI from another machine. `on_ready(url)` is called once both are
+    up. Both processes are stopped on every exit path.
+    """
+    name = variant or Path(model).stem
+    out = run_dir.load(name) / "webui"
+    out.mkdir(parents=True, exist_ok=True)
+    web_host = "127.0.0.1"
+    check_port_free(web_host, web_port)
+    stop = stop or threading.Event()
+    with start_server(exp, build, Path(model), out / "server.log") as server:
+        cmd = web_ui_command(exp.load, server.url, out, web_host=web_host, web_port=web_port)
+        with open(out / "locust.log", "a", encoding="utf-8") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+        proc = spawn(cmd, log_path=out / "locust.log", env=locust_env(), cwd=out)
+        with locust_running(proc):
+            url = f"http://{web_host}:{web_port}"
+            _wait_web_ui(url, proc, out / "locust.log")
+            echo(f"llama-server ({name}) at {server.url}; Locust web UI at {url}")
+            echo(f"from your machine: {ssh_tunnel_hint(web_port)}   then open {url}")
+            echo("pick a user class and StepShape (or Default for a fixed user count); Ctrl-C stops everything")
+            if on_ready is not None:
+                on_ready(url)
+            try:
+                while not stop.wait(0.5):
+                    if proc.poll() is not None:
+                        raise LoadTestError(f"the Locust web UI exited ({proc.returncode}); see {out / 'locust.log'}")
+                    if not server_alive(server.pid):
+                        raise LoadTestError(f"llama-server for {name} died; see {server.log_path}")
+            except KeyboardInterrupt:
+                echo("stopping the web UI and llama-server")
+
+
+def _wait_web_ui(url: str, proc: Any, log_path: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LoadTestError(f"the Locust web UI exited ({proc.returncode}) while starting; see {log_path}")
+        try:
+            with urllib.request.urlopen(url + "/", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise LoadTestError(f"the Locust web UI did not answer at {url} within {timeout_s:.0f} s; see {log_path}")

@@ -1,0 +1,175 @@
+"""Per-step summaries of a load test, computed from the request and step records and the resource samples.
+
+Pure: records in, dataclasses out (serialised to run_dir/load/<variant>/summary.json). Only requests measured
+inside their step's window count (see locustfiles/_steps.py); the rest are reported as `unmeasured`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from locustfiles import RequestRecord, StepRecord
+
+LOAD_MODEL = (
+    "closed-loop: each user sends its next request only after the previous response ended, so under overload "
+    "latency grows while the request rate falls (it is not hidden by a fixed arrival rate)"
+)
+
+
+@dataclass
+class Percentiles:
+    """p50/p90/p99 and mean of one metric over a step (seconds unless named otherwise); numpy, linear method."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float] | np.ndarray) -> Percentiles | None:
+        data = np.asarray(values, dtype=float)
+        if data.size == 0:
+            return None
+        p50, p90, p99 = np.percentile(data, [50, 90, 99])
+        return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(data.mean()), n=int(data.size))
+
+
+@dataclass
+class StepSummary:
+    step: int
+    users: int
+    requests: int  # measured: sent and finished inside the step's window (successful + failed)
+    failures: int  # measured requests that failed
+    unmeasured: int  # recorded but outside the window (drain tail, interrupted)
+    duration_s: float  # window start -> end of the last measured request
+    request_rate: float  # successful measured requests / duration
+    output_tokens_per_s: float  # server-reported output tokens of successful measured requests / duration
+    output_tokens_per_s_per_user: float
+    ttft_s: Percentiles | None = None
+    tpot_s: Percentiles | None = None
+    itl_s: Percentiles | None = None
+    e2e_s: Percentiles | None = None
+    server_prompt_ms: Percentiles | None = None  # the server's own prefill time per request (timings.prompt_ms)
+    server_predicted_ms: Percentiles | None = None  # the server's own generation time per request
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    resources: dict[str, float | None] = field(default_factory=dict)
+    drain_timed_out: bool = False
+
+
+@dataclass
+class LoadSummary:
+    variant: str
+    api: str
+    route: str
+    prompt_tokens: int
+    output_tokens: int
+    steps: list[StepSummary]
+    requests: int  # every recorded request (measured or not)
+    failures: int
+    load_model: str = LOAD_MODEL
+    server: dict[str, Any] = field(default_factory=dict)
+    locust: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadSummary:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["steps"] = [_step_from_json(s) for s in data.get("steps", [])]
+        return cls(**values)
+
+
+def _step_from_json(data: dict[str, Any]) -> StepSummary:
+    names = {f.name for f in fields(StepSummary)}
+    values = {k: v for k, v in data.items() if k in names}
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "server_prompt_ms", "server_predicted_ms"):
+        if values.get(key) is not None:
+            values[key] = Percentiles(**values[key])
+    return StepSummary(**values)
+
+
+def summarize_step(
+    step: StepRecord, requests: Iterable[RequestRecord], samples: Sequence[dict[str, Any]] = ()
+) -> StepSummary:
+    """The summary of one step from every request record of its run (others are ignored)."""
+    mine = [r for r in requests if r.run == step.run and r.epoch == step.epoch]
+    measured = [r for r in mine if r.measured]
+    ok = [r for r in measured if r.ok]
+    failed = [r for r in measured if not r.ok]
+    last_end = max((r.ended_at for r in measured), default=step.ended_at)
+    duration = max(last_end - step.started_at, 1e-9)
+    tokens = sum(r.output_tokens or 0 for r in ok)
+    return StepSummary(
+        step=step.step,
+        users=step.users,
+        requests=len(measured),
+        failures=len(failed),
+        unmeasured=len(mine) - len(measured),
+        duration_s=duration,
+        request_rate=len(ok) / duration,
+        output_tokens_per_s=tokens / duration,
+        output_tokens_per_s_per_user=tokens / duration / step.users,
+        ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
+        tpot_s=Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None]),
+        itl_s=Percentiles.of(np.concatenate([r.itl_s for r in ok]) if ok else []),
+        e2e_s=Percentiles.of([r.e2e_s for r in ok if r.e2e_s is not None]),
+        server_prompt_ms=Percentiles.of(_timing(ok, "prompt_ms")),
+        server_predicted_ms=Percentiles.of(_timing(ok, "predicted_ms")),
+        failure_reasons=dict(Counter((r.error or "unknown")[:200] for r in failed).most_common(10)),
+        resources=summarize_resources(samples, step.started_at, last_end),
+        drain_timed_out=step.drain_timed_out,
+    )
+
+
+def _timing(records: Iterable[RequestRecord], key: str) -> list[float]:
+    return [
+        float(r.server_timings[key])
+        for r in records
+        if r.server_timings and isinstance(r.server_timings.get(key), int | float)
+    ]
+
+
+def summarize_resources(samples: Sequence[dict[str, Any]], start: float, end: float) -> dict[str, float | None]:
+    """Server process and GPU figures over [start, end], plus the server's own /metrics counters' rates.
+
+    llama-server adds to its token counters when a request finishes, so over a window of a few requests those
+    rates are coarse; `server_requests_processing_max` shows how many requests it really ran at once.
+    """
+    window = [s for s in samples if start <= s.get("t", -1.0) <= end]
+
+    def values(key: str) -> list[float]:
+        return [float(s[key]) for s in window if isinstance(s.get(key), int | float)]
+
+    def metric(name: str) -> list[tuple[float, float]]:
+        return [(s["t"], float(s["metrics"][name])) for s in window if name in (s.get("metrics") or {})]
+
+    def rate(name: str) -> float | None:
+        points = metric(name)
+        if len(points) < 2 or points[-1][0] <= points[0][0]:
+            return None
+        return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+    cpu, rss = values("cpu_percent"), values("rss_bytes")
+    gpu_util, gpu_mem = values("gpu_util_percent"), values("gpu_mem_bytes")
+    processing = [v for _, v in metric("llamacpp:requests_processing")]
+    return {
+        "samples": float(len(window)),
+        "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
+        "cpu_percent_max": max(cpu) if cpu else None,
+        "rss_bytes_max": max(rss) if rss else None,
+        "gpu_util_percent_mean": float(np.mean(gpu_util)) if gpu_util else None,
+        "gpu_util_percent_max": max(gpu_util) if gpu_util else None,
+        "gpu_mem_bytes_max": max(gpu_mem) if gpu_mem else None,
+        "server_requests_processing_max": max(processing) if processing else None,
+        "server_prompt_tokens_per_s": rate("llamacpp:prompt_tokens_total"),
+        "server_output_tokens_per_s": rate("llamacpp:tokens_predicted_total"),
+    }

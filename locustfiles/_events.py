@@ -1,0 +1,98 @@
+"""What one streamed event says, for llama-server's native /completion and for OpenAI-style routes.
+
+Pure functions over the event's JSON, tested on streams captured from both llama.cpp eras: whether the event
+carried generated tokens (for TTFT/ITL timing), and the server's own counts and timings (for verification).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from locustfiles._sse import DONE, SSEEvent
+
+
+@dataclass
+class StreamState:
+    """What one response stream has told us so far."""
+
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt_processed: int | None = None  # prompt tokens the server evaluated (fewer = cache reuse)
+    timings: dict[str, Any] | None = None
+    error: str | None = None
+    done: bool = False
+    token_times: list[float] = field(default_factory=list)
+
+
+def read_native_event(event: SSEEvent, state: StreamState) -> bool:
+    """llama-server /completion: token events carry `content` (and `tokens` in new builds); the last one has
+    `stop: true`, `tokens_evaluated` (the prompt's length) and `timings` (prompt_n evaluated, predicted_n)."""
+    data = event_json(event, state)
+    return data is not None and _native(data, state)
+
+
+def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> bool:
+    """OpenAI-style chunks: text in `choices[].text` or `choices[].delta.content`, counts in `usage` (the last
+    chunk, opt-in via stream_options in new llama-server builds, always there in b3661-era ones), then `[DONE]`
+    (b3661-era chat ends without it). llama-server adds its own `timings` to the last chunk."""
+    if event.data.strip() == DONE:
+        state.done = True
+        return False
+    data = event_json(event, state)
+    if data is None:
+        return False
+    if "choices" not in data and "content" in data:
+        # b3661-era llama-server streams /v1/completions in its native format.
+        return _native(data, state)
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        state.prompt_tokens = as_int(usage.get("prompt_tokens"))
+        state.output_tokens = as_int(usage.get("completion_tokens"))
+        state.done = True
+    timings = data.get("timings")
+    if isinstance(timings, dict):
+        state.timings = timings
+        state.prompt_processed = as_int(timings.get("prompt_n"))
+    for choice in data.get("choices") or []:
+        if chat:
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("reasoning_content"):
+                return True
+        elif choice.get("text"):
+            return True
+    return False
+
+
+def _native(data: dict[str, Any], state: StreamState) -> bool:
+    carries_token = bool(data.get("content")) or bool(data.get("tokens"))
+    if data.get("stop"):
+        timings = data.get("timings") or {}
+        state.done = True
+        state.timings = timings
+        state.output_tokens = as_int(timings.get("predicted_n", data.get("tokens_predicted")))
+        state.prompt_processed = as_int(timings.get("prompt_n"))
+        # tokens_evaluated is the prompt's length; prompt_n alone is what was evaluated (after cache reuse).
+        state.prompt_tokens = as_int(data.get("tokens_evaluated", timings.get("prompt_n")))
+    return carries_token
+
+
+def event_json(event: SSEEvent, state: StreamState) -> dict[str, Any] | None:
+    """The event's JSON object, or None after recording in `state` why the stream is unusable."""
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        state.error = f"unreadable event from the server: {event.data[:200]!r}"
+        return None
+    if not isinstance(data, dict):
+        state.error = f"unexpected event from the server: {event.data[:200]!r}"
+        return None
+    if event.event == "error" or data.get("error"):
+        state.error = f"server error: {json.dumps(data.get('error', data))[:300]}"
+        return None
+    return data
+
+
+def as_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -1,0 +1,107 @@
+"""The per-request and per-step records a load test writes as JSON lines, and how to read them back.
+
+One file holds both kinds (field `kind`): the request records in the order they finished and, after each step,
+the step's measurement window. Pure (no Locust import): the harness reads these files in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """One completion request as the load generator saw it, with the server's own counts and timings."""
+
+    user_id: str
+    seq: int  # the user's request number, from 0
+    api: str  # native | openai | chat
+    route: str
+    sent_at: float  # wall clock (time.time) when the request was sent
+    ended_at: float  # wall clock when the response ended (or failed)
+    prompt_tokens_asked: int
+    output_tokens_asked: int
+    ok: bool
+    error: str | None = None
+    status: int = 0
+    step: int | None = None  # index of the concurrency step the request was sent in (None: no step shape)
+    users: int | None = None  # that step's concurrency
+    epoch: int | None = None
+    run: str | None = None
+    measured: bool = False  # sent and finished inside its step's measurement window
+    prompt_tokens: int | None = None  # as the server reported them
+    output_tokens: int | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    token_events: int = 0  # events that carried tokens (for ITL; never used as a token count)
+    server_timings: dict[str, Any] | None = None
+    pid: int | None = None  # the Locust process that sent it (tells workers apart)
+    kind: str = "request"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        # Microseconds are more than the clock resolution that matters here and keep records small.
+        data["itl_s"] = [round(x, 6) for x in self.itl_s]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RequestRecord:
+        return cls(**{k: v for k, v in data.items() if k in _REQUEST_FIELDS})
+
+
+@dataclass
+class StepRecord:
+    """One concurrency step: its measurement window (all its users running closed-loop) and what it counted."""
+
+    step: int
+    users: int
+    epoch: int
+    run: str
+    started_at: float  # every user ready and released: concurrency reached `users`
+    ended_at: float  # the drain began: no user starts another request in this step
+    drained_at: float  # every in-flight request had finished
+    measured_requests: int
+    unmeasured_requests: int
+    requests_per_user: int | None = None
+    duration_s: float | None = None
+    drain_timed_out: bool = False
+    error: str | None = None
+    kind: str = "step"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepRecord:
+        return cls(**{k: v for k, v in data.items() if k in _STEP_FIELDS})
+
+
+_REQUEST_FIELDS = {f.name for f in fields(RequestRecord)}
+_STEP_FIELDS = {f.name for f in fields(StepRecord)}
+
+
+def read_records(path: Path) -> tuple[list[RequestRecord], list[StepRecord]]:
+    """Request and step records of a JSONL file. A torn last line (the writer was killed) is skipped."""
+    requests: list[RequestRecord] = []
+    steps: list[StepRecord] = []
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+        if data.get("kind") == "step":
+            steps.append(StepRecord.from_json(data))
+        elif data.get("kind") == "request":
+            requests.append(RequestRecord.from_json(data))
+    return requests, steps

@@ -1,0 +1,257 @@
+"""The step shape with a fake clock: the controller, the gate, and which requests count for which step.
+
+`Simulation` plays Locust's part deterministically: a shape tick every second, users spawned to the tick's count,
+each user preparing for a while and then sending back-to-back requests of a fixed duration whenever its gate is
+open, and every message delivered in order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from locustfiles._steps import StepController, StepGate, StepPlan, Ticket
+
+DT = 0.01
+
+
+class Simulation:
+    def __init__(self, plan: StepPlan, *, request_s: float = 1.0, prepare_s: float = 0.3, nodes=("local",)):
+        self.now = 0.0
+        self.controller = StepController(plan, clock=lambda: self.now, nodes=lambda: set(nodes), run="run-1")
+        self.gates = {node: StepGate(threading.Event()) for node in nodes}
+        self.request_s = request_s
+        self.prepare_s = prepare_s
+        self.users: list[dict] = []
+        self.records: list[dict] = []
+        self.steps = []
+        self.aborted: list[str] = []
+        self.in_flight_log: list[tuple[float, int]] = []
+        self.frozen_nodes: set[str] = set()  # nodes whose drain confirmation never arrives
+
+    def deliver(self) -> None:
+        while self.controller.outbox:
+            kind, payload = self.controller.outbox.pop(0)
+            if kind == "phase":
+                for node, gate in self.gates.items():
+                    if gate.on_phase(payload) and node not in self.frozen_nodes:
+                        self.controller.on_drained(node, {"run": gate.run, "epoch": gate.epoch})
+            elif kind == "step":
+                self.steps.append(payload)
+            else:
+                self.aborted.append(payload)
+
+    def run(self, limit_s: float = 600.0) -> None:
+        next_tick = 0.0
+        while self.now < limit_s:
+            if self.now >= next_tick:
+                next_tick += 1.0
+                target = self.controller.tick()
+                self.deliver()
+                if target is None:
+                    return
+                nodes = list(self.gates)
+                while len(self.users) < target[0]:
+                    node = nodes[len(self.users) % len(nodes)]
+                    user = {"id": f"u{len(self.users)}", "node": node, "ready_at": self.now + self.prepare_s}
+                    self.users.append(user)
+            self.now = round(self.now + DT, 6)
+            self._step_users()
+            self.controller.poll()
+            self.deliver()
+            self.in_flight_log.append((self.now, sum(g.in_flight for g in self.gates.values())))
+
+    def _step_users(self) -> None:
+        for user in self.users:
+            gate = self.gates[user["node"]]
+            if "ready_at" in user and self.now >= user["ready_at"]:
+                del user["ready_at"]
+                self.controller.on_ready(user["id"])
+                self.deliver()
+            if "ready_at" in user:
+                continue
+            if "ticket" in user and self.now >= user["ends"]:
+                ticket: Ticket = user.pop("ticket")
+                measured, ack = gate.end(ticket)
+                record = {
+                    "user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch if ticket.in_step else None,
+                    "step": ticket.step, "users": ticket.users, "measured": measured,
+                    "sent": user.pop("sent"), "ended": self.now, "node": user["node"],
+                }  # fmt: skip
+                self.records.append(record)
+                self.controller.on_record(record)
+                self.deliver()
+                if ack and user["node"] not in self.frozen_nodes:
+                    self.controller.on_drained(user["node"], {"run": gate.run, "epoch": gate.epoch})
+                    self.deliver()
+            if "ticket" not in user and gate.open:
+                ticket = gate.begin()
+                if ticket is not None:
+                    user.update(ticket=ticket, sent=self.now, ends=self.now + self.request_s)
+
+    def in_flight_between(self, start: float, end: float) -> set[int]:
+        return {n for t, n in self.in_flight_log if start < t < end}
+
+
+def test_requests_mode_runs_every_step_and_attributes_requests_to_it():
+    sim = Simulation(StepPlan(users=(1, 2, 4), requests_per_user=2))
+    sim.run()
+    assert sim.controller.phase == "done" and not sim.aborted
+    assert [(s.step, s.users) for s in sim.steps] == [(0, 1), (1, 2), (2, 4)]
+    for step in sim.steps:
+        mine = [r for r in sim.records if r["epoch"] == step.epoch and r["measured"]]
+        assert step.measured_requests == len(mine)
+        per_user: dict[str, int] = {}
+        for r in mine:
+            # Entirely inside the window, and the load was exactly `users` in flight the whole time.
+            assert step.started_at <= r["sent"] and r["ended"] <= step.ended_at
+            assert sim.in_flight_between(r["sent"], r["ended"]) == {step.users}
+            assert r["step"] == step.step and r["users"] == step.users
+            per_user[r["user_id"]] = per_user.get(r["user_id"], 0) + 1
+        assert len(per_user) == step.users and min(per_user.values()) >= 2
+
+
+def test_steps_do_not_overlap_and_in_flight_requests_finish_before_the_ramp():
+    sim = Simulation(StepPlan(users=(1, 2, 4), requests_per_user=1), request_s=0.7)
+    sim.run()
+    for before, after in zip(sim.steps, sim.steps[1:], strict=False):
+        assert before.ended_at <= before.drained_at <= after.started_at
+        # Nothing sent in the earlier step was still running when the later one opened.
+        assert all(r["ended"] <= before.drained_at for r in sim.records if r["epoch"] == before.epoch)
+    # Every request that was sent got recorded, none cut: requests are only ever sent while a gate is open.
+    assert all(r["ended"] - r["sent"] == pytest.approx(0.7) for r in sim.records)
+
+
+def test_a_request_running_into_the_drain_is_recorded_but_not_measured():
+    sim = Simulation(StepPlan(users=(2,), requests_per_user=None, duration_s=2.5), request_s=1.0)
+    sim.run()
+    (step,) = sim.steps
+    tail = [r for r in sim.records if r["epoch"] == step.epoch and not r["measured"]]
+    assert tail, "the timed step ended with requests in flight"
+    assert all(r["ended"] > step.ended_at for r in tail)
+    assert step.unmeasured_requests == len(tail)
+    assert step.ended_at - step.started_at == pytest.approx(2.5, abs=2 * DT)
+
+
+def test_nobody_sends_before_every_user_of_the_step_is_ready():
+    sim = Simulation(StepPlan(users=(1, 4), requests_per_user=1), prepare_s=2.0)
+    sim.run()
+    step = sim.steps[1]
+    first = min(r["sent"] for r in sim.records if r["epoch"] == step.epoch)
+    assert first >= step.started_at
+    assert step.measured_requests >= 4
+
+
+def test_drain_waits_for_every_process_and_times_out_on_a_silent_one():
+    plan = StepPlan(users=(2,), requests_per_user=1, drain_timeout_s=5.0)
+    sim = Simulation(plan, nodes=("a", "b"))
+    sim.run()
+    assert sim.steps[0].drain_timed_out is False
+    sim = Simulation(plan, nodes=("a", "b"))
+    sim.frozen_nodes = {"b"}
+    sim.run()
+    (step,) = sim.steps
+    assert step.drain_timed_out is True
+    assert step.drained_at - step.ended_at == pytest.approx(5.0, abs=2 * DT)
+
+
+def test_ready_timeout_aborts_with_the_reason():
+    sim = Simulation(StepPlan(users=(2,), requests_per_user=1, ready_timeout_s=3.0), prepare_s=100.0)
+    sim.run()
+    assert sim.controller.phase == "aborted"
+    assert sim.aborted == [sim.controller.error]
+    assert "only 0 of 2 users were ready 3 s after step 0" in sim.aborted[0]
+    assert sim.steps[-1].error == sim.aborted[0]
+
+
+def test_a_user_that_cannot_prepare_aborts_before_any_load():
+    clock = [0.0]
+    controller = StepController(StepPlan(users=(1,)), clock=lambda: clock[0], nodes=lambda: {"local"})
+    assert controller.tick() == (1, 10.0)
+    controller.on_ready("u0", error="context 256 < 160 + 128")
+    assert controller.tick() is None
+    kinds = [kind for kind, _ in controller.outbox]
+    assert kinds == ["phase", "step", "phase", "abort"]
+    assert controller.outbox[-1][1] == "a user could not prepare its requests: context 256 < 160 + 128"
+
+
+def test_tick_repeats_the_phase_for_late_workers():
+    controller = StepController(StepPlan(users=(1,)), clock=lambda: 0.0, nodes=lambda: {"local"})
+    controller.tick()
+    controller.outbox.clear()
+    controller.tick()
+    assert controller.outbox == [("phase", controller.phase_message())]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"users": (2, 1)}, "increasing order"),
+        ({"users": ()}, "increasing order"),
+        ({"requests_per_user": None}, "exactly one"),
+        ({"requests_per_user": 3, "duration_s": 5.0}, "exactly one"),
+        ({"requests_per_user": 0}, "at least 1"),
+    ],
+)
+def test_bad_plans_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StepPlan(**kwargs)
+
+
+def test_parse_users():
+    assert StepPlan.parse_users("1, 2,4,8") == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="comma-separated"):
+        StepPlan.parse_users("1;2")
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+
+
+def message(phase: str, epoch: int = 1, run: str = "r", users: int = 2) -> dict:
+    return {"run": run, "epoch": epoch, "step": epoch - 1, "users": users, "phase": phase}
+
+
+def test_free_running_gate_measures_nothing():
+    gate = StepGate(threading.Event())
+    ticket = gate.begin()
+    assert ticket is not None and ticket.step is None and not ticket.in_step
+    assert gate.end(ticket) == (False, False)
+
+
+def test_attribution_inside_and_across_the_window():
+    gate = StepGate(threading.Event())
+    gate.on_phase(message("ramp"))
+    assert gate.begin() is None and not gate.signal.is_set()
+    gate.on_phase(message("run"))
+    inside, across = gate.begin(), gate.begin()
+    assert inside is not None and across is not None and (inside.step, inside.users) == (0, 2)
+    assert gate.end(inside) == (True, False)
+    assert gate.on_phase(message("drain")) is False  # one request still in flight
+    assert gate.end(across) == (False, True)  # recorded, not measured; the process confirms the drain
+
+
+def test_drain_with_nothing_in_flight_confirms_once():
+    gate = StepGate(threading.Event())
+    gate.on_phase(message("run"))
+    assert gate.on_phase(message("drain")) is True
+    assert gate.on_phase(message("drain")) is False
+
+
+def test_stale_and_repeated_messages_are_ignored_but_a_new_run_is_not():
+    gate = StepGate(threading.Event())
+    gate.on_phase(message("run", epoch=2))
+    gate.on_phase(message("ramp", epoch=2))  # late
+    gate.on_phase(message("drain", epoch=1))  # older epoch
+    assert (gate.epoch, gate.phase) == (2, "run")
+    gate.on_phase(message("ramp", epoch=1, run="next"))
+    assert (gate.run, gate.epoch, gate.phase) == ("next", 1, "ramp")
+
+
+def test_reset_frees_the_gate_and_keeps_the_old_run_stale():
+    gate = StepGate(threading.Event())
+    gate.on_phase(message("drain", epoch=3))
+    gate.reset()
+    assert gate.open and gate.signal.is_set()
+    gate.on_phase(message("run", epoch=3))
+    assert gate.phase == "free"

@@ -57,12 +57,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("serve", help="start llama-server on 127.0.0.1 for a model and keep it running")
+    p = sub.add_parser("serve", help="llama-server for a model plus the Locust web UI on 127.0.0.1 (until Ctrl-C)")
     _common(p)
     _build_options(p)
     p.add_argument("--model", type=Path, required=True, help="GGUF file to serve")
-    p.add_argument("--parallel", type=int, help="slots (default: the largest load step)")
-    p.add_argument("--port", type=int, help="llama-server port (default: 8080 if free)")
+    p.add_argument("--port", type=int, help="llama-server port (default: 8080 if free, else any free port)")
+    p.add_argument("--web-port", type=int, default=8089, help="Locust web UI port (default: 8089)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="the whole pipeline: build, models, MMLU + KLD, load, report")
@@ -127,30 +127,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from harness.llamacpp import ensure_build
-    from harness.server import LlamaServer, ServerSizing, free_port
+    from harness.loadtest import serve_with_web_ui
+    from harness.rundir import RunDir
+    from harness.server import free_port
 
     exp = experiment_from_args(args)
-    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
-    parallel = args.parallel or max(exp.load.steps)
-    sizing = ServerSizing(parallel, exp.load.prompt_tokens, exp.load.output_tokens, exp.server.margin_tokens)
     port = args.port or exp.server.port
     if port is None:
         port = 8080 if _port_free(exp.server.host, 8080) else free_port(exp.server.host)
-    log_path = exp.resolved_run_dir() / "serve" / "server.log"
-    server = LlamaServer(
-        build, args.model.resolve(), sizing, log_path=log_path, host=exp.server.host, port=port,
-        gpu_layers=exp.server.gpu_layers, threads=exp.server.threads, extra_args=exp.server.extra_args,
-        startup_timeout_s=exp.server.startup_timeout_s,
-    )  # fmt: skip
-    with server:
-        print(f"llama-server {server.url} (pid {server.pid}): {parallel} slots x {sizing.per_slot} tokens")
-        print(f"log: {log_path}")
-        print(f"from your machine: ssh -L {port}:127.0.0.1:{port} <this host>   then open http://127.0.0.1:{port}")
-        print("Ctrl-C stops it.", flush=True)
-        while server._proc is not None and server._proc.poll() is None:
-            time.sleep(0.5)
-        code = server._proc.returncode if server._proc else None
-        raise HarnessError(f"llama-server stopped by itself (exit {code}); see {log_path}")
+    exp.server.port = port
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
+    run = RunDir(exp.resolved_run_dir())
+    print(f"llama-server: {max(exp.load.steps)} slots of {exp.load.prompt_tokens} + {exp.load.output_tokens} tokens")
+    serve_with_web_ui(exp, build, args.model.absolute(), run, web_port=args.web_port, echo=_echo)
+    return 0
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -95,9 +95,12 @@ def test_serve_port_taken(serve_env, smollm2: Path, tmp_path: Path):
 def test_serve_never_orphans_the_server(serve_env, smollm2: Path, tmp_path: Path, how: str):
     model = tmp_path / "model.gguf"  # a private path, so we find exactly our server by its command line
     model.symlink_to(smollm2)
-    cmd = [sys.executable, "-m", "harness.cli", "serve", "--model", str(model), "--parallel", "1",
-           "--run-dir", str(tmp_path / "run"), "--set", "load.prompt_tokens=64",
-           "--set", "load.output_tokens=16"]  # fmt: skip
+    with socket.socket() as sock:  # a free port for the web UI, so parallel runs never collide on 8089
+        sock.bind(("127.0.0.1", 0))
+        web_port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "harness.cli", "serve", "--model", str(model), "--web-port", str(web_port),
+           "--run-dir", str(tmp_path / "run"), "--set", "load.steps=[1]", "--set", "load.prompt_tokens=64",
+           "--set", "load.output_tokens=16", "--set", "server.threads=1"]  # fmt: skip
     env = {**os.environ, **serve_env}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -106,19 +109,25 @@ def test_serve_never_orphans_the_server(serve_env, smollm2: Path, tmp_path: Path
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             lines.append(line)
-            if "Ctrl-C stops it" in line or not line:
+            if "Ctrl-C stops everything" in line or not line:
                 break
-        assert any("llama-server http://127.0.0.1:" in ln for ln in lines), "".join(lines) + proc.stderr.read()
-        assert "ssh -L" in "".join(lines)
-        servers = processes_mentioning(str(model))
-        assert len(servers) == 1
+        text = "".join(lines)
+        assert "at http://127.0.0.1:" in text and f"Locust web UI at http://127.0.0.1:{web_port}" in text, (
+            text + proc.stderr.read()
+        )
+        assert f"ssh -L {web_port}:127.0.0.1:{web_port}" in text
+        mentioned = processes_mentioning(str(model)) + processes_mentioning(f"--web-port {web_port}")
+        servers = list({p.pid: p for p in mentioned if p.pid != proc.pid}.values())
+        names = sorted(p.name() for p in servers)  # llama-server and the Locust web UI (a Python process)
+        assert len(names) == 2 and names[0] == "llama-server" and names[1].startswith("python"), names
         sig = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how]
         proc.send_signal(sig)
         proc.wait(timeout=30)
         psutil.wait_procs(servers, timeout=15)
-        assert processes_mentioning(str(model)) == []
+        left = processes_mentioning(str(model)) + processes_mentioning(f"--web-port {web_port}")
+        assert [p for p in left if p.pid != proc.pid] == []
         if how == "ctrl-c":
-            assert proc.returncode == 130
+            assert proc.returncode == 0  # Ctrl-C is how serve is meant to end
     finally:
         if proc.poll() is None:
             proc.kill()

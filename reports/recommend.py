@@ -88,9 +88,17 @@ def recommend(results: Results) -> Recommendation:
             f"The closest is {best.name}."
         )
     else:
-        top_gain = max((r for _, r in gains), default=None)
-        gain = f", serving up to {top_gain:.2f}x the output tokens/s" if top_gain else ""
-        headline = f"Ship {best.name}: its quality stays closest to {baseline.name}{gain}."
+        headline = f"Ship {best.name}: of the 4-bit variants, its quality stays closest to {baseline.name}"
+        ratios = [r for _, r in gains]
+        if ratios and min(ratios) >= 1:
+            headline += f", and it serves {min(ratios):.2f}-{max(ratios):.2f}x the output tokens/s"
+        elif ratios and max(ratios) < 1:
+            headline += f"; on this hardware it is slower ({min(ratios):.2f}-{max(ratios):.2f}x the output tokens/s)"
+        elif ratios:
+            headline += f"; its output tokens/s range from {min(ratios):.2f}x to {max(ratios):.2f}x"
+        if best.size_bytes and baseline.size_bytes:
+            headline += f" at {best.size_bytes / baseline.size_bytes:.0%} of the size"
+        headline += "."
     others = sorted((v for v in measured if v is not best), key=_closeness)
     if others:
         details.append("Next closest: " + ", ".join(v.name for v in others) + ".")

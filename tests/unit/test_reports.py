@@ -14,7 +14,10 @@ from tests.factories import results
 def test_recommendation_prefers_the_4bit_variant_without_a_real_drop():
     rec = recommend(results())
     assert rec.variant == "Q4_K_M-imat"  # Q8_0 is closer but not 4-bit; Q4_0 drops significantly
-    assert rec.headline.startswith("Ship Q4_K_M-imat")
+    assert rec.headline == (
+        "Ship Q4_K_M-imat: of the 4-bit variants, its quality stays closest to F16, and it serves 2.40-2.40x "
+        "the output tokens/s at 32% of the size."
+    )
     text = " ".join(rec.details)
     assert "39.50% against 40.00% for F16" in text and "2.40x at 2 users" in text and "Next closest: Q4_0" in text
 
@@ -25,6 +28,13 @@ def test_recommendation_says_when_every_4bit_variant_loses():
     r.variants[3].quality.delta = -3.0
     rec = recommend(r)
     assert rec.headline.startswith("No 4-bit variant matches F16")
+
+
+def test_recommendation_says_when_the_choice_is_slower():
+    r = results()
+    for s in r.variants[3].speed.steps:
+        s.output_tps = 50.0
+    assert "on this hardware it is slower (0.31-0.50x the output tokens/s)" in recommend(r).headline
 
 
 def test_recommendation_without_quality_results():

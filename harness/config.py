@@ -294,11 +294,11 @@ class Experiment(Section):
         return self
 
     def resolved_run_dir(self) -> Path:
-        return self.run_dir if self.run_dir is not None else Path("runs") / self.name
+        return (self.run_dir if self.run_dir is not None else Path("runs") / self.name).absolute()
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
-            return self.cache_dir
+            return self.cache_dir.absolute()
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return base / "llamasys"
 

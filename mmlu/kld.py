@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm import tqdm
 
+from harness.cache import file_sha256
 from harness.errors import HarnessError, MMLUError
 from harness.llamacpp import Build
 from harness.process import run_streaming
@@ -127,11 +128,7 @@ def model_sha256(path: Path, cache_dir: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    known[key] = digest.hexdigest()
+    known[key] = file_sha256(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(memo) + ".lock"):
         tmp = memo.with_suffix(".partial")

@@ -8,7 +8,6 @@ variant reuses its file. A run whose models.json was written for the same inputs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_dir
+from harness.cache import atomic_dir, file_sha256
 from harness.config import Experiment, ModelConfig, VariantConfig
 from harness.corpus import corpus_text
 from harness.errors import ModelError
@@ -317,7 +316,7 @@ def make_imatrix(
     """llama-imatrix once on the baseline over the calibration text; cached by baseline, text, chunks and context."""
     filename = imatrix_filename(build.era)
     key = imatrix_key(
-        baseline.key, _sha256(text), exp.imatrix.chunks, exp.imatrix.ctx_size, tool_identity(build), filename
+        baseline.key, file_sha256(text), exp.imatrix.chunks, exp.imatrix.ctx_size, tool_identity(build), filename
     )
 
     def compute(tmp: Path) -> dict[str, Any]:
@@ -442,14 +441,6 @@ def _converter_environment() -> str:
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{package}=none")
     return ",".join(versions)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _mb(path: Path) -> str:

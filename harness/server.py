@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ServerError
+from harness.errors import HarnessError, ServerError
 from harness.llamacpp import Build
 from harness.process import spawn, stop
 
@@ -88,14 +88,15 @@ def _supports(build: Build, flag: str) -> bool:
 _FLAG_CACHE: dict[tuple[str, str], bool] = {}
 
 
-def check_gguf(model: Path) -> None:
+def check_gguf(model: Path, *, error: type[HarnessError] = ServerError, setting: str = "") -> None:
     """Fail early, in one line, on a path that is not a GGUF file (missing, empty, wrong magic)."""
+    where = f" ({setting})" if setting else ""
     if not model.is_file():
-        raise ServerError(f"model file not found: {model}")
+        raise error(f"model file not found: {model}{where}")
     with open(model, "rb") as fh:
         head = fh.read(4)
     if head != GGUF_MAGIC:
-        raise ServerError(f"{model} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+        raise error(f"{model} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r}){where}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

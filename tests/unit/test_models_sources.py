@@ -12,12 +12,12 @@ from huggingface_hub import errors as hf_errors
 from harness.errors import ConfigError, ModelError
 from harness.models.sources import (
     check_checkpoint_dir,
-    check_gguf_file,
     dir_fingerprint,
     hub_error,
     hub_repo_folder,
     snapshot_commit,
 )
+from harness.server import check_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -117,13 +117,13 @@ def test_checkpoint_dir_checks(tmp_path: Path):
 def test_gguf_file_checks(tmp_path: Path):
     good = tmp_path / "m.gguf"
     good.write_bytes(b"GGUF\x03\x00\x00\x00")
-    check_gguf_file(good)
-    with pytest.raises(ModelError, match="GGUF file not found"):
-        check_gguf_file(tmp_path / "none.gguf")
+    check_gguf(good, error=ModelError)
+    with pytest.raises(ModelError, match="model file not found"):
+        check_gguf(tmp_path / "none.gguf", error=ModelError)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04")
     with pytest.raises(ModelError, match="is not a GGUF file"):
-        check_gguf_file(bad)
+        check_gguf(bad, error=ModelError)
 
 
 def test_dir_fingerprint_changes_with_the_files(tmp_path: Path):

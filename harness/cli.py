@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from harness import console
 from harness.config import Experiment, load_experiment
 from harness.errors import ConfigError, HarnessError
-from harness.manifest import STAGES
+from harness.pipeline import STAGES
 
 DEMO_EXPERIMENT = Path(__file__).parent / "experiments" / "demo.toml"
 
@@ -28,7 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, help="cache for builds, sources and models (default: ~/.cache/llamasys)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (messages only)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (no bars, no messages)")
 
 
 def _build_options(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +116,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     exp = experiment_from_args(args)
     started = time.monotonic()
-    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
     print(f"llama.cpp build {build.build_number} ({build.commit}), {build.backend}, from {build.source}")
     print(f"binaries: {build.bin_dir}  ({time.monotonic() - started:.1f} s)")
     if args.install_to is not None:
@@ -126,20 +128,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from harness.context import RunContext
     from harness.llamacpp import ensure_build
     from harness.loadtest import serve_with_web_ui
-    from harness.rundir import RunDir
     from harness.server import free_port
 
     exp = experiment_from_args(args)
     port = args.port or exp.server.port
     if port is None:
         port = 8080 if _port_free(exp.server.host, 8080) else free_port(exp.server.host)
-    exp.server.port = port
-    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=not args.no_progress)
-    run = RunDir(exp.resolved_run_dir())
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
     print(f"llama-server: {max(exp.load.steps)} slots of {exp.load.prompt_tokens} + {exp.load.output_tokens} tokens")
-    serve_with_web_ui(exp, build, args.model.absolute(), run, web_port=args.web_port, echo=_echo)
+    ctx = RunContext.of(exp, build)
+    serve_with_web_ui(ctx, args.model.absolute(), port=port, web_port=args.web_port, echo=_echo)
     return 0
 
 
@@ -166,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("give the experiment file once: either -e FILE or the positional argument")
         args.experiment = args.experiment_file
     exp = experiment_from_args(args, default=getattr(args, "default_experiment", None))
-    run = run_pipeline(exp, stages=args.stages, progress=not args.no_progress)
+    run = run_pipeline(exp, stages_to_run=args.stages)
     if "report" in args.stages and run.report.is_file():
         print(f"open the report: {run.report.resolve()}")
     return 0
@@ -187,6 +188,7 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    console.configure(progress=not getattr(args, "no_progress", False), quiet=getattr(args, "quiet", False))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_sigterm)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -16,8 +16,11 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from locustfiles._options import MIN_OUTPUT_TOKENS, MIN_PROMPT_TOKENS, LoadOptions
+from locustfiles._steps import check_steps
 
 ENV_PREFIX = "LLAMASYS_"
+_LOAD = LoadOptions()  # the load test's defaults
 
 # llama-quantize type names (as `llama-quantize --help` lists them) that a variant may ask for.
 QUANT_TYPES = (
@@ -47,9 +50,9 @@ TENSOR_TYPES = (
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment too."""
+    """Base of every config section: unknown keys are errors; frozen once validated (derive with model_copy)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LlamaCppConfig(Section):
@@ -218,20 +221,25 @@ class MMLUConfig(Section):
 
 
 class LoadConfig(Section):
-    """The Locust speed stage: fixed-length streamed completions at stepped concurrency."""
+    """The Locust speed stage: fixed-length streamed completions at stepped concurrency.
+
+    Defaults and limits are the load test's own (locustfiles._options.LoadOptions), so `llamasys load` and a plain
+    `locust -f locustfiles/...` run agree.
+    """
 
     enabled: bool = True
     api: Literal["native", "openai", "chat"] = "native"
-    prompt_tokens: int = Field(default=2560, ge=1)
-    output_tokens: int = Field(default=768, ge=2)
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
-    # Each step runs until every user finished `requests_per_user` requests (3 when neither is set), or for
-    # `step_duration_s` seconds. TOML cannot unset a key, so setting one must not require clearing the other.
+    prompt_tokens: int = Field(default=_LOAD.prompt_tokens, ge=MIN_PROMPT_TOKENS)
+    output_tokens: int = Field(default=_LOAD.output_tokens, ge=MIN_OUTPUT_TOKENS)
+    steps: list[int] = Field(default_factory=lambda: list(_LOAD.steps), min_length=1)
+    # Each step runs until every user finished `requests_per_user` requests (the load test's default when neither is
+    # set), or for `step_duration_s` seconds. TOML cannot unset a key, so setting one must not require clearing the
+    # other.
     requests_per_user: int | None = Field(default=None, ge=1)
     step_duration_s: float | None = Field(default=None, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    request_timeout_s: float = Field(default=_LOAD.request_timeout_s, gt=0)
     # Seconds for every user of a step to build its prompts before the step is abandoned.
-    ready_timeout_s: float = Field(default=300.0, gt=0)
+    ready_timeout_s: float = Field(default=_LOAD.ready_timeout_s, gt=0)
     # Locust processes generating the load (Locust's --processes; 1 = one process, no master/worker split).
     processes: int = Field(default=1, ge=1, le=64)
     # How often the server's CPU, memory, GPU and /metrics are sampled during the load.
@@ -240,9 +248,8 @@ class LoadConfig(Section):
 
     @field_validator("steps")
     @classmethod
-    def _positive_increasing(cls, steps: list[int]) -> list[int]:
-        if any(s < 1 for s in steps) or steps != sorted(set(steps)):
-            raise ValueError("steps must be distinct positive user counts in increasing order, e.g. [1, 2, 4, 8]")
+    def _valid_steps(cls, steps: list[int]) -> list[int]:
+        check_steps(steps)
         return steps
 
     @model_validator(mode="before")
@@ -253,7 +260,7 @@ class LoadConfig(Section):
             if per_user is not None and duration is not None:
                 raise ValueError("set only one of load.requests_per_user and load.step_duration_s")
             if per_user is None and duration is None:
-                data = {**data, "requests_per_user": 3}
+                data = {**data, "requests_per_user": _LOAD.requests_per_user}
         return data
 
 
@@ -292,6 +299,14 @@ class Experiment(Section):
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @property
+    def baseline(self) -> VariantConfig:
+        """The unquantized variant every other one is compared with (the first, if several)."""
+        for variant in self.variants:
+            if variant.is_baseline:
+                return variant
+        raise ConfigError("variants: the experiment needs an unquantized baseline variant (type F16, BF16 or F32)")
 
     def resolved_run_dir(self) -> Path:
         return (self.run_dir if self.run_dir is not None else Path("runs") / self.name).absolute()

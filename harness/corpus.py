@@ -5,18 +5,19 @@ Each purpose gets one UTF-8 text file in the cache, named by the hash of what pr
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from harness.config import CorpusConfig
+from harness.context import CacheDir
 from harness.errors import ConfigError, HarnessError
+from harness.records import atomic_write, inputs_digest
 
 Purpose = Literal["imatrix", "kld"]
 
 
-def corpus_text(cfg: CorpusConfig, purpose: Purpose, *, cache_dir: Path, llamacpp_tree: Path | None = None) -> Path:
+def corpus_text(cfg: CorpusConfig, purpose: Purpose, *, cache: CacheDir, llamacpp_tree: Path | None = None) -> Path:
     """Write (once) and return the text file for `purpose`."""
     if cfg.source == "file":
         path = cfg.imatrix_path if purpose == "imatrix" else cfg.kld_path
@@ -29,10 +30,10 @@ def corpus_text(cfg: CorpusConfig, purpose: Purpose, *, cache_dir: Path, llamacp
             raise ConfigError("corpus.source 'llamacpp-docs' needs a llama.cpp source tree (not a prebuilt build)")
         files = docs_files(llamacpp_tree, purpose)
         key = _digest({"docs": [str(f.relative_to(llamacpp_tree)) for f in files], "tree": str(llamacpp_tree)})
-        return _cached(cache_dir, f"llamacpp-docs-{purpose}-{key}", lambda: "\n\n".join(_read(f) for f in files))
+        return _cached(cache, f"llamacpp-docs-{purpose}-{key}", lambda: "\n\n".join(_read(f) for f in files))
     split = cfg.imatrix_split if purpose == "imatrix" else cfg.kld_split
     key = _digest({"dataset": cfg.dataset, "config": cfg.dataset_config, "split": split, "col": cfg.text_column})
-    return _cached(cache_dir, f"hf-{purpose}-{key}", lambda: _hf_text(cfg, split))
+    return _cached(cache, f"hf-{purpose}-{key}", lambda: _hf_text(cfg, split))
 
 
 def docs_files(tree: Path, purpose: Purpose) -> list[Path]:
@@ -55,18 +56,14 @@ def _hf_text(cfg: CorpusConfig, split: str) -> str:
     return "".join(ds[cfg.text_column])
 
 
-def _cached(cache_dir: Path, name: str, produce) -> Path:
-    target = cache_dir / "corpus" / f"{name}.txt"
+def _cached(cache: CacheDir, name: str, produce: Callable[[], str]) -> Path:
+    target = cache.corpus / f"{name}.txt"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = produce()
     if not text.strip():
         raise HarnessError(f"corpus {name} is empty")
-    tmp = target.with_suffix(".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return atomic_write(target, text)
 
 
 def _read(path: Path) -> str:
@@ -74,4 +71,4 @@ def _read(path: Path) -> str:
 
 
 def _digest(data: object) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs_digest(data)[:16]

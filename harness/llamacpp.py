@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,25 +16,29 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from filelock import FileLock
-from tqdm import tqdm
+from pydantic import Field
 
 from harness import pypi
 from harness.cache import atomic_dir, file_sha256, tree_fingerprint
 from harness.config import LlamaCppConfig
 from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
-from harness.process import run_streaming
+from harness.records import Record, read_record, write_record
+from harness.tools import Compute, LineProgress, ToolRunner, run_logged
 
-# The six tools every stage needs (FACTS.md 2).
+logger = logging.getLogger(__name__)
+
+# The six tools every stage needs.
 TOOLS = ("llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-cli", "llama-bench")
 
 Era = Literal["legacy", "current"]
 
-# llama-cpp-python sdists vendor llama.cpp without git metadata: what each one holds (FACTS.md 1).
+# llama-cpp-python's PyPI sdist carries a complete llama.cpp tree in vendor/llama.cpp, but no git metadata (its
+# .git points nowhere): the build number and commit each version vendors, recorded here.
 # A build number of None means we do not know it; the experiment must then give llamacpp.build_number.
 PYPI_VENDORED: dict[str, tuple[int | None, str]] = {
     "0.3.36": (11312, "0c1e57098"),
@@ -56,9 +61,8 @@ class SourceTree:
     commit: str | None
 
 
-@dataclass
-class Build:
-    """A finished, verified set of llama.cpp binaries."""
+class Build(Record):
+    """A finished, verified set of llama.cpp binaries (stored as build.json beside them)."""
 
     bin_dir: Path
     backend: str
@@ -67,7 +71,7 @@ class Build:
     commit: str
     source: str
     cache_key: str
-    cmake_args: list[str] = field(default_factory=list)
+    cmake_args: list[str] = Field(default_factory=list)
     version_text: str = ""
     tree: Path | None = None  # the source tree (convert_hf_to_gguf.py, gguf-py); None for prebuilt
 
@@ -81,18 +85,17 @@ class Build:
     def has_gpu(self) -> bool:
         return self.backend == "cuda"
 
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["bin_dir"] = str(self.bin_dir)
-        data["tree"] = str(self.tree) if self.tree else None
-        return data
+    @property
+    def tools(self) -> ToolRunner:
+        """The one way to run this build's tools."""
+        return ToolRunner(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> Build:
-        data = dict(data)
-        data["bin_dir"] = Path(data["bin_dir"])
-        data["tree"] = Path(data["tree"]) if data.get("tree") else None
-        return cls(**data)
+    def compute(self, *, threads: int | None, gpu_layers: int = 999) -> Compute:
+        return Compute(threads=threads, gpu_layers=gpu_layers, backend=self.backend)
+
+    def describe(self) -> dict[str, object]:
+        """Identity for manifests and records: build number, commit, backend, source, era, cache key."""
+        return self.model_dump(mode="json", include={"build_number", "commit", "backend", "source", "era", "cache_key"})
 
 
 # ---------------------------------------------------------------- pure helpers (unit-tested)
@@ -116,7 +119,11 @@ def cmake_configure_args(
     commit: str,
     extra: list[str],
 ) -> list[str]:
-    """CMake cache arguments for a static Release build of the tools (FACTS.md 2), per era and backend."""
+    """CMake cache arguments for a static Release build of the tools, per era and backend.
+
+    Static binaries need only libgomp, libssl and libstdc++ beside them; a shared build leaves stubs that need the .so
+    files. The web page is not downloaded (LLAMA_USE_PREBUILT_UI=OFF), so the build works offline.
+    """
     args = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
@@ -310,7 +317,7 @@ def check_toolchain(backend: str, environ: Mapping[str, str] | None = None) -> d
     return extra
 
 
-def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True) -> Build:
+def ensure_build(cfg: LlamaCppConfig, cache_dir: Path) -> Build:
     """Return the cached build for `cfg`, building it first if needed (locked, atomic, verified)."""
     if cfg.source == "prebuilt":
         return _prebuilt(Path(cfg.path), cfg.backend)  # type: ignore[arg-type]
@@ -341,47 +348,38 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path, *, progress: bool = True)
     with FileLock(str(builds / f".{key}.build.lock")):
         if (final / _BUILD_RECORD).is_file():  # another run finished it while we waited
             return _load_record(final)
-        return _build(tree, cfg, configure, key, final, env, progress=progress, jobs=cfg.jobs or os.cpu_count() or 1)
+        return _build(tree, cfg, configure, key, final, env, jobs=cfg.jobs or os.cpu_count() or 1)
 
 
 def cmake_configure(
     source: Path, build_dir: Path, configure: list[str], *, log_path: Path, env: Mapping[str, str]
 ) -> None:
     """Run CMake's configure step; this is where a missing CUDA toolkit or a bad flag shows up."""
-    code, tail = run_streaming(["cmake", "-S", source, "-B", build_dir, *configure], log_path=log_path, env=env)
-    if code != 0 and any("CUDA::cublas" in line for line in tail):
+    run = run_logged(["cmake", "-S", source, "-B", build_dir, *configure], log_path=log_path, env=env, tail=30)
+    if not run.ok and any("CUDA::cublas" in line for line in run.lines):
         raise BuildError(
             f"the CUDA toolkit ({env.get('CUDACXX', 'nvcc')}) has no cuBLAS, which llama.cpp's CUDA backend links; "
             f"install the toolkit's libraries (e.g. the cuda-libraries-dev package); see {log_path}"
         )
-    if code != 0:
-        raise BuildError(f"cmake configure failed (exit {code}); see {log_path}\n" + "\n".join(tail[-15:]))
+    if not run.ok:
+        raise BuildError(f"cmake configure failed (exit {run.code}); see {log_path}\n" + "\n".join(run.lines[-15:]))
 
 
-def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs: int) -> Build:
+def _build(tree, cfg, configure, key, final: Path, env, *, jobs: int) -> Build:
     work = final.parent / f".work-{key}"  # kept on failure so a retry compiles incrementally
     log = work / "build.log"
     work.mkdir(parents=True, exist_ok=True)
     if tree.era == "legacy":
         _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
-    print(f"building llama.cpp ({tree.description}, {cfg.backend}) -> {final}\n  log: {log}", file=sys.stderr)
+    logger.info("building llama.cpp (%s, %s) -> %s\n  log: %s", tree.description, cfg.backend, final, log)
     cmake_configure(tree.root, work / "tree", configure, log_path=log, env=env)
-    bar = tqdm(total=100, desc="llama.cpp build", unit="%", disable=not progress, file=sys.stderr)
-
-    def on_line(line: str) -> None:
-        pct = parse_build_progress(line)
-        if pct is not None and pct > bar.n:
-            bar.update(pct - bar.n)
-
-    try:
-        code, tail = run_streaming(
-            ["cmake", "--build", work / "tree", "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
-            log_path=log, env=env, on_line=on_line,
-        )  # fmt: skip
-    finally:
-        bar.close()
-    if code != 0:
-        raise BuildError(f"llama.cpp build failed (exit {code}); see {log}\n" + "\n".join(tail[-15:]))
+    run = run_logged(
+        ["cmake", "--build", work / "tree", "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
+        log_path=log, env=env, tail=30,
+        progress=LineProgress(100, "llama.cpp build", "%", parse_build_progress, leave=True),
+    )  # fmt: skip
+    if not run.ok:
+        raise BuildError(f"llama.cpp build failed (exit {run.code}); see {log}\n" + "\n".join(run.lines[-15:]))
 
     def install(tmp: Path) -> None:
         bin_dir = tmp / "bin"
@@ -401,7 +399,7 @@ def _build(tree, cfg, configure, key, final: Path, env, *, progress: bool, jobs:
             tree=tree.root,
         )  # fmt: skip
         shutil.copy2(log, tmp / "build.log")
-        (tmp / _BUILD_RECORD).write_text(json.dumps(record.to_json(), indent=2))
+        write_record(tmp / _BUILD_RECORD, record)
 
     atomic_dir(final, install)
     shutil.rmtree(work, ignore_errors=True)
@@ -429,16 +427,13 @@ def _run_version(server: Path) -> str:
 
 
 def _load_record(final: Path) -> Build:
-    build = Build.from_json(json.loads((final / _BUILD_RECORD).read_text()))
-    build.bin_dir = final / "bin"  # the cache directory may have moved
-    return build
+    # The cache directory may have moved since the build: its binaries are where the record is.
+    return read_record(final / _BUILD_RECORD, Build).model_copy(update={"bin_dir": final / "bin"})
 
 
 def _load_installed(path: Path) -> Build:
     build = _load_record(path)
-    if (path / "src").is_dir():
-        build.tree = path / "src"
-    return build
+    return build.model_copy(update={"tree": path / "src"}) if (path / "src").is_dir() else build
 
 
 def install_build(build: Build, dest: Path) -> Build:
@@ -453,10 +448,8 @@ def install_build(build: Build, dest: Path) -> Build:
         if build.tree is not None:
             ignore = shutil.ignore_patterns(".git", "build", "build-*", "*.o")
             shutil.copytree(build.tree, tmp / "src", ignore=ignore, symlinks=True)
-        record = Build.from_json(build.to_json())
-        record.bin_dir = dest / "bin"
-        record.tree = dest / "src" if build.tree is not None else None
-        (tmp / _BUILD_RECORD).write_text(json.dumps(record.to_json(), indent=2))
+        record = build.model_copy(update={"bin_dir": dest / "bin", "tree": dest / "src" if build.tree else None})
+        write_record(tmp / _BUILD_RECORD, record)
 
     if dest.exists() and any(dest.iterdir()):
         raise BuildError(f"{dest} exists and is not empty; choose a new directory to install the build into")
@@ -476,7 +469,7 @@ def _prebuilt(path: Path, backend: str) -> Build:
     if "llama-server" in missing:
         raise SourceError(f"{path} has no llama-server binary")
     if missing:
-        print(f"warning: {path} lacks {', '.join(missing)}; stages needing them will fail", file=sys.stderr)
+        logger.warning("%s lacks %s; stages needing them will fail", path, ", ".join(missing))
     text = _run_version(path / "llama-server")
     number, commit = parse_version_output(text)
     era: Era = "current" if number >= 5000 else "legacy"

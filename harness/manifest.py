@@ -13,13 +13,15 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
+from pydantic import Field
 
-from harness.rundir import read_json, write_json
+from harness.records import Record, RecordError, read_record, write_record
 
-STAGES = ("build", "models", "mmlu", "load", "report")
+if TYPE_CHECKING:
+    from harness.llamacpp import Build
 
 
 def hardware_info() -> dict[str, Any]:
@@ -78,58 +80,76 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+class StageState(Record):
+    state: Literal["running", "done", "failed", "interrupted"]
+    started: str
+    duration_s: float | None = None
+    error: str | None = None
+
+
+class ManifestRecord(Record):
+    """manifest.json."""
+
+    name: str
+    created: str
+    updated: str | None = None
+    stages: dict[str, StageState] = Field(default_factory=dict)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    software: dict[str, str] = Field(default_factory=dict)
+    llamacpp: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest:
     """The run's manifest, saved after every change."""
 
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, path: Path, record: ManifestRecord) -> None:
         self.path = path
-        self.data = data
+        self.record = record
 
     @classmethod
     def open(cls, path: Path, *, name: str) -> Manifest:
-        if path.is_file():
-            data = read_json(path)
-        else:
-            data = {"name": name, "created": _now(), "stages": {}}
-        data["hardware"] = hardware_info()
-        data["software"] = software_versions()
-        manifest = cls(path, data)
+        try:
+            record = read_record(path, ManifestRecord)
+        except (FileNotFoundError, RecordError):
+            record = ManifestRecord(name=name, created=_now())
+        record.hardware = hardware_info()
+        record.software = software_versions()
+        manifest = cls(path, record)
         manifest.save()
         return manifest
 
     def save(self) -> None:
-        self.data["updated"] = _now()
-        write_json(self.path, self.data)
+        self.record.updated = _now()
+        write_record(self.path, self.record)
 
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
+    def set_build(self, build: Build) -> None:
+        self.record.llamacpp = build.describe()
         self.save()
 
     def state(self, stage: str) -> str | None:
-        return self.data["stages"].get(stage, {}).get("state")
+        found = self.record.stages.get(stage)
+        return found.state if found else None
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+    def stage(self, name: str) -> Iterator[StageState]:
         """Record a stage's start, end, duration and outcome (done, failed, interrupted)."""
-        record: dict[str, Any] = {"state": "running", "started": _now()}
-        self.data["stages"][name] = record
+        record = StageState(state="running", started=_now())
+        self.record.stages[name] = record
         self.save()
         started = time.monotonic()
         try:
             yield record
-        except KeyboardInterrupt:
-            record.update(state="interrupted")
-            raise
-        except SystemExit:
-            record.update(state="interrupted")
+        except (KeyboardInterrupt, SystemExit):
+            record.state = "interrupted"
             raise
         except BaseException as exc:
-            record.update(state="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            record.state = "failed"
+            record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise
         else:
-            record["state"] = "done"
+            record.state = "done"
         finally:
-            record["duration_s"] = round(time.monotonic() - started, 2)
+            record.duration_s = round(time.monotonic() - started, 2)
             self.save()
 
 

@@ -1,28 +1,39 @@
 """`llamasys run`: build -> models -> MMLU and KL divergence -> load -> report, in one run directory.
 
-Each stage skips the work whose outputs are fresh, so re-running a finished run costs seconds and an interrupted
-one resumes. Whatever happens (Ctrl-C, a crash, a killed server), the report is rendered from what exists and
-says what is missing.
+The pipeline builds llama.cpp, makes the run context, and walks its list of stages; each skips the work whose
+outputs are fresh, so re-running a finished run costs seconds and an interrupted one resumes. Whatever happens
+(Ctrl-C, a crash, a killed server), the report is rendered from what exists and says what is missing.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import console
 from harness.config import Experiment
+from harness.context import RunContext, Stage
 from harness.errors import ConfigError, HarnessError
-from harness.manifest import STAGES, Manifest
+from harness.llamacpp import ensure_build
+from harness.manifest import Manifest
+from harness.records import write_record
 from harness.rundir import RunDir
 
+log = logging.getLogger(__name__)
 
-def baseline_name(exp: Experiment) -> str:
-    for variant in exp.variants:
-        if variant.is_baseline:
-            return variant.name
-    raise ConfigError("variants: the experiment needs an unquantized baseline variant (type F16, BF16 or F32)")
+# Every stage in order: "build" makes the context the others run with, "report" always ends a run.
+STAGES = ("build", "models", "mmlu", "load", "report")
+
+
+def stages() -> list[Stage]:
+    """The stages between the build and the report, in order (imported here: MMLU pulls in scipy and datasets)."""
+    from harness.loadtest import LoadStage
+    from harness.models import ModelsStage
+    from mmlu import QualityStage
+
+    return [ModelsStage(), QualityStage(), LoadStage()]
 
 
 def open_run_dir(exp: Experiment) -> RunDir:
@@ -45,77 +56,47 @@ def open_run_dir(exp: Experiment) -> RunDir:
     return run
 
 
-def run_pipeline(exp: Experiment, *, stages: Sequence[str] = STAGES, progress: bool = True) -> RunDir:
-    """Run `stages` in order; always end by rendering the report from whatever exists."""
-    from harness.llamacpp import ensure_build
-
-    unknown = [s for s in stages if s not in STAGES]
+def run_pipeline(exp: Experiment, *, stages_to_run: Sequence[str] = STAGES) -> RunDir:
+    """Run `stages_to_run` in order; always end by rendering the report from whatever exists."""
+    unknown = [s for s in stages_to_run if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-    baseline = baseline_name(exp)
+    exp.baseline  # noqa: B018 - an experiment without a baseline is refused before anything runs
     run = open_run_dir(exp)
+    console.log_to_file(run.log)
     manifest = Manifest.open(run.manifest, name=exp.name)
     try:
         with manifest.stage("build"):
-            build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), progress=progress)
-            manifest.set("llamacpp", _build_info(build))
-        _say(f"llama.cpp build {build.build_number} ({build.commit}, {build.backend}): {build.bin_dir}")
-        if not any(s in stages for s in ("models", "mmlu", "load")):
-            return run
-        with manifest.stage("models"):
-            from harness.models import prepare_models
-
-            artifacts = prepare_models(exp, build, run, progress=progress)
-        models = {name: art.path for name, art in artifacts.items()}
-        _say(f"models: {', '.join(models)} in {run.models}")
-        if "mmlu" in stages and exp.mmlu.enabled:
-            with manifest.stage("mmlu"):
-                from mmlu.stage import run_quality_stage
-
-                run_quality_stage(exp, build, models, run, baseline=baseline, progress=progress)
-            _say(f"quality results in {run.root / 'mmlu'} and {run.root / 'kld'}")
-        if "load" in stages and exp.load.enabled:
-            with manifest.stage("load"):
-                from harness.loadtest import run_load_stage
-
-                run_load_stage(exp, build, models, run, progress=progress)
-            _say(f"load results in {run.root / 'load'}")
+            build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
+            manifest.set_build(build)
+        log.info("llama.cpp build %s (%s, %s): %s", build.build_number, build.commit, build.backend, build.bin_dir)
+        ctx = RunContext.of(exp, build, run)
+        for stage in stages():
+            if stage.name in stages_to_run and stage.enabled(ctx):
+                with manifest.stage(stage.name):
+                    stage.run(ctx)
+                log.info("%s: done", stage.name)
     finally:
-        if "report" in stages:
-            _render(exp, run, manifest, baseline)
+        if "report" in stages_to_run:
+            _render(exp, run, manifest)
+        console.close_file_log()
     return run
 
 
-def _render(exp: Experiment, run: RunDir, manifest: Manifest, baseline: str) -> None:
-    from harness.rundir import write_json
+def _render(exp: Experiment, run: RunDir, manifest: Manifest) -> None:
     from reports.collect import collect_results
     from reports.render import render_report
 
     # Rendering must not hide the error that stopped the run: report its own failure and carry on.
     try:
         with manifest.stage("report"):
-            results = collect_results(exp, run, manifest.data, baseline=baseline)
-            write_json(run.results, results.to_json())
+            results = collect_results(exp, run, manifest.record)
+            write_record(run.results, results)
             render_report(results, run.report, run_dir=run.root)
         partial = " (partial: " + "; ".join(results.missing) + ")" if results.missing else ""
-        _say(f"report: {run.report.resolve()}{partial}")
+        log.info("report: %s%s", run.report.resolve(), partial)
     except HarnessError as exc:
-        print(f"llamasys: could not render the report: {exc}", file=sys.stderr)
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-def _build_info(build) -> dict:
-    return {
-        "build_number": build.build_number,
-        "commit": build.commit,
-        "backend": build.backend,
-        "source": build.source,
-        "era": build.era,
-        "cache_key": build.cache_key,
-    }
+        log.error("could not render the report: %s", exc)
 
 
 def rerender(run_dirs: Sequence[Path]) -> Path:

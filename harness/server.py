@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.config import ServerConfig
 from harness.errors import HarnessError, ServerError
 from harness.llamacpp import Build
-from harness.process import spawn, stop
+from harness.process import stop
+from harness.tools import error_line
 
 GGUF_MAGIC = b"GGUF"
 
@@ -39,20 +41,12 @@ class ServerSizing:
         return self.parallel * self.per_slot
 
 
-def server_command(
-    build: Build,
-    model: Path,
-    sizing: ServerSizing,
-    *,
-    host: str,
-    port: int,
-    gpu_layers: int,
-    threads: int | None,
-    extra_args: list[str] | tuple[str, ...] = (),
+def server_args(
+    build: Build, model: Path, sizing: ServerSizing, *, host: str, port: int, extra_args: Sequence[str] = ()
 ) -> list[str]:
-    """The llama-server command line; the same flags exist in the b3661 era and now."""
-    cmd = [
-        str(build.tool("llama-server")),
+    """llama-server's arguments (threads and GPU layers come from the `Compute` the runner adds); the same flags
+    exist in the b3661 era and now."""
+    args = [
         "--model", str(model),
         "--host", host,
         "--port", str(port),
@@ -61,31 +55,10 @@ def server_command(
         "--batch-size", str(min(2048, sizing.ctx_size)),
         "--metrics",
     ]  # fmt: skip
-    if build.era == "current":
-        # Current builds may share one KV buffer across slots (--kv-unified); per-slot context is what we size.
-        cmd += ["--no-kv-unified"] if _supports(build, "--no-kv-unified") else []
-    if build.has_gpu:
-        cmd += ["--n-gpu-layers", str(gpu_layers)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd + list(extra_args)
-
-
-def _supports(build: Build, flag: str) -> bool:
-    """Whether this build's llama-server knows `flag` (checked once per binary from --help)."""
-    key = (str(build.bin_dir), flag)
-    if key not in _FLAG_CACHE:
-        try:
-            out = subprocess.run(
-                [str(build.tool("llama-server")), "--help"], capture_output=True, text=True, timeout=60
-            )
-            _FLAG_CACHE[key] = flag in (out.stdout + out.stderr)
-        except (OSError, subprocess.TimeoutExpired):
-            _FLAG_CACHE[key] = False
-    return _FLAG_CACHE[key]
-
-
-_FLAG_CACHE: dict[tuple[str, str], bool] = {}
+    # Current builds may share one KV buffer across slots (--kv-unified); per-slot context is what we size.
+    if build.era == "current" and build.tools.supports("llama-server", "--no-kv-unified"):
+        args.append("--no-kv-unified")
+    return args + list(extra_args)
 
 
 def check_gguf(model: Path, *, error: type[HarnessError] = ServerError, setting: str = "") -> None:
@@ -115,42 +88,23 @@ def check_port_free(host: str, port: int) -> None:
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def interesting_log_line(lines: list[str]) -> str:
-    """The line of a dying server's log that best says why (an error line, else the last line)."""
-    for line in reversed(lines):
-        if re.search(r"error|failed|unable|invalid|couldn't|cannot|exception", line, re.IGNORECASE):
-            return line.strip()
-    return lines[-1].strip() if lines else "(empty log)"
-
-
 class LlamaServer:
-    """Context manager around one llama-server: start, wait for /health, verify sizing, stop on every path."""
+    """Context manager around one llama-server: start, wait for /health, verify sizing, stop on every path.
+
+    `settings` says where it listens (host, port: None = a free one), its threads and GPU layers, extra arguments
+    and how long it may take to start.
+    """
 
     def __init__(
-        self,
-        build: Build,
-        model: Path,
-        sizing: ServerSizing,
-        *,
-        log_path: Path,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        gpu_layers: int = 999,
-        threads: int | None = None,
-        extra_args: list[str] | tuple[str, ...] = (),
-        startup_timeout_s: float = 180.0,
+        self, build: Build, model: Path, sizing: ServerSizing, *, log_path: Path, settings: ServerConfig | None = None
     ) -> None:
         self.build = build
         self.model = Path(model)
         self.sizing = sizing
         self.log_path = log_path
-        self.host = host
-        self.requested_port = port
+        self.settings = settings or ServerConfig()
+        self.host = self.settings.host
         self.port: int | None = None
-        self.gpu_layers = gpu_layers
-        self.threads = threads
-        self.extra_args = list(extra_args)
-        self.startup_timeout_s = startup_timeout_s
         self.props: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
 
@@ -173,20 +127,16 @@ class LlamaServer:
 
     def start(self) -> None:
         check_gguf(self.model)
-        if self.requested_port is not None:
-            check_port_free(self.host, self.requested_port)
-            self.port = self.requested_port
+        if self.settings.port is not None:
+            check_port_free(self.host, self.settings.port)
+            self.port = self.settings.port
         else:
             self.port = free_port(self.host)
-        cmd = server_command(
-            self.build, self.model, self.sizing, host=self.host, port=self.port,
-            gpu_layers=self.gpu_layers, threads=self.threads, extra_args=self.extra_args,
-        )  # fmt: skip
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-        # cwd: b3661-era servers write llama.log into their working directory; keep it beside our log.
-        self._proc = spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent)
+        args = server_args(
+            self.build, self.model, self.sizing, host=self.host, port=self.port, extra_args=self.settings.extra_args
+        )
+        compute = self.build.compute(threads=self.settings.threads, gpu_layers=self.settings.gpu_layers)
+        self._proc = self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute)
         try:
             self._wait_healthy()
             self.props = self.get_json("/props")
@@ -222,11 +172,11 @@ class LlamaServer:
 
     def _wait_healthy(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout_s
+        deadline = time.monotonic() + self.settings.startup_timeout_s
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
-                why = interesting_log_line(self.log_tail(40))
+                why = error_line(self.log_tail(40), empty="(empty log)")
                 raise ServerError(f"llama-server exited ({code}) while starting: {why} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
@@ -239,7 +189,7 @@ class LlamaServer:
                 pass
             time.sleep(0.2)
         raise ServerError(
-            f"llama-server did not become healthy within {self.startup_timeout_s:.0f} s (log: {self.log_path})"
+            f"llama-server did not become healthy within {self.settings.startup_timeout_s:.0f} s (log: {self.log_path})"
         )
 
     def _verify_sizing(self) -> None:

@@ -1,5 +1,6 @@
 """The load test's own command-line options (Locust custom arguments, so they also appear in the web UI).
 
+`LoadOptions` is the one home of the load defaults (the experiment's `[load]` section takes them from here).
 Pure: `add_arguments` takes any argparse-style parser and `LoadOptions.from_namespace` validates what came back.
 """
 
@@ -14,42 +15,10 @@ from locustfiles._steps import StepPlan
 DEFAULT_PROMPT_TEXT = Path(__file__).with_name("prompt_text.txt")
 LENGTH_OPTIONS = ("ignore_eos", "min_tokens")
 PROMPT_FORMATS = ("auto", "ids", "text")
-
-
-def add_arguments(parser: Any) -> None:
-    """Register the options on Locust's parser (`events.init_command_line_parser`)."""
-    parser.add_argument("--prompt-tokens", type=int, default=2560, help="exact prompt length in tokens")
-    parser.add_argument("--output-tokens", type=int, default=768, help="exact generated length in tokens")
-    parser.add_argument("--steps", type=str, default="1,2,4,8", help="StepShape: concurrency steps, e.g. 1,2,4,8")
-    parser.add_argument(
-        "--requests-per-user", type=int, default=3, help="StepShape: requests each user completes per step"
-    )
-    parser.add_argument(
-        "--step-duration", type=float, default=0.0, help="StepShape: seconds per step instead (0 = use requests)"
-    )
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
-    parser.add_argument(
-        "--ready-timeout", type=float, default=300.0, help="StepShape: seconds for users to build their prompts"
-    )
-    parser.add_argument(
-        "--records", type=str, default="requests.jsonl", help="JSONL file of per-request and per-step records"
-    )
-    parser.add_argument(
-        "--prompt-text", type=str, default="", help="UTF-8 text file prompts are cut from (default: bundled text)"
-    )
-    parser.add_argument(
-        "--prompt-format",
-        type=str,
-        default="auto",
-        help="OpenAI completions: ids (token-id prompt), text, or auto (ids when the server has /tokenize)",
-    )
-    parser.add_argument("--model-name", type=str, default="", help="OpenAI routes: the `model` field to send")
-    parser.add_argument(
-        "--length-options",
-        type=str,
-        default="ignore_eos,min_tokens",
-        help="OpenAI routes: length-forcing fields to send (comma list of ignore_eos, min_tokens; empty = none)",
-    )
+MIN_PROMPT_TOKENS = 1
+MIN_OUTPUT_TOKENS = 2  # TPOT needs two tokens
+# A request cannot outlive its timeout; the margin covers recording and message delivery.
+DRAIN_MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,19 +41,20 @@ class LoadOptions:
         """Validated options from Locust's parsed options (or any object with the same attributes)."""
         if ns is None:
             return cls()
+        d = cls()
         duration = float(getattr(ns, "step_duration", 0.0) or 0.0)
         length_options = tuple(o.strip() for o in str(getattr(ns, "length_options", "")).split(",") if o.strip())
         options = cls(
-            prompt_tokens=int(getattr(ns, "prompt_tokens", 2560)),
-            output_tokens=int(getattr(ns, "output_tokens", 768)),
-            steps=StepPlan.parse_users(str(getattr(ns, "steps", "1,2,4,8"))),
-            requests_per_user=None if duration > 0 else int(getattr(ns, "requests_per_user", 3)),
+            prompt_tokens=int(getattr(ns, "prompt_tokens", d.prompt_tokens)),
+            output_tokens=int(getattr(ns, "output_tokens", d.output_tokens)),
+            steps=StepPlan.parse_users(str(getattr(ns, "steps", ",".join(map(str, d.steps))))),
+            requests_per_user=None if duration > 0 else int(getattr(ns, "requests_per_user", d.requests_per_user)),
             step_duration_s=duration if duration > 0 else None,
-            request_timeout_s=float(getattr(ns, "request_timeout", 600.0)),
-            ready_timeout_s=float(getattr(ns, "ready_timeout", 300.0)),
-            records=str(getattr(ns, "records", "requests.jsonl") or ""),
+            request_timeout_s=float(getattr(ns, "request_timeout", d.request_timeout_s)),
+            ready_timeout_s=float(getattr(ns, "ready_timeout", d.ready_timeout_s)),
+            records=str(getattr(ns, "records", d.records) or ""),
             prompt_text=Path(getattr(ns, "prompt_text", "") or DEFAULT_PROMPT_TEXT),
-            prompt_format=str(getattr(ns, "prompt_format", "auto")),
+            prompt_format=str(getattr(ns, "prompt_format", d.prompt_format)),
             model_name=str(getattr(ns, "model_name", "") or ""),
             length_options=length_options,
         )
@@ -92,10 +62,13 @@ class LoadOptions:
         return options
 
     def validate(self) -> None:
-        if self.prompt_tokens < 1:
-            raise ValueError(f"--prompt-tokens must be at least 1, got {self.prompt_tokens}")
-        if self.output_tokens < 2:
-            raise ValueError(f"--output-tokens must be at least 2 (TPOT needs two tokens), got {self.output_tokens}")
+        if self.prompt_tokens < MIN_PROMPT_TOKENS:
+            raise ValueError(f"--prompt-tokens must be at least {MIN_PROMPT_TOKENS}, got {self.prompt_tokens}")
+        if self.output_tokens < MIN_OUTPUT_TOKENS:
+            raise ValueError(
+                f"--output-tokens must be at least {MIN_OUTPUT_TOKENS} (TPOT needs two tokens), "
+                f"got {self.output_tokens}"
+            )
         if self.request_timeout_s <= 0:
             raise ValueError(f"--request-timeout must be positive, got {self.request_timeout_s}")
         if self.prompt_format not in PROMPT_FORMATS:
@@ -113,6 +86,46 @@ class LoadOptions:
             requests_per_user=self.requests_per_user,
             duration_s=self.step_duration_s,
             ready_timeout_s=self.ready_timeout_s,
-            # A request cannot outlive its timeout; the margin covers recording and message delivery.
-            drain_timeout_s=self.request_timeout_s + 60.0,
+            drain_timeout_s=self.request_timeout_s + DRAIN_MARGIN_S,
         )
+
+
+def add_arguments(parser: Any) -> None:
+    """Register the options on Locust's parser (`events.init_command_line_parser`); defaults are LoadOptions'."""
+    d = LoadOptions()
+    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="exact prompt length in tokens")
+    parser.add_argument("--output-tokens", type=int, default=d.output_tokens, help="exact generated length in tokens")
+    parser.add_argument(
+        "--steps", type=str, default=",".join(map(str, d.steps)), help="StepShape: concurrency steps, e.g. 1,2,4,8"
+    )
+    parser.add_argument(
+        "--requests-per-user", type=int, default=d.requests_per_user,
+        help="StepShape: requests each user completes per step",
+    )  # fmt: skip
+    parser.add_argument(
+        "--step-duration", type=float, default=0.0, help="StepShape: seconds per step instead (0 = use requests)"
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=d.request_timeout_s, help="seconds before a request fails"
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=d.ready_timeout_s,
+        help="StepShape: seconds for users to build their prompts",
+    )  # fmt: skip
+    parser.add_argument("--records", type=str, default=d.records, help="JSONL file of per-request and per-step records")
+    parser.add_argument(
+        "--prompt-text", type=str, default="", help="UTF-8 text file prompts are cut from (default: bundled text)"
+    )
+    parser.add_argument(
+        "--prompt-format",
+        type=str,
+        default=d.prompt_format,
+        help="OpenAI completions: ids (token-id prompt), text, or auto (ids when the server has /tokenize)",
+    )
+    parser.add_argument("--model-name", type=str, default="", help="OpenAI routes: the `model` field to send")
+    parser.add_argument(
+        "--length-options",
+        type=str,
+        default=",".join(d.length_options),
+        help="OpenAI routes: length-forcing fields to send (comma list of ignore_eos, min_tokens; empty = none)",
+    )

@@ -2,18 +2,22 @@
 
 One file holds both kinds (field `kind`): the request records in the order they finished and, after each step,
 the step's measurement window. Pure (no Locust import): the harness reads these files in its own process.
+They are the project's typed records (pydantic), which also cost less per request than a dataclass's `asdict`
+(benchmarks/record_cost.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_serializer
+
+from harness.records import Record
 
 
-@dataclass
-class RequestRecord:
+class RequestRecord(Record):
     """One completion request as the load generator saw it, with the server's own counts and timings."""
 
     user_id: str
@@ -37,25 +41,19 @@ class RequestRecord:
     ttft_s: float | None = None
     tpot_s: float | None = None
     e2e_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = Field(default_factory=list)
     token_events: int = 0  # events that carried tokens (for ITL; never used as a token count)
     server_timings: dict[str, Any] | None = None
     pid: int | None = None  # the Locust process that sent it (tells workers apart)
-    kind: str = "request"
+    kind: Literal["request"] = "request"
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+    @field_serializer("itl_s")
+    def _microseconds(self, itl: list[float]) -> list[float]:
         # Microseconds are more than the clock resolution that matters here and keep records small.
-        data["itl_s"] = [round(x, 6) for x in self.itl_s]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RequestRecord:
-        return cls(**{k: v for k, v in data.items() if k in _REQUEST_FIELDS})
+        return [round(x, 6) for x in itl]
 
 
-@dataclass
-class StepRecord:
+class StepRecord(Record):
     """One concurrency step: its measurement window (all its users running closed-loop) and what it counted."""
 
     step: int
@@ -71,18 +69,7 @@ class StepRecord:
     duration_s: float | None = None
     drain_timed_out: bool = False
     error: str | None = None
-    kind: str = "step"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StepRecord:
-        return cls(**{k: v for k, v in data.items() if k in _STEP_FIELDS})
-
-
-_REQUEST_FIELDS = {f.name for f in fields(RequestRecord)}
-_STEP_FIELDS = {f.name for f in fields(StepRecord)}
+    kind: Literal["step"] = "step"
 
 
 def read_records(path: Path) -> tuple[list[RequestRecord], list[StepRecord]]:
@@ -101,7 +88,7 @@ def read_records(path: Path) -> tuple[list[RequestRecord], list[StepRecord]]:
                 break
             raise ValueError(f"{path}:{number}: not a JSON record") from None
         if data.get("kind") == "step":
-            steps.append(StepRecord.from_json(data))
+            steps.append(StepRecord.model_validate(data))
         elif data.get("kind") == "request":
-            requests.append(RequestRecord.from_json(data))
+            requests.append(RequestRecord.model_validate(data))
     return requests, steps

@@ -26,7 +26,7 @@ from locust.runners import WorkerRunner
 
 from locustfiles._options import LoadOptions, add_arguments
 from locustfiles._records import RequestRecord
-from locustfiles._steps import StepController, StepGate
+from locustfiles._steps import EXIT_ABORTED, StepController, StepGate
 
 logger = logging.getLogger("llamasys.load")
 
@@ -34,7 +34,6 @@ MSG_PHASE = "llamasys_phase"  # controller -> gates
 MSG_READY = "llamasys_ready"  # user -> controller: prompts built (or the error that prevented it)
 MSG_RECORD = "llamasys_record"  # user -> sink and controller: one finished request
 MSG_DRAINED = "llamasys_drained"  # gate -> controller: no request in flight after a drain
-EXIT_ABORTED = 3  # process exit code when the step shape aborts the run
 
 _SESSION_ATTR = "llamasys_session"
 T = TypeVar("T")
@@ -99,7 +98,7 @@ class LoadSession:
         self._send(MSG_READY, {"user_id": user_id, "error": error})
 
     def send_record(self, record: RequestRecord) -> None:
-        self._send(MSG_RECORD, record.to_json())
+        self._send(MSG_RECORD, record.model_dump())
 
     def send_drained(self) -> None:
         self._send(MSG_DRAINED, {"run": self.gate.run, "epoch": self.gate.epoch})
@@ -126,7 +125,7 @@ class LoadSession:
                 if kind == "phase":
                     self._send(MSG_PHASE, payload)
                 elif kind == "step":
-                    self.write(payload.to_json())
+                    self.write(payload.model_dump())
                     logger.info(
                         "step %d (%d users): %d requests measured, %d outside the window%s",
                         payload.step, payload.users, payload.measured_requests, payload.unmeasured_requests,

@@ -12,8 +12,8 @@ import gevent
 from locust import LoadTestShape
 from locust.runners import STATE_MISSING, LocalRunner
 
-from locustfiles._session import EXIT_ABORTED, session_of
-from locustfiles._steps import StepController
+from locustfiles._session import session_of
+from locustfiles._steps import EXIT_ABORTED, StepController
 
 logger = logging.getLogger("llamasys.load")
 

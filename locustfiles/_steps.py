@@ -20,8 +20,18 @@ from typing import Any, Protocol
 
 from locustfiles._records import StepRecord
 
+EXIT_ABORTED = 3  # Locust's exit code when the step shape aborts the run
+
 # Phases in the order they happen within one epoch; a message for an earlier (epoch, phase) is stale.
 PHASES = ("ramp", "run", "drain", "done")
+
+
+def check_steps(users: tuple[int, ...] | list[int]) -> None:
+    """The one rule for concurrency steps: distinct positive user counts in increasing order."""
+    if not users or any(u < 1 for u in users) or list(users) != sorted(set(users)):
+        raise ValueError(
+            f"steps must be distinct positive user counts in increasing order, e.g. [1, 2, 4, 8]; got {list(users)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,7 @@ class StepPlan:
     drain_timeout_s: float = 660.0  # in-flight requests must end within this (the request timeout bounds them)
 
     def __post_init__(self) -> None:
-        if not self.users or any(u < 1 for u in self.users) or list(self.users) != sorted(set(self.users)):
-            raise ValueError(f"steps must be distinct positive user counts in increasing order, got {self.users}")
+        check_steps(self.users)
         if (self.requests_per_user is None) == (self.duration_s is None):
             raise ValueError("a step needs exactly one of requests-per-user and step-duration")
         if self.requests_per_user is not None and self.requests_per_user < 1:

@@ -1,8 +1,8 @@
 """Per-request latency metrics from event timestamps, and the check that the server did what was asked.
 
-Definitions (FACTS.md 6): TTFT = first event carrying a token - request sent; E2E = last token event - request
-sent; TPOT = (E2E - TTFT) / (output_tokens - 1); ITL = every gap between consecutive token events. Token counts
-are the server's own (timings or usage), never the number of events.
+Definitions (as GuideLLM, vLLM's benchmarks and AIPerf use them): TTFT = first event carrying a token - request
+sent; E2E = last token event - request sent; TPOT = (E2E - TTFT) / (output_tokens - 1); ITL = every gap between
+consecutive token events. Token counts are the server's own (timings or usage), never the number of events.
 """
 
 from __future__ import annotations

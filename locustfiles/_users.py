@@ -23,6 +23,7 @@ from locust import task
 from locust.contrib.fasthttp import FAILURE_EXCEPTIONS, FastHttpUser
 from locust.exception import StopUser
 
+from locustfiles import UserKind
 from locustfiles._events import StreamState
 from locustfiles._options import LoadOptions
 from locustfiles._prompts import PromptError
@@ -52,8 +53,15 @@ class PrepareError(Exception):
 
 class StreamingUser(FastHttpUser):
     abstract = True
-    api: ClassVar[str] = ""
-    route: ClassVar[str] = ""
+    kind: ClassVar[UserKind]  # from locustfiles.USER_KINDS: the api name and the route
+
+    @property
+    def api(self) -> str:
+        return self.kind.api
+
+    @property
+    def route(self) -> str:
+        return self.kind.route
 
     def __init__(self, environment: Any) -> None:
         self.session: LoadSession = session_of(environment)

@@ -14,6 +14,7 @@ import locust  # noqa: F401 - first: Locust's import applies gevent's monkey pat
 # isort: split
 from typing import Any
 
+from locustfiles import USER_KINDS
 from locustfiles._events import StreamState, read_native_event
 from locustfiles._prompts import TokenPrompts
 from locustfiles._shape import StepShape
@@ -26,8 +27,7 @@ __all__ = ["NativeCompletionUser", "StepShape"]
 class NativeCompletionUser(StreamingUser):
     """Streams llama-server's native /completion with a token-id prompt."""
 
-    api = "native"
-    route = "/completion"
+    kind = USER_KINDS["native"]
 
     def prepare(self) -> None:
         self.check_fits(self.llama_server_props())

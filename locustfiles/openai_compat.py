@@ -18,6 +18,7 @@ import locust  # noqa: F401 - first: Locust's import applies gevent's monkey pat
 # isort: split
 from typing import Any
 
+from locustfiles import USER_KINDS
 from locustfiles._events import StreamState, as_int, read_openai_event
 from locustfiles._prompts import TextPrompts, TokenPrompts, fit_text_length
 from locustfiles._shape import StepShape
@@ -94,8 +95,7 @@ class OpenAIUser(StreamingUser):
 class OpenAICompletionUser(OpenAIUser):
     """Streams /v1/completions; a token-id prompt when the server tokenizes, else fitted text."""
 
-    api = "openai"
-    route = "/v1/completions"
+    kind = USER_KINDS["openai"]
 
     def token_id_prompts(self) -> bool:
         fmt = self.options.prompt_format
@@ -116,8 +116,7 @@ class OpenAICompletionUser(OpenAIUser):
 class OpenAIChatUser(OpenAIUser):
     """Streams /v1/chat/completions with one user message, fitted so the templated prompt has the exact length."""
 
-    api = "chat"
-    route = "/v1/chat/completions"
+    kind = USER_KINDS["chat"]
 
     def prompt_fields(self, prompt: Any) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": prompt}]}

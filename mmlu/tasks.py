@@ -6,7 +6,7 @@ tokens after `question + " " + choice` (the prefix shared by all four excluded) 
 no few-shot examples, no prompt template. "qa" wraps the question as "Question: ...\\nAnswer:" with the same
 continuations. The same rendering is used for every variant, so accuracies compare like for like.
 
-Binary format (FACTS.md 4), little-endian:
+Binary format (llama.cpp's tools/perplexity/perplexity.cpp reads it), little-endian:
 
     u32 n_task; u32 task_pos[n_task]              absolute byte offset of each task
     task    := str question, answers single_correct, answers multiple_correct
@@ -19,15 +19,15 @@ llama-perplexity reads `multiple_correct` and ignores it: we write an empty list
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from harness.context import CacheDir
 from harness.errors import MMLUError
+from harness.records import atomic_write
 from mmlu.dataset import Question
 
 Render = Literal["cloze", "qa"]
@@ -150,23 +150,14 @@ def decode_tasks(data: bytes) -> list[MultipleChoiceTask]:
     return tasks
 
 
-def write_task_file(tasks: Sequence[MultipleChoiceTask], cache_dir: Path) -> Path:
-    """Write the tasks once to `cache_dir/mmlu/<content hash>.bin` and return that path."""
+def write_task_file(tasks: Sequence[MultipleChoiceTask], cache: CacheDir) -> Path:
+    """Write the tasks once to `<cache>/mmlu/<content hash>.bin` and return that path."""
     data = encode_tasks(tasks)
     digest = hashlib.sha256(data).hexdigest()[:20]
-    target = cache_dir / "mmlu" / f"{digest}.bin"
+    target = cache.mmlu / f"{digest}.bin"
     if target.is_file() and target.stat().st_size == len(data):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{digest}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return atomic_write(target, data)
 
 
 def read_task_file(path: Path) -> list[MultipleChoiceTask]:

@@ -13,24 +13,23 @@ a task containing such text may count a few tokens short there; MMLU holds none.
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from harness.config import ServerConfig
+from harness.context import CacheDir
 from harness.errors import HarnessError, MMLUError
 from harness.llamacpp import Build
-from harness.rundir import inputs_digest
+from harness.records import Record, RecordError, inputs_digest, read_record, write_record
 from harness.server import LlamaServer, ServerSizing
 from mmlu.tasks import MultipleChoiceTask
 
 _CONCURRENT_REQUESTS = 4
 
 
-@dataclass(frozen=True)
-class TaskTokens:
+class TaskTokens(Record):
     """Tokens each task needs, and the two model facts sizing needs."""
 
     required: list[int]
@@ -69,22 +68,19 @@ def count_task_tokens(
     tasks: Sequence[MultipleChoiceTask],
     *,
     task_file: Path,
-    cache_dir: Path,
+    cache: CacheDir,
     log_path: Path,
     threads: int | None = None,
 ) -> TaskTokens:
-    """Tokens needed by every task (cached in `cache_dir/mmlu` per task file, model and build)."""
+    """Tokens needed by every task (cached in `<cache>/mmlu` per task file, model and build)."""
     key = inputs_digest({"tasks": task_file.name, "model": file_identity(model), "build": build.cache_key})
-    cached = cache_dir / "mmlu" / f"{task_file.stem}.tokens-{key}.json"
-    if cached.is_file():
-        data = json.loads(cached.read_text(encoding="utf-8"))
-        if len(data["required"]) == len(tasks):
-            return TaskTokens(data["required"], data["n_vocab"], data["n_ctx_train"])
+    cached = cache.mmlu / f"{task_file.stem}.tokens-{key}.json"
+    with contextlib.suppress(FileNotFoundError, RecordError):
+        counted = read_record(cached, TaskTokens)
+        if len(counted.required) == len(tasks):
+            return counted
     counted = _count_with_server(build, model, tasks, log_path=log_path, threads=threads)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".partial")
-    tmp.write_text(json.dumps(counted.__dict__), encoding="utf-8")
-    os.replace(tmp, cached)
+    write_record(cached, counted)
     return counted
 
 
@@ -93,8 +89,9 @@ def _count_with_server(
 ) -> TaskTokens:
     # One small slot is enough: /tokenize never touches the KV cache. No GPU offload: only the vocabulary is used.
     sizing = ServerSizing(parallel=1, prompt_tokens=256, output_tokens=1, margin_tokens=0)
+    settings = ServerConfig(gpu_layers=0, threads=threads)
     try:
-        with LlamaServer(build, model, sizing, log_path=log_path, gpu_layers=0, threads=threads) as server:
+        with LlamaServer(build, model, sizing, log_path=log_path, settings=settings) as server:
             meta = _model_meta(server.get_json("/v1/models"))
             texts = [text for task in tasks for text in sequences(task)]
 
@@ -113,7 +110,7 @@ def _count_with_server(
     for task in tasks:
         required.append(required_tokens(tokens[pos : pos + len(task.answers)]))
         pos += len(task.answers)
-    return TaskTokens(required, meta["n_vocab"], meta["n_ctx_train"])
+    return TaskTokens(required=required, **meta)
 
 
 def _model_meta(models: dict) -> dict[str, int]:

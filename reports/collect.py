@@ -6,25 +6,28 @@ Works on finished and on interrupted runs alike: a variant without MMLU, KLD or 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from harness.config import Experiment
-from harness.errors import HarnessError
 from harness.loadtest.summary import LoadSummary
+from harness.manifest import ManifestRecord
 from harness.models import load_models_json
-from harness.rundir import RunDir, read_json
+from harness.records import RecordError, read_record
+from harness.rundir import RunDir
 from mmlu.results import KLDResult, MMLUResult, compare
 from reports.model import Quality, Recommendation, Results, Speed, StepResult, SubjectScore, VariantResult
 from reports.recommend import recommend
 
 
-def collect_results(exp: Experiment, run: RunDir, manifest: dict[str, Any], *, baseline: str) -> Results:
+def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> Results:
     missing: list[str] = []
+    baseline = exp.baseline.name
     artifacts = _models(run, missing)
-    mmlu = {v.name: _read(run.mmlu(v.name), MMLUResult.from_json) for v in exp.variants}
-    kld = {v.name: _read(run.kld(v.name), KLDResult.from_json) for v in exp.variants}
+    mmlu = {v.name: _read(run.mmlu(v.name), MMLUResult) for v in exp.variants}
+    kld = {v.name: _read(run.kld(v.name), KLDResult) for v in exp.variants}
     base_mmlu = mmlu.get(baseline)
     variants = []
     for cfg in exp.variants:
@@ -45,7 +48,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: dict[str, Any], *, b
             if exp.mmlu.kld and not cfg.is_baseline and kld[name] is None:
                 missing.append(f"KL divergence: {name}")
         if exp.load.enabled:
-            summary = _read(run.load(name) / "summary.json", LoadSummary.from_json)
+            summary = _read(run.load_summary(name), LoadSummary)
             result.speed = _speed(summary, run, name) if summary else None
             if summary is None:
                 missing.append(f"load: {name}")
@@ -56,10 +59,11 @@ def collect_results(exp: Experiment, run: RunDir, manifest: dict[str, Any], *, b
         name=exp.name,
         model=_model_label(exp),
         baseline=baseline,
-        llamacpp=dict(manifest.get("llamacpp", {})),
-        hardware=dict(manifest.get("hardware", {})),
+        llamacpp=dict(manifest.llamacpp),
+        hardware=dict(manifest.hardware),
         experiment_toml=exp.to_toml(),
         variants=variants,
+        alpha=exp.mmlu.alpha,
         missing=missing,
         load_settings={
             "api": exp.load.api,
@@ -68,7 +72,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: dict[str, Any], *, b
             "steps": exp.load.steps,
         },
     )
-    results.recommendation = recommend(results) if results.variants else Recommendation(None, "No variants.")
+    results.recommendation = (
+        recommend(results) if results.variants else Recommendation(variant=None, headline="No variants.")
+    )
     return results
 
 
@@ -81,23 +87,24 @@ def _model_label(exp: Experiment) -> str:
 
 
 def _models(run: RunDir, missing: list[str]) -> dict[str, Any]:
-    path = run.models / "models.json"
+    path = run.models_json
     if not path.is_file():
         missing.append("models (conversion and quantization)")
         return {}
     try:
         return load_models_json(path)
-    except (HarnessError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except RecordError as exc:
         missing.append(f"models: {path} unreadable ({exc})")
         return {}
 
 
-def _read(path: Path, parse):
-    if not path.is_file():
-        return None
+R = TypeVar("R", bound=BaseModel)
+
+
+def _read(path: Path, cls: type[R]) -> R | None:
     try:
-        return parse(read_json(path))
-    except (json.JSONDecodeError, KeyError, TypeError):
+        return read_record(path, cls)
+    except (FileNotFoundError, RecordError):
         return None  # a stage output from an older or damaged run counts as missing; the stage redoes it
 
 
@@ -107,10 +114,11 @@ def _quality(mine: MMLUResult | None, base: MMLUResult | None, kld: KLDResult | 
         q.n_questions = mine.n_questions
         q.accuracy = 100 * mine.accuracy
         q.ci_low, q.ci_high = 100 * mine.ci_low, 100 * mine.ci_high
-        q.subjects = [SubjectScore(s.subject, s.n, 100 * s.accuracy) for s in mine.subjects]
+        q.subjects = [SubjectScore(subject=s.subject, n=s.n, accuracy=100 * s.accuracy) for s in mine.subjects]
         if base is not None and base is not mine and base.variant != mine.variant:
             cmp = compare(base, mine, alpha=alpha)
             q.delta, q.p_value, q.verdict = 100 * cmp.delta, cmp.p_value, cmp.verdict
+            q.significant = cmp.significant
             deltas = {s.subject: 100 * s.delta for s in cmp.subjects}
             for s in q.subjects:
                 s.delta = deltas.get(s.subject)

@@ -6,22 +6,23 @@ serialised to results.json, and rendered by `reports.render` with a template tha
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from pydantic import Field
+
+from harness.records import Record
 
 SCHEMA_VERSION = 1
 
 
-@dataclass
-class SubjectScore:
+class SubjectScore(Record):
     subject: str
     n: int
     accuracy: float
     delta: float | None = None  # against the baseline, on the same questions
 
 
-@dataclass
-class Quality:
+class Quality(Record):
     """MMLU (llama-perplexity --multiple-choice) and KL divergence against the baseline."""
 
     n_questions: int | None = None
@@ -30,16 +31,16 @@ class Quality:
     ci_high: float | None = None
     delta: float | None = None  # percentage points against the baseline
     p_value: float | None = None  # exact McNemar on the same questions
+    significant: bool | None = None  # p_value < the experiment's alpha
     verdict: str | None = None
-    subjects: list[SubjectScore] = field(default_factory=list)
+    subjects: list[SubjectScore] = Field(default_factory=list)
     kld_mean: float | None = None
     kld_p99: float | None = None
     same_top_pct: float | None = None
     ppl_ratio: float | None = None
 
 
-@dataclass
-class StepResult:
+class StepResult(Record):
     """One concurrency step of the closed-loop load test."""
 
     users: int
@@ -49,27 +50,25 @@ class StepResult:
     request_rate: float
     output_tps: float  # all users together
     output_tps_per_user: float
-    ttft_s: dict[str, float] = field(default_factory=dict)  # p50 / p90 / p99
-    tpot_s: dict[str, float] = field(default_factory=dict)
-    itl_s: dict[str, float] = field(default_factory=dict)
-    e2e_s: dict[str, float] = field(default_factory=dict)
+    ttft_s: dict[str, float] = Field(default_factory=dict)  # p50 / p90 / p99
+    tpot_s: dict[str, float] = Field(default_factory=dict)
+    itl_s: dict[str, float] = Field(default_factory=dict)
+    e2e_s: dict[str, float] = Field(default_factory=dict)
 
 
-@dataclass
-class Speed:
-    steps: list[StepResult] = field(default_factory=list)
+class Speed(Record):
+    steps: list[StepResult] = Field(default_factory=list)
     cpu_pct_mean: float | None = None
     rss_mb_max: float | None = None
     gpu_util_pct_mean: float | None = None
     gpu_mem_mb_max: float | None = None
-    files: dict[str, str] = field(default_factory=dict)  # label -> path relative to the run directory
+    files: dict[str, str] = Field(default_factory=dict)  # label -> path relative to the run directory
 
     def step(self, users: int) -> StepResult | None:
         return next((s for s in self.steps if s.users == users), None)
 
 
-@dataclass
-class VariantResult:
+class VariantResult(Record):
     name: str
     quant_type: str
     imatrix: bool = False
@@ -80,15 +79,13 @@ class VariantResult:
     speed: Speed | None = None
 
 
-@dataclass
-class Recommendation:
+class Recommendation(Record):
     variant: str | None
     headline: str
-    details: list[str] = field(default_factory=list)
+    details: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class Results:
+class Results(Record):
     name: str
     model: str
     baseline: str
@@ -96,39 +93,11 @@ class Results:
     hardware: dict[str, Any]
     experiment_toml: str
     variants: list[VariantResult]
-    missing: list[str] = field(default_factory=list)  # what the run has not produced (yet)
+    alpha: float  # the experiment's significance level (mmlu.alpha): the verdicts, the rule and the page read it here
+    missing: list[str] = Field(default_factory=list)  # what the run has not produced (yet)
     recommendation: Recommendation | None = None
-    load_settings: dict[str, Any] = field(default_factory=dict)
+    load_settings: dict[str, Any] = Field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def variant(self, name: str) -> VariantResult | None:
         return next((v for v in self.variants if v.name == name), None)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Results:
-        return _build(cls, data)
-
-
-def _build(cls: type, data: Any) -> Any:
-    """Rebuild nested dataclasses from `asdict` output (the inverse the standard library lacks)."""
-    if data is None:
-        return None
-    kwargs = {}
-    hints = {f.name: f.type for f in fields(cls)}
-    nested = {
-        "quality": Quality, "speed": Speed, "recommendation": Recommendation,
-    }  # fmt: skip
-    lists = {"variants": VariantResult, "subjects": SubjectScore, "steps": StepResult}
-    for key, value in data.items():
-        if key not in hints:
-            continue
-        if key in nested:
-            kwargs[key] = _build(nested[key], value)
-        elif key in lists:
-            kwargs[key] = [_build(lists[key], item) for item in value]
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)

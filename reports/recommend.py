@@ -1,6 +1,7 @@
 """Which variant to ship: the 4-bit variant whose quality stays closest to the baseline, and what it buys.
 
-Closeness is judged first by whether MMLU shows a real drop (paired exact McNemar, p < 0.05), then by KL
+Closeness is judged first by whether MMLU shows a real drop (paired exact McNemar, p below the experiment's alpha,
+carried in the results), then by KL
 divergence against the baseline (the most sensitive measure), then by the MMLU change; speed and size decide
 only between variants that are otherwise equal.
 """
@@ -11,7 +12,6 @@ import math
 
 from reports.model import Recommendation, Results, VariantResult
 
-ALPHA = 0.05
 FOUR_BIT_PREFIXES = ("Q4_", "IQ4_")
 
 
@@ -21,7 +21,7 @@ def is_four_bit(variant: VariantResult) -> bool:
 
 def significant_drop(variant: VariantResult) -> bool:
     q = variant.quality
-    return bool(q and q.p_value is not None and q.delta is not None and q.p_value < ALPHA and q.delta < 0)
+    return bool(q and q.significant and q.delta is not None and q.delta < 0)
 
 
 def _closeness(variant: VariantResult) -> tuple:
@@ -52,11 +52,15 @@ def recommend(results: Results) -> Recommendation:
     baseline = results.variant(results.baseline)
     quantized = [v for v in results.variants if not v.is_baseline]
     if baseline is None or not quantized:
-        return Recommendation(None, "Nothing to compare: the run needs a baseline and at least one quantized variant.")
+        return Recommendation(
+            variant=None, headline="Nothing to compare: the run needs a baseline and at least one quantized variant."
+        )
     candidates = [v for v in quantized if is_four_bit(v)] or quantized
     measured = [v for v in candidates if v.quality and (v.quality.accuracy is not None or v.quality.kld_mean)]
     if not measured:
-        return Recommendation(None, "No quality results yet: run the MMLU stage before choosing a variant.")
+        return Recommendation(
+            variant=None, headline="No quality results yet: run the MMLU stage before choosing a variant."
+        )
     best = min(measured, key=_closeness)
     q = best.quality
     assert q is not None  # measured variants have quality
@@ -102,4 +106,4 @@ def recommend(results: Results) -> Recommendation:
     others = sorted((v for v in measured if v is not best), key=_closeness)
     if others:
         details.append("Next closest: " + ", ".join(v.name for v in others) + ".")
-    return Recommendation(best.name, headline, details)
+    return Recommendation(variant=best.name, headline=headline, details=details)

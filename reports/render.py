@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import jinja2
 from plotly.offline import get_plotlyjs
 
 from harness.errors import ReportError
+from harness.records import RecordError, atomic_write, read_record
+from harness.rundir import RunDir
 from reports.charts import all_charts
 from reports.model import Results
 
@@ -50,13 +51,9 @@ def render_report(
         zip=zip,
         plotlyjs=get_plotlyjs(),
         links=_raw_links(results, run_dir, target.parent),
-        results_json=results.to_json(),
+        results_json=results.model_dump(mode="json"),
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write(target, page)
 
 
 def subject_table(results: Results) -> dict:
@@ -73,18 +70,12 @@ def subject_table(results: Results) -> dict:
 
 def _raw_links(results: Results, run_dir: Path, report_dir: Path) -> list[tuple[str, str]]:
     """Relative links from the report to the raw files that exist, so the report stays movable with its run."""
-    candidates = [
-        ("experiment.toml", run_dir / "experiment.toml"),
-        ("manifest.json", run_dir / "manifest.json"),
-        ("results.json", run_dir / "results.json"),
-    ]
+    run = RunDir(run_dir)
+    candidates = [("experiment.toml", run.experiment), ("manifest.json", run.manifest), ("results.json", run.results)]
     for v in results.variants:
-        candidates += [
-            (f"MMLU {v.name}", run_dir / "mmlu" / f"{v.name}.json"),
-            (f"KLD {v.name}", run_dir / "kld" / f"{v.name}.json"),
-        ]
+        candidates += [(f"MMLU {v.name}", run.mmlu(v.name)), (f"KLD {v.name}", run.kld(v.name))]
         if v.speed:
-            candidates += [(f"load {v.name}: {label}", run_dir / rel) for label, rel in v.speed.files.items()]
+            candidates += [(f"load {v.name}: {label}", run.root / rel) for label, rel in v.speed.files.items()]
     links = []
     for label, path in candidates:
         if path.exists():
@@ -94,8 +85,8 @@ def _raw_links(results: Results, run_dir: Path, report_dir: Path) -> list[tuple[
 
 def load_results(path: Path) -> Results:
     try:
-        return Results.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return read_record(path, Results)
     except FileNotFoundError:
         raise ReportError(f"no results.json in {path.parent}: run the pipeline there first") from None
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise ReportError(f"{path} is not a results file this version can read: {exc}") from None
+    except RecordError as exc:
+        raise ReportError(str(exc)) from None

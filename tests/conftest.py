@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import LlamaCppConfig
+from harness.context import CacheDir
 from harness.llamacpp import Build, ensure_build
 from harness.models import smollm2_gguf
 
@@ -35,12 +36,12 @@ CURRENT_CONFIG = LlamaCppConfig(source="pypi", ref="0.3.36")
 
 @pytest.fixture(scope="session")
 def current_build(cache_dir: Path) -> Build:
-    return ensure_build(CURRENT_CONFIG, cache_dir, progress=False)
+    return ensure_build(CURRENT_CONFIG, cache_dir)
 
 
 @pytest.fixture(scope="session")
 def legacy_build(cache_dir: Path) -> Build:
-    return ensure_build(LEGACY_CONFIG, cache_dir, progress=False)
+    return ensure_build(LEGACY_CONFIG, cache_dir)
 
 
 @pytest.fixture(scope="session", params=["current", "legacy"])
@@ -50,4 +51,4 @@ def any_build(request: pytest.FixtureRequest) -> Build:
 
 @pytest.fixture(scope="session")
 def smollm2(cache_dir: Path) -> Path:
-    return smollm2_gguf(cache_dir)
+    return smollm2_gguf(CacheDir(cache_dir))

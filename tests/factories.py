@@ -18,14 +18,17 @@ def step(users: int, tps: float) -> StepResult:
 def variant(name, qtype, *, acc, delta=None, p=None, kld=None, tps=100.0, size=1000, bpw=16.0, base=False):
     quality = Quality(
         n_questions=200, accuracy=acc, ci_low=acc - 3, ci_high=acc + 3, delta=delta, p_value=p,
+        significant=None if base else (p is not None and p < 0.05),
         verdict=None if base else ("significant drop" if p is not None and p < 0.05 else "no significant difference"),
-        subjects=[SubjectScore("anatomy", 4, acc, delta), SubjectScore("virology", 4, acc, delta)],
+        subjects=[SubjectScore(subject="anatomy", n=4, accuracy=acc, delta=delta),
+                  SubjectScore(subject="virology", n=4, accuracy=acc, delta=delta)],
         kld_mean=kld, kld_p99=kld * 10 if kld else None, same_top_pct=95.0 if kld else None, ppl_ratio=1.01,
     )  # fmt: skip
     speed = Speed(steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0, rss_mb_max=300.0)
     return VariantResult(
-        name, qtype, is_baseline=base, size_bytes=size, bits_per_weight=bpw, quality=quality, speed=speed
-    )
+        name=name, quant_type=qtype, is_baseline=base, size_bytes=size, bits_per_weight=bpw, quality=quality,
+        speed=speed,
+    )  # fmt: skip
 
 
 def results(**overrides) -> Results:
@@ -37,7 +40,7 @@ def results(**overrides) -> Results:
     ]
     data = dict(
         name="unit", model="demo/model", baseline="F16", llamacpp={"build_number": 1, "commit": "abc"},
-        hardware={"cpu": "test"}, experiment_toml='name = "unit"\n', variants=variants,
+        hardware={"cpu": "test"}, experiment_toml='name = "unit"\n', variants=variants, alpha=0.05,
         load_settings={"prompt_tokens": 256, "output_tokens": 32},
     )  # fmt: skip
     data.update(overrides)

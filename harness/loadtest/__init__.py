@@ -1,11 +1,20 @@
 """The Locust speed stage: llama-server per variant, stepped load from locustfiles/, per-step summaries.
 
-Public entry points: `run_load_stage` (pipeline and `llamasys load`) and `serve_with_web_ui` (`llamasys serve`).
+Public entry points: `LoadStage` (the pipeline and `llamasys load`; it runs `run_load_stage`) and `serve_with_web_ui`
+(`llamasys serve`).
 """
 
 from __future__ import annotations
 
-from harness.loadtest.stage import run_load_stage, run_variant, serve_with_web_ui
+from harness.loadtest.stage import LoadStage, run_load_stage, run_variant, serve_with_web_ui
 from harness.loadtest.summary import LoadSummary, Percentiles, StepSummary
 
-__all__ = ["LoadSummary", "Percentiles", "StepSummary", "run_load_stage", "run_variant", "serve_with_web_ui"]
+__all__ = [
+    "LoadStage",
+    "LoadSummary",
+    "Percentiles",
+    "StepSummary",
+    "run_load_stage",
+    "run_variant",
+    "serve_with_web_ui",
+]

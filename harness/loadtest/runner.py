@@ -17,30 +17,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import locustfiles
 from harness.config import LoadConfig
 from harness.errors import LoadTestError
 from harness.process import spawn, stop
-from harness.server import interesting_log_line
-from locustfiles import RequestRecord, StepRecord, read_records
+from harness.tools import error_line
+from locustfiles import EXIT_ABORTED, LOCUSTFILES, USER_KINDS, RequestRecord, StepRecord, read_records
 
-LOCUSTFILES = Path(locustfiles.__file__).resolve().parent
 PROJECT_ROOT = LOCUSTFILES.parent
-
-# api (LoadConfig.api) -> (locustfile, user class)
-USERS: dict[str, tuple[str, str]] = {
-    "native": ("native.py", "NativeCompletionUser"),
-    "openai": ("openai_compat.py", "OpenAICompletionUser"),
-    "chat": ("openai_compat.py", "OpenAIChatUser"),
-}
-EXIT_ABORTED = 3  # locustfiles/_session.py: the step shape aborted the run
 
 
 def user_for(api: str) -> tuple[Path, str]:
-    if api not in USERS:
-        raise LoadTestError(f"unknown load api {api!r}; choose one of {', '.join(USERS)}")
-    file, user = USERS[api]
-    return LOCUSTFILES / file, user
+    """The locustfile and user class of `load.api`."""
+    if api not in USER_KINDS:
+        raise LoadTestError(f"unknown load api {api!r}; choose one of {', '.join(USER_KINDS)}")
+    kind = USER_KINDS[api]
+    return kind.path, kind.user_class
 
 
 def stop_timeout(cfg: LoadConfig) -> str:
@@ -161,11 +152,11 @@ def check_complete(result: LocustResult, planned_steps: int) -> None:
     """Raise with the clearest reason when the run did not measure every planned step."""
     errors = [s.error for s in result.steps if s.error]
     if errors or result.exit_code == EXIT_ABORTED:
-        reason = errors[0] if errors else interesting_log_line(_tail(result.log_path))
+        reason = errors[0] if errors else error_line(_tail(result.log_path), empty="(empty log)")
         raise LoadTestError(f"load test aborted: {reason} (log: {result.log_path})")
     done = len(result.steps)
     if done < planned_steps:
-        why = interesting_log_line(_tail(result.log_path))
+        why = error_line(_tail(result.log_path), empty="(empty log)")
         raise LoadTestError(
             f"Locust exited ({result.exit_code}) after {done} of {planned_steps} steps: {why} (log: {result.log_path})"
         )

@@ -10,18 +10,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from harness.config import Experiment, LoadConfig
+from harness.console import advance, progress_bar
+from harness.context import RunContext, Stage
 from harness.errors import LoadTestError
-from harness.llamacpp import Build
 from harness.loadtest.runner import (
-    LOCUSTFILES,
-    USERS,
     check_complete,
     headless_command,
     load_arguments,
@@ -34,53 +31,56 @@ from harness.loadtest.runner import (
 from harness.loadtest.sampling import ResourceSampler, server_alive
 from harness.loadtest.summary import LoadSummary, summarize_step
 from harness.process import spawn
-from harness.rundir import RunDir, inputs_digest, is_fresh, read_json, write_json
+from harness.records import is_fresh, read_record, write_record
 from harness.server import LlamaServer, ServerSizing, check_port_free
+from locustfiles import USER_KINDS
 
 SUMMARY_SCHEMA = 1  # bump when the records or the summary change meaning: finished runs are measured again
 
 
-def run_load_stage(
-    exp: Experiment,
-    build: Build,
-    models: Mapping[str, Path],
-    run_dir: RunDir,
-    *,
-    progress: bool = True,
-) -> dict[str, LoadSummary]:
-    """Load-test every variant in `models` (name -> GGUF), skipping those whose summary is fresh."""
-    if not exp.load.enabled:
-        return {}
-    results: dict[str, LoadSummary] = {}
-    for variant, model in models.items():
-        out = run_dir.load(variant)
-        summary_path = out / "summary.json"
-        digest = load_digest(exp, build, Path(model))
-        if is_fresh(summary_path, digest):
-            results[variant] = LoadSummary.from_json(read_json(summary_path))
-            continue
-        summary = run_variant(exp, build, variant, Path(model), out, progress=progress)
-        write_json(summary_path, summary.to_json(), digest=digest)
-        results[variant] = summary
-    return results
+class LoadStage(Stage):
+    """Every variant under the stepped Locust load on its own llama-server."""
 
+    name = "load"
 
-def load_digest(exp: Experiment, build: Build, model: Path) -> str:
-    try:
-        stat = model.stat()
-    except FileNotFoundError:
-        raise LoadTestError(f"model file not found: {model}") from None
-    return inputs_digest(
-        {
+    def enabled(self, ctx: RunContext) -> bool:
+        return ctx.experiment.load.enabled
+
+    def inputs(self, ctx: RunContext, variant: str | None = None) -> Any:
+        if variant is None:
+            raise LoadTestError("the load stage's inputs are per variant")
+        model = ctx.models()[variant].path
+        try:
+            stat = model.stat()
+        except FileNotFoundError:
+            raise LoadTestError(f"model file not found: {model}") from None
+        return {
             "schema": SUMMARY_SCHEMA,
             "model": str(model),
             "model_size": stat.st_size,
             "model_mtime_ns": stat.st_mtime_ns,
-            "build": build.cache_key,
-            "load": exp.load.model_dump(mode="json"),
-            "server": exp.server.model_dump(mode="json"),
+            "build": ctx.build.cache_key,
+            "load": ctx.experiment.load.model_dump(mode="json"),
+            "server": ctx.experiment.server.model_dump(mode="json"),
         }
-    )
+
+    def run(self, ctx: RunContext) -> None:
+        run_load_stage(ctx)
+
+
+def run_load_stage(ctx: RunContext) -> dict[str, LoadSummary]:
+    """Load-test every variant the models stage made, skipping those whose summary is fresh."""
+    results: dict[str, LoadSummary] = {}
+    stage = LoadStage()
+    for variant, artifact in ctx.models().items():
+        summary_path = ctx.run.load_summary(variant)
+        digest = stage.digest(ctx, variant)
+        if is_fresh(summary_path, digest):
+            results[variant] = read_record(summary_path, LoadSummary)
+            continue
+        write_record(summary_path, run_variant(ctx, variant, artifact.path), digest=digest)
+        results[variant] = read_record(summary_path, LoadSummary)
+    return results
 
 
 def sizing_for(exp: Experiment) -> ServerSizing:
@@ -93,33 +93,26 @@ def sizing_for(exp: Experiment) -> ServerSizing:
     )
 
 
-def start_server(exp: Experiment, build: Build, model: Path, log_path: Path) -> LlamaServer:
-    return LlamaServer(
-        build,
-        model,
-        sizing_for(exp),
-        log_path=log_path,
-        host=exp.server.host,
-        port=exp.server.port,
-        gpu_layers=exp.server.gpu_layers,
-        threads=exp.server.threads,
-        extra_args=exp.server.extra_args,
-        startup_timeout_s=exp.server.startup_timeout_s,
-    )
+def start_server(ctx: RunContext, model: Path, log_path: Path, *, port: int | None = None) -> LlamaServer:
+    """llama-server for `model` as the experiment's [server] section says (`port` overrides server.port)."""
+    settings = ctx.experiment.server
+    if port is not None:
+        settings = settings.model_copy(update={"port": port})
+    return LlamaServer(ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=settings)
 
 
-def run_variant(
-    exp: Experiment, build: Build, variant: str, model: Path, out: Path, *, progress: bool = True
-) -> LoadSummary:
+def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
     """One variant: server up, steps run headless, everything stopped, records summarised."""
+    exp, build = ctx.experiment, ctx.build
     cfg = exp.load
+    out = ctx.run.load(variant)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("requests.jsonl", "resources.jsonl"):  # a re-run measures afresh, it does not append
         (out / stale).unlink(missing_ok=True)
     records = out / "requests.jsonl"
-    bar = tqdm(total=_expected_requests(cfg), desc=f"load {variant}", unit="req", disable=not progress)
+    bar = progress_bar(_expected_requests(cfg), f"load {variant}", "req")
     try:
-        with start_server(exp, build, model, out / "server.log") as server:
+        with start_server(ctx, model, out / "server.log") as server:
             cmd = headless_command(cfg, server.url, out)
             with ResourceSampler(
                 server.pid, server.url + "/metrics", out / "resources.jsonl", interval_s=cfg.sample_interval_s
@@ -130,7 +123,7 @@ def run_variant(
                     log_path=out / "locust.log",
                     deadline_s=_deadline_s(cfg),
                     watch=lambda: _server_problem(server, variant),
-                    on_progress=lambda n: _advance(bar, n),
+                    on_progress=lambda n: advance(bar, n),
                 )
             samples = sampler.samples
             props = server.props
@@ -147,6 +140,7 @@ def run_variant(
         )
     _, user = user_for(cfg.api)
     route = next((r.route for r in result.requests), "")
+    sizing = sizing_for(exp)
     return LoadSummary(
         variant=variant,
         api=cfg.api,
@@ -160,8 +154,8 @@ def run_variant(
             "model": str(model),
             "build": f"b{build.build_number} ({build.commit})",
             "backend": build.backend,
-            "parallel": sizing_for(exp).parallel,
-            "ctx_size": sizing_for(exp).ctx_size,
+            "parallel": sizing.parallel,
+            "ctx_size": sizing.ctx_size,
             "slot_ctx": (props.get("default_generation_settings") or {}).get("n_ctx"),
             "threads": exp.server.threads,
         },
@@ -175,13 +169,6 @@ def run_variant(
             "locust_html": "locust.html",
         },
     )
-
-
-def _advance(bar: tqdm, done: int) -> None:
-    # Drain tails add a few requests beyond the plan: the bar stops at its total instead of overflowing.
-    target = min(done, bar.total) if bar.total else done
-    if target > bar.n:
-        bar.update(target - bar.n)
 
 
 def _server_problem(server: LlamaServer, variant: str) -> str | None:
@@ -210,9 +197,9 @@ def _deadline_s(cfg: LoadConfig) -> float:
 
 def web_ui_command(cfg: LoadConfig, host: str, out: Path, *, web_host: str, web_port: int) -> list[str]:
     """Locust's web UI with every user class and the step shape selectable (Locust's class picker)."""
-    files = sorted({file for file, _ in USERS.values()})
+    files = sorted({str(kind.path) for kind in USER_KINDS.values()})
     return [
-        sys.executable, "-m", "locust", "-f", ",".join(str(LOCUSTFILES / f) for f in files),
+        sys.executable, "-m", "locust", "-f", ",".join(files),
         "--class-picker", "--host", host, "--web-host", web_host, "--web-port", str(web_port),
         "--stop-timeout", stop_timeout(cfg), "--loglevel", "INFO",
     ] + load_arguments(cfg, out / "requests.jsonl")  # fmt: skip
@@ -223,11 +210,10 @@ def ssh_tunnel_hint(web_port: int) -> str:
 
 
 def serve_with_web_ui(
-    exp: Experiment,
-    build: Build,
+    ctx: RunContext,
     model: Path,
-    run_dir: RunDir,
     *,
+    port: int | None = None,
     web_port: int = 8089,
     variant: str | None = None,
     stop: threading.Event | None = None,
@@ -240,13 +226,13 @@ def serve_with_web_ui(
     up. Both processes are stopped on every exit path.
     """
     name = variant or Path(model).stem
-    out = run_dir.load(name) / "webui"
+    out = ctx.run.load(name) / "webui"
     out.mkdir(parents=True, exist_ok=True)
     web_host = "127.0.0.1"
     check_port_free(web_host, web_port)
     stop = stop or threading.Event()
-    with start_server(exp, build, Path(model), out / "server.log") as server:
-        cmd = web_ui_command(exp.load, server.url, out, web_host=web_host, web_port=web_port)
+    with start_server(ctx, Path(model), out / "server.log", port=port) as server:
+        cmd = web_ui_command(ctx.experiment.load, server.url, out, web_host=web_host, web_port=web_port)
         with open(out / "locust.log", "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
         proc = spawn(cmd, log_path=out / "locust.log", env=locust_env(), cwd=out)

@@ -1,6 +1,6 @@
 """Per-step summaries of a load test, computed from the request and step records and the resource samples.
 
-Pure: records in, dataclasses out (serialised to run_dir/load/<variant>/summary.json). Only requests measured
+Pure: records in, typed records out (stored as run_dir/load/<variant>/summary.json). Only requests measured
 inside their step's window count (see locustfiles/_steps.py); the rest are reported as `unmeasured`.
 """
 
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from harness.records import Record, StageRecord
 from locustfiles import RequestRecord, StepRecord
 
 LOAD_MODEL = (
@@ -21,8 +22,7 @@ LOAD_MODEL = (
 )
 
 
-@dataclass
-class Percentiles:
+class Percentiles(Record):
     """p50/p90/p99 and mean of one metric over a step (seconds unless named otherwise); numpy, linear method."""
 
     p50: float
@@ -40,8 +40,7 @@ class Percentiles:
         return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(data.mean()), n=int(data.size))
 
 
-@dataclass
-class StepSummary:
+class StepSummary(Record):
     step: int
     users: int
     requests: int  # measured: sent and finished inside the step's window (successful + failed)
@@ -57,13 +56,12 @@ class StepSummary:
     e2e_s: Percentiles | None = None
     server_prompt_ms: Percentiles | None = None  # the server's own prefill time per request (timings.prompt_ms)
     server_predicted_ms: Percentiles | None = None  # the server's own generation time per request
-    failure_reasons: dict[str, int] = field(default_factory=dict)
-    resources: dict[str, float | None] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = Field(default_factory=dict)
+    resources: dict[str, float | None] = Field(default_factory=dict)
     drain_timed_out: bool = False
 
 
-@dataclass
-class LoadSummary:
+class LoadSummary(StageRecord):
     variant: str
     api: str
     route: str
@@ -73,28 +71,9 @@ class LoadSummary:
     requests: int  # every recorded request (measured or not)
     failures: int
     load_model: str = LOAD_MODEL
-    server: dict[str, Any] = field(default_factory=dict)
-    locust: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LoadSummary:
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        values["steps"] = [_step_from_json(s) for s in data.get("steps", [])]
-        return cls(**values)
-
-
-def _step_from_json(data: dict[str, Any]) -> StepSummary:
-    names = {f.name for f in fields(StepSummary)}
-    values = {k: v for k, v in data.items() if k in names}
-    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "server_prompt_ms", "server_predicted_ms"):
-        if values.get(key) is not None:
-            values[key] = Percentiles(**values[key])
-    return StepSummary(**values)
+    server: dict[str, Any] = Field(default_factory=dict)
+    locust: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
 
 
 def summarize_step(

@@ -8,17 +8,16 @@ are turned into one clear line by `conversion_error`, a pure function tested on 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError, ModelError
 from harness.llamacpp import Build
-from harness.process import run_streaming
+from harness.records import Record
+from harness.tools import error_line, run_logged
 
 WRAPPER = Path(__file__).with_name("hf_to_gguf_wrapper.py")
 GGUF_INFO_SCRIPT = Path(__file__).with_name("gguf_info_script.py")
@@ -29,8 +28,7 @@ FALLBACK_MARKER = "llamasys: BPE pre-tokenizer not recognized"
 BASELINE_FILE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
 
-@dataclass(frozen=True)
-class GGUFInfo:
+class GGUFInfo(Record):
     """What gguf-py reads from a GGUF file: enough for bits per weight and for checking a baseline."""
 
     n_params: int
@@ -143,7 +141,7 @@ def conversion_error(lines: list[str], *, model_dir: Path, log: Path) -> ModelEr
             f"the converter needs the Python package '{found.group(1)}': install the convert extra, "
             f"pip install -e '.[convert]' (log: {log})"
         )
-    return ModelError(f"convert_hf_to_gguf.py failed: {_last_error_line(lines)} (log: {log})")
+    return ModelError(f"convert_hf_to_gguf.py failed: {error_line(lines)} (log: {log})")
 
 
 _NO_MERGES = "no merges found"
@@ -166,19 +164,11 @@ def unusable_output(lines: list[str], *, model_dir: Path, log: Path) -> ModelErr
     return None
 
 
-def _last_error_line(lines: list[str]) -> str:
-    for line in reversed(lines):
-        if re.search(r"error|exception|failed|cannot|unable", line, re.IGNORECASE):
-            return line.strip()
-    return lines[-1].strip() if lines else "(no output)"
-
-
 def parse_gguf_info(output_lines: list[str]) -> GGUFInfo:
     """The JSON line gguf_info_script.py prints last."""
     for line in reversed(output_lines):
         if line.startswith("{"):
-            data = json.loads(line)
-            return GGUFInfo(**{k: data.get(k) for k in GGUFInfo.__dataclass_fields__})
+            return GGUFInfo.model_validate_json(line)
     raise ModelError("gguf-py printed no file information")
 
 
@@ -198,9 +188,9 @@ def run_converter(
             warnings.append(line)
 
     env = converter_env(tree, os.environ)
-    code, tail = run_streaming(cmd, log_path=log, env=env, on_line=keep_warnings, tail_lines=60)
-    if code != 0 or not outfile.is_file():
-        raise conversion_error(tail, model_dir=model_dir, log=log)
+    run = run_logged(cmd, log_path=log, env=env, on_line=keep_warnings, tail=60)
+    if not run.ok or not outfile.is_file():
+        raise conversion_error(run.lines, model_dir=model_dir, log=log)
     problem = unusable_output(warnings, model_dir=model_dir, log=log)
     if problem is not None:
         raise problem
@@ -217,13 +207,13 @@ def gguf_info(path: Path, build: Build, *, log: Path) -> GGUFInfo:
     env = dict(os.environ)
     if build.tree is not None and build.era == "current":
         env = converter_env(build.tree, os.environ)
-    code, tail = run_streaming([sys.executable, GGUF_INFO_SCRIPT, path], log_path=log, env=env, tail_lines=40)
-    if code != 0:
+    run = run_logged([sys.executable, GGUF_INFO_SCRIPT, path], log_path=log, env=env, tail=40)
+    if not run.ok:
         hint = ""
-        if any("No module named 'gguf'" in line for line in tail):
+        if any("No module named 'gguf'" in line for line in run.lines):
             hint = "; install the convert extra (pip install -e '.[convert]')"
-        raise ModelError(f"cannot read {path} with gguf-py: {_last_error_line(tail)}{hint} (log: {log})")
-    return parse_gguf_info(tail)
+        raise ModelError(f"cannot read {path} with gguf-py: {error_line(run.lines)}{hint} (log: {log})")
+    return parse_gguf_info(run.lines)
 
 
 def require_tree(build: Build) -> Path:

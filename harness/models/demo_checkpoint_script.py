@@ -1,4 +1,4 @@
-"""Turn a llama-architecture GGUF into a Hugging Face checkpoint directory (FACTS.md 3), for the offline demo.
+"""Turn a llama-architecture GGUF into a Hugging Face checkpoint directory, for the offline demo.
 
 Run as a script (it imports torch and transformers, which the harness process never needs):
 `python demo_checkpoint_script.py MODEL.gguf OUT_DIR`. transformers loads the GGUF dequantized; transformers 5

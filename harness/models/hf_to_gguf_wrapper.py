@@ -1,4 +1,4 @@
-"""Run llama.cpp's own convert_hf_to_gguf.py, optionally with a fallback BPE pre-tokenizer name (FACTS.md 3).
+"""Run llama.cpp's own convert_hf_to_gguf.py, optionally with a fallback BPE pre-tokenizer name.
 
 Run as a script (never imported by the harness process): `python hf_to_gguf_wrapper.py TREE [--fallback-pretokenizer
 NAME] -- CONVERTER ARGS...`. The converter identifies a BPE pre-tokenizer by hashing how the tokenizer splits a

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harness.cache import atomic_dir, file_sha256
-from harness.config import Experiment, ModelConfig, VariantConfig
+from harness.config import Experiment, VariantConfig
+from harness.context import RunContext, Stage
 from harness.corpus import corpus_text
 from harness.errors import ModelError
 from harness.llamacpp import Build
@@ -34,24 +33,23 @@ from harness.models.convert import (
 from harness.models.quantize import (
     bits_per_weight,
     check_variants,
-    imatrix_command,
+    imatrix_args,
     imatrix_error,
     imatrix_filename,
-    quantize_command,
+    quantize_args,
     quantize_error,
 )
 from harness.models.sources import ModelSource, dir_fingerprint, resolve_source
-from harness.process import run_streaming
-from harness.rundir import RunDir, inputs_digest, is_fresh, read_json, write_json
+from harness.records import Record, RecordError, StageRecord, inputs_digest, is_fresh, read_record, write_record
+
+log = logging.getLogger(__name__)
 
 # Bump when the stage writes different artefacts for the same inputs: every cache key changes with it.
 PIPELINE_VERSION = 1
 RECORD = "artefact.json"
-MODELS_JSON = "models.json"
 
 
-@dataclass
-class ModelArtifact:
+class ModelArtifact(Record):
     """One variant's GGUF as the later stages (MMLU, KLD, load, report) use it."""
 
     name: str
@@ -69,23 +67,55 @@ class ModelArtifact:
     cache_key: str = ""
     seconds: float = 0.0  # how long making it took (when it was made; a cached artefact keeps that time)
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("path", "imatrix", "source"):
-            data[key] = str(data[key]) if data[key] is not None else None
-        return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelArtifact:
-        data = dict(data)
-        data["path"] = Path(data["path"])
-        data["source"] = Path(data["source"])
-        data["imatrix"] = Path(data["imatrix"]) if data.get("imatrix") else None
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+class ModelSourceInfo(Record):
+    """Where the baseline came from and what it is."""
+
+    source: str
+    description: str
+    identity: str
+    checkpoint: str | None
+    baseline: str
+    baseline_type: str
+    n_params: int
+    architecture: str | None
+    pre_tokenizer: str | None
+    pretokenizer_fallback: bool
+    convert_seconds: float
 
 
-@dataclass(frozen=True)
-class Baseline:
+class ImatrixInfo(Record):
+    path: str
+    text: str
+    chunks: int
+    ctx_size: int
+    seconds: float
+
+
+class ModelsRecord(StageRecord):
+    """models/models.json: the stage's output."""
+
+    model: ModelSourceInfo
+    imatrix: ImatrixInfo | None = None
+    build: dict[str, Any]
+    variants: list[ModelArtifact]
+
+
+class CacheEntry(Record):
+    """artefact.json beside a cached artefact: what it is and how long it took to make."""
+
+    kind: Literal["gguf", "baseline", "imatrix", "variant"]
+    file: str | None = None  # the artefact's file name in the entry (None: a GGUF used where it is)
+    path: str | None = None
+    info: GGUFInfo | None = None
+    seconds: float = 0.0
+    source: str | None = None
+    pretokenizer_fallback: bool = False
+    text: str | None = None
+    type: str | None = None
+
+
+class Baseline(Record):
     """The unquantized GGUF every variant is made from."""
 
     path: Path
@@ -96,8 +126,7 @@ class Baseline:
     pretokenizer_fallback: bool = False  # the converter did not know the tokenizer; model.pretokenizer was used
 
 
-@dataclass(frozen=True)
-class Imatrix:
+class Imatrix(Record):
     path: Path
     key: str
     text: Path
@@ -190,97 +219,98 @@ def stage_inputs(exp: Experiment, build: Build) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stage
 
 
-def prepare_models(
-    exp: Experiment, build: Build, run_dir: RunDir, *, progress: bool = True
-) -> dict[str, ModelArtifact]:
-    """Make (or reuse) every variant of `exp` and list them in run_dir/models/models.json; returns them by name."""
+class ModelsStage(Stage):
+    """Source -> unquantized GGUF -> importance matrix -> quantized variants, listed in models/models.json."""
+
+    name = "models"
+
+    def inputs(self, ctx: RunContext, variant: str | None = None) -> Any:
+        return stage_inputs(ctx.experiment, ctx.build)
+
+    def run(self, ctx: RunContext) -> None:
+        prepare_models(ctx)
+
+
+def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
+    """Make (or reuse) every variant of the experiment and list them in models/models.json; returns them by name."""
+    exp, build, run = ctx.experiment, ctx.build, ctx.run
     check_variants(exp.variants)
     if exp.model.source != "gguf":
         check_pretokenizer(require_tree(build), exp.model.pretokenizer)
-    manifest = run_dir.models / MODELS_JSON
-    digest = inputs_digest(stage_inputs(exp, build))
-    if is_fresh(manifest, digest):
-        artifacts = load_models_json(manifest)
+    digest = ModelsStage().digest(ctx)
+    if is_fresh(run.models_json, digest):
+        artifacts = load_models_json(run.models_json)
         if all(a.path.is_file() for a in artifacts.values()):
-            _say(progress, f"models: up to date ({len(artifacts)} variants, {manifest})")
+            log.info("models: up to date (%d variants, %s)", len(artifacts), run.models_json)
             return artifacts
 
-    cache_dir = exp.resolved_cache_dir()
-    log_dir = run_dir.models / "logs"
-    source = resolve_source(exp.model, cache_dir=cache_dir, log_dir=log_dir, progress=progress)
-    baseline = make_baseline(source, exp.model, build, cache_dir=cache_dir, log_dir=log_dir, progress=progress)
+    log_dir = run.logs("models")
+    source = resolve_source(exp.model, cache=ctx.cache, log_dir=log_dir)
+    baseline = make_baseline(ctx, source)
 
     imatrix = None
     if any(v.imatrix for v in exp.variants):
-        text = corpus_text(exp.corpus, "imatrix", cache_dir=cache_dir, llamacpp_tree=build.tree)
-        imatrix = make_imatrix(baseline, text, exp, build, cache_dir=cache_dir, log_dir=log_dir, progress=progress)
+        text = corpus_text(exp.corpus, "imatrix", cache=ctx.cache, llamacpp_tree=build.tree)
+        imatrix = make_imatrix(ctx, baseline, text)
 
     artifacts = {}
     for n, variant in enumerate(exp.variants, 1):
-        artifacts[variant.name] = make_variant(
-            variant, baseline, imatrix, build, threads=exp.model.threads, cache_dir=cache_dir,
-            log_dir=log_dir, progress=progress, step=f"[{n}/{len(exp.variants)}]",
-        )  # fmt: skip
-    link_into_run_dir(run_dir.models, artifacts)
-    write_json(
-        manifest,
-        {
-            "model": {
-                "source": exp.model.source,
-                "description": source.description,
-                "identity": source.identity,
-                "checkpoint": str(source.path) if source.kind == "checkpoint" else None,
-                "baseline": str(baseline.path),
-                "baseline_type": baseline.type,
-                "n_params": baseline.info.n_params,
-                "architecture": baseline.info.architecture,
-                "pre_tokenizer": baseline.info.pre_tokenizer,
-                "pretokenizer_fallback": baseline.pretokenizer_fallback,
-                "convert_seconds": round(baseline.seconds, 2),
-            },
-            "imatrix": None
-            if imatrix is None
-            else {
-                "path": str(imatrix.path),
-                "text": str(imatrix.text),
-                "chunks": exp.imatrix.chunks,
-                "ctx_size": exp.imatrix.ctx_size,
-                "seconds": round(imatrix.seconds, 2),
-            },
-            "build": {"build_number": build.build_number, "commit": build.commit, "era": build.era},
-            "variants": [a.to_json() for a in artifacts.values()],
-        },
-        digest=digest,
+        artifacts[variant.name] = make_variant(ctx, variant, baseline, imatrix, step=f"[{n}/{len(exp.variants)}]")
+    link_into_run_dir(ctx, artifacts)
+    record = ModelsRecord(
+        model=ModelSourceInfo(
+            source=exp.model.source,
+            description=source.description,
+            identity=source.identity,
+            checkpoint=str(source.path) if source.kind == "checkpoint" else None,
+            baseline=str(baseline.path),
+            baseline_type=baseline.type,
+            n_params=baseline.info.n_params,
+            architecture=baseline.info.architecture,
+            pre_tokenizer=baseline.info.pre_tokenizer,
+            pretokenizer_fallback=baseline.pretokenizer_fallback,
+            convert_seconds=round(baseline.seconds, 2),
+        ),
+        imatrix=None
+        if imatrix is None
+        else ImatrixInfo(
+            path=str(imatrix.path),
+            text=str(imatrix.text),
+            chunks=exp.imatrix.chunks,
+            ctx_size=exp.imatrix.ctx_size,
+            seconds=round(imatrix.seconds, 2),
+        ),
+        build={"build_number": build.build_number, "commit": build.commit, "era": build.era},
+        variants=list(artifacts.values()),
     )
+    write_record(run.models_json, record, digest=digest)
     return artifacts
 
 
 def load_models_json(path: Path) -> dict[str, ModelArtifact]:
     """The variants a previous run listed in models/models.json, by name."""
-    data = read_json(path)
-    return {v["name"]: ModelArtifact.from_json(v) for v in data.get("variants", [])}
+    return {v.name: v for v in read_record(path, ModelsRecord).variants}
 
 
-def make_baseline(
-    source: ModelSource, cfg: ModelConfig, build: Build, *, cache_dir: Path, log_dir: Path, progress: bool
-) -> Baseline:
+def make_baseline(ctx: RunContext, source: ModelSource) -> Baseline:
     """The converted GGUF (cached by source, converter and options), or a ready GGUF checked to be unquantized."""
+    cfg, build, log_dir = ctx.experiment.model, ctx.build, ctx.run.logs("models")
     if source.kind == "gguf":
         key = gguf_source_key(source.identity)
 
-        def describe(tmp: Path) -> dict[str, Any]:
+        def describe(tmp: Path) -> CacheEntry:
             info = gguf_info(source.path, build, log=log_dir / "gguf-info.log")
-            return {"kind": "gguf", "path": str(source.path), "info": asdict(info), "seconds": 0.0}
+            return CacheEntry(kind="gguf", path=str(source.path), info=info, seconds=0.0)
 
-        record = _cached(cache_dir, key, describe)
-        info = GGUFInfo(**record["info"])
+        info = _cached(ctx, key, describe).info
+        assert info is not None  # a "gguf" entry always holds its file's info
         if info.baseline_type is None:
             types = ", ".join(sorted(info.tensor_types))
             raise ModelError(
                 f"{source.path} is already quantized ({types}); model.source = 'gguf' needs an F16, BF16 or F32 GGUF "
                 "to make the variants from"
             )
-        return Baseline(source.path, key, info.baseline_type, info, 0.0)
+        return Baseline(path=source.path, key=key, type=info.baseline_type, info=info, seconds=0.0)
 
     tree = require_tree(build)
     key = conversion_key(
@@ -288,69 +318,55 @@ def make_baseline(
     )
     target_type = cfg.outtype.upper()
 
-    def convert(tmp: Path) -> dict[str, Any]:
-        log = log_dir / "convert.log"
+    def convert(tmp: Path) -> CacheEntry:
+        convert_log = log_dir / "convert.log"
         outfile = tmp / f"model-{target_type}.gguf"
-        _say(progress, f"models: converting {source.description} to {target_type} GGUF (log: {log})")
+        log.info("models: converting %s to %s GGUF (log: %s)", source.description, target_type, convert_log)
         start = time.monotonic()
         fallback = run_converter(
-            build, source.path, outfile, outtype=cfg.outtype, pretokenizer=cfg.pretokenizer, log=log
+            build, source.path, outfile, outtype=cfg.outtype, pretokenizer=cfg.pretokenizer, log=convert_log
         )
         seconds = time.monotonic() - start
         info = gguf_info(outfile, build, log=log_dir / "gguf-info.log")
-        _say(progress, f"models: {target_type} GGUF written in {seconds:.1f} s ({_mb(outfile)})")
-        return {"kind": "baseline", "file": outfile.name, "info": asdict(info), "seconds": seconds,
-                "source": source.identity, "pretokenizer_fallback": fallback}  # fmt: skip
+        log.info("models: %s GGUF written in %.1f s (%s)", target_type, seconds, _mb(outfile))
+        return CacheEntry(
+            kind="baseline", file=outfile.name, info=info, seconds=seconds, source=source.identity,
+            pretokenizer_fallback=fallback,
+        )  # fmt: skip
 
-    record = _cached(cache_dir, key, convert)
-    path = cache_dir / "models" / key / record["file"]
-    info = GGUFInfo(**record["info"])
+    entry = _cached(ctx, key, convert)
+    assert entry.info is not None and entry.file is not None  # a "baseline" entry always holds both
     return Baseline(
-        path, key, info.baseline_type or target_type, info, float(record["seconds"]), record["pretokenizer_fallback"]
-    )
+        path=ctx.cache.models / key / entry.file, key=key, type=entry.info.baseline_type or target_type,
+        info=entry.info, seconds=entry.seconds, pretokenizer_fallback=entry.pretokenizer_fallback,
+    )  # fmt: skip
 
 
-def make_imatrix(
-    baseline: Baseline, text: Path, exp: Experiment, build: Build, *, cache_dir: Path, log_dir: Path, progress: bool
-) -> Imatrix:
+def make_imatrix(ctx: RunContext, baseline: Baseline, text: Path) -> Imatrix:
     """llama-imatrix once on the baseline over the calibration text; cached by baseline, text, chunks and context."""
+    exp, build, log_dir = ctx.experiment, ctx.build, ctx.run.logs("models")
     filename = imatrix_filename(build.era)
     key = imatrix_key(
         baseline.key, file_sha256(text), exp.imatrix.chunks, exp.imatrix.ctx_size, tool_identity(build), filename
     )
 
-    def compute(tmp: Path) -> dict[str, Any]:
-        log = log_dir / "imatrix.log"
+    def compute(tmp: Path) -> CacheEntry:
         output = tmp / filename
-        cmd = imatrix_command(
-            build.tool("llama-imatrix"), baseline.path, text, output,
-            chunks=exp.imatrix.chunks, ctx_size=exp.imatrix.ctx_size, threads=exp.model.threads,
-        )  # fmt: skip
-        _say(progress, f"models: importance matrix over {exp.imatrix.chunks} chunks of {text.name} (log: {log})")
-        start = time.monotonic()
-        # b3661-era tools also write llama.log into their working directory: keep it with the logs.
-        code, tail = run_streaming(cmd, log_path=log, cwd=log_dir, tail_lines=40)
-        if code != 0 or not output.is_file():
-            raise imatrix_error(tail, text=text, log=log)
-        seconds = time.monotonic() - start
-        _say(progress, f"models: importance matrix written in {seconds:.1f} s")
-        return {"kind": "imatrix", "file": filename, "text": str(text), "seconds": seconds}
+        args = imatrix_args(baseline.path, text, output, chunks=exp.imatrix.chunks, ctx_size=exp.imatrix.ctx_size)
+        tool_log = log_dir / "imatrix.log"
+        log.info("models: importance matrix over %d chunks of %s (log: %s)", exp.imatrix.chunks, text.name, tool_log)
+        run = ctx.tools.run("llama-imatrix", args, log_path=tool_log, compute=ctx.compute(exp.model.threads), tail=40)
+        if not run.ok or not output.is_file():
+            raise imatrix_error(run.lines, text=text, log=tool_log)
+        log.info("models: importance matrix written in %.1f s", run.seconds)
+        return CacheEntry(kind="imatrix", file=filename, text=str(text), seconds=run.seconds)
 
-    record = _cached(cache_dir, key, compute)
-    return Imatrix(cache_dir / "models" / key / record["file"], key, text, float(record["seconds"]))
+    entry = _cached(ctx, key, compute)
+    return Imatrix(path=ctx.cache.models / key / filename, key=key, text=text, seconds=entry.seconds)
 
 
 def make_variant(
-    variant: VariantConfig,
-    baseline: Baseline,
-    imatrix: Imatrix | None,
-    build: Build,
-    *,
-    threads: int | None,
-    cache_dir: Path,
-    log_dir: Path,
-    progress: bool,
-    step: str = "",
+    ctx: RunContext, variant: VariantConfig, baseline: Baseline, imatrix: Imatrix | None, *, step: str = ""
 ) -> ModelArtifact:
     """The baseline itself for a variant of its type; otherwise llama-quantize from the baseline (cached)."""
     n_params = baseline.info.n_params
@@ -361,7 +377,7 @@ def make_variant(
     }
     if variant.type == baseline.type and not variant.imatrix and not any(options.values()):
         size = baseline.path.stat().st_size
-        _say(progress, f"models: {step} {variant.name} is the {baseline.type} GGUF ({_mb(baseline.path)})")
+        log.info("models: %s %s is the %s GGUF (%s)", step, variant.name, baseline.type, _mb(baseline.path))
         return ModelArtifact(
             name=variant.name, type=variant.type, path=baseline.path, size_bytes=size, n_params=n_params,
             bits_per_weight=bits_per_weight(size, n_params), imatrix=None, source=baseline.path, baseline=True,
@@ -369,44 +385,40 @@ def make_variant(
         )  # fmt: skip
 
     used_imatrix = imatrix if variant.imatrix else None
-    key = variant_key(baseline.key, variant, used_imatrix.key if used_imatrix else None, tool_identity(build))
+    key = variant_key(baseline.key, variant, used_imatrix.key if used_imatrix else None, tool_identity(ctx.build))
 
-    def quantize(tmp: Path) -> dict[str, Any]:
-        log = log_dir / f"quantize-{variant.name}.log"
+    def quantize(tmp: Path) -> CacheEntry:
+        tool_log = ctx.run.logs("models") / f"quantize-{variant.name}.log"
         output = tmp / f"model-{variant.type}.gguf"
-        cmd = quantize_command(
-            build.tool("llama-quantize"), baseline.path, output, variant,
-            imatrix=used_imatrix.path if used_imatrix else None, threads=threads,
-        )  # fmt: skip
-        _say(progress, f"models: {step} quantizing {variant.name} ({variant.type}) (log: {log})")
-        start = time.monotonic()
-        code, tail = run_streaming(cmd, log_path=log, cwd=log_dir, tail_lines=40)
-        if code != 0 or not output.is_file():
-            raise quantize_error(tail, variant, log=log)
-        seconds = time.monotonic() - start
-        _say(progress, f"models: {step} {variant.name} written in {seconds:.1f} s ({_mb(output)})")
-        return {"kind": "variant", "file": output.name, "type": variant.type, "seconds": seconds}
+        args = quantize_args(baseline.path, output, variant, imatrix=used_imatrix.path if used_imatrix else None)
+        log.info("models: %s quantizing %s (%s) (log: %s)", step, variant.name, variant.type, tool_log)
+        compute = ctx.compute(ctx.experiment.model.threads)
+        run = ctx.tools.run("llama-quantize", args, log_path=tool_log, compute=compute, tail=40)
+        if not run.ok or not output.is_file():
+            raise quantize_error(run.lines, variant, log=tool_log)
+        log.info("models: %s %s written in %.1f s (%s)", step, variant.name, run.seconds, _mb(output))
+        return CacheEntry(kind="variant", file=output.name, type=variant.type, seconds=run.seconds)
 
-    cached = (cache_dir / "models" / key / RECORD).is_file()
-    record = _cached(cache_dir, key, quantize)
-    path = cache_dir / "models" / key / record["file"]
+    cached = (ctx.cache.models / key / RECORD).is_file()
+    entry = _cached(ctx, key, quantize)
+    assert entry.file is not None  # a "variant" entry always names its file
+    path = ctx.cache.models / key / entry.file
     size = path.stat().st_size
     if cached:
-        _say(progress, f"models: {step} {variant.name} ({variant.type}) cached ({_mb(path)})")
+        log.info("models: %s %s (%s) cached (%s)", step, variant.name, variant.type, _mb(path))
     return ModelArtifact(
         name=variant.name, type=variant.type, path=path, size_bytes=size, n_params=n_params,
         bits_per_weight=bits_per_weight(size, n_params), imatrix=used_imatrix.path if used_imatrix else None,
-        source=baseline.path, baseline=variant.is_baseline, cache_key=key,
-        seconds=float(record["seconds"]), **options,
+        source=baseline.path, baseline=variant.is_baseline, cache_key=key, seconds=entry.seconds, **options,
     )  # fmt: skip
 
 
-def link_into_run_dir(models_dir: Path, artifacts: dict[str, ModelArtifact]) -> None:
+def link_into_run_dir(ctx: RunContext, artifacts: dict[str, ModelArtifact]) -> None:
     """run_dir/models/<variant>.gguf -> the cached file, so the run directory shows what it used without copies."""
-    models_dir.mkdir(parents=True, exist_ok=True)
+    ctx.run.models.mkdir(parents=True, exist_ok=True)
     for artifact in artifacts.values():
-        link = models_dir / f"{artifact.name}.gguf"
-        tmp = models_dir / f".{artifact.name}.gguf.link"
+        link = ctx.run.model_link(artifact.name)
+        tmp = link.with_name(f".{link.name}.link")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(artifact.path, tmp)
@@ -416,19 +428,18 @@ def link_into_run_dir(models_dir: Path, artifacts: dict[str, ModelArtifact]) -> 
 # ---------------------------------------------------------------- helpers
 
 
-def _cached(cache_dir: Path, key: str, make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """The record of cache_dir/models/<key>/, made by `make(tmp_dir)` into a temporary directory if missing."""
-    final = cache_dir / "models" / key
+def _cached(ctx: RunContext, key: str, make: Callable[[Path], CacheEntry]) -> CacheEntry:
+    """The record of cache/models/<key>/, made by `make(tmp_dir)` into a temporary directory if missing."""
+    final = ctx.cache.models / key
 
     def fill(tmp: Path) -> None:
-        record = make(tmp)
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        write_record(tmp / RECORD, make(tmp))
 
     if not (final / RECORD).is_file():
         atomic_dir(final, fill)
     try:
-        return json.loads((final / RECORD).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        return read_record(final / RECORD, CacheEntry)
+    except (FileNotFoundError, RecordError) as exc:
         raise ModelError(f"the model cache entry {final} is damaged ({exc}); delete it and run again") from None
 
 
@@ -445,8 +456,3 @@ def _converter_environment() -> str:
 
 def _mb(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.1f} MB"
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
-"""llama-imatrix and llama-quantize command lines, their failures as one clear line, and bits per weight.
+"""llama-imatrix and llama-quantize arguments, their failures as one clear line, and bits per weight.
 
-Pure functions, tested without binaries; the pipeline runs the commands they build.
+Pure functions, tested without binaries; the pipeline runs the tools with these arguments through the build's runner.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from harness.config import QUANT_TYPES, TENSOR_TYPES, VariantConfig
 from harness.errors import ConfigError, ModelError
 from harness.llamacpp import Era
+from harness.tools import error_line
 
 # Types llama-quantize refuses (or turns into garbage) without an importance matrix: the b3661-era tool lists
 # IQ1_S, IQ1_M, IQ2_S, IQ2_XXS, IQ2_XS and Q2_K_S; current builds also need one for IQ3_XXS tensors (IQ2_M mixes
@@ -38,32 +39,21 @@ def _check_type(variant: VariantConfig) -> None:
             raise ConfigError(f"variant {variant.name}: unknown {key} {value!r}; allowed: {', '.join(TENSOR_TYPES)}")
 
 
-def quantize_command(
-    tool: Path,
-    source: Path,
-    output: Path,
-    variant: VariantConfig,
-    *,
-    imatrix: Path | None,
-    threads: int | None,
-) -> list[str]:
-    """`llama-quantize [options] SOURCE OUTPUT TYPE [THREADS]`, the same in both eras."""
+def quantize_args(source: Path, output: Path, variant: VariantConfig, *, imatrix: Path | None) -> list[str]:
+    """`llama-quantize [options] SOURCE OUTPUT TYPE` (the runner appends the thread count), the same in both eras."""
     _check_type(variant)
     if variant.imatrix and imatrix is None:
         raise ModelError(f"variant {variant.name} asks for an importance matrix but none was made")
-    cmd = [str(tool)]
+    args: list[str] = []
     if variant.imatrix and imatrix is not None:
-        cmd += ["--imatrix", str(imatrix)]
+        args += ["--imatrix", str(imatrix)]
     if variant.pure:
-        cmd.append("--pure")
+        args.append("--pure")
     if variant.output_tensor_type:
-        cmd += ["--output-tensor-type", variant.output_tensor_type]
+        args += ["--output-tensor-type", variant.output_tensor_type]
     if variant.token_embedding_type:
-        cmd += ["--token-embedding-type", variant.token_embedding_type]
-    cmd += [str(source), str(output), variant.type]
-    if threads:
-        cmd.append(str(threads))
-    return cmd
+        args += ["--token-embedding-type", variant.token_embedding_type]
+    return args + [str(source), str(output), variant.type]
 
 
 def imatrix_filename(era: Era) -> str:
@@ -71,15 +61,10 @@ def imatrix_filename(era: Era) -> str:
     return "imatrix.gguf" if era == "current" else "imatrix.dat"
 
 
-def imatrix_command(
-    tool: Path, model: Path, text: Path, output: Path, *, chunks: int, ctx_size: int, threads: int | None
-) -> list[str]:
+def imatrix_args(model: Path, text: Path, output: Path, *, chunks: int, ctx_size: int) -> list[str]:
     """`llama-imatrix` over the calibration text; `--no-ppl` skips the perplexity it would print (not needed)."""
-    cmd = [str(tool), "-m", str(model), "-f", str(text), "-o", str(output)]
-    cmd += ["--chunks", str(chunks), "-c", str(ctx_size), "--no-ppl"]
-    if threads:
-        cmd += ["-t", str(threads)]
-    return cmd
+    args = ["-m", str(model), "-f", str(text), "-o", str(output)]
+    return args + ["--chunks", str(chunks), "-c", str(ctx_size), "--no-ppl"]
 
 
 def bits_per_weight(size_bytes: int, n_params: int) -> float:
@@ -112,7 +97,7 @@ def quantize_error(lines: list[str], variant: VariantConfig, *, log: Path) -> Mo
             f"variant {variant.name}: this llama.cpp's llama-quantize does not accept type {variant.type} "
             f"or one of its options (log: {log})"
         )
-    return ModelError(f"variant {variant.name}: llama-quantize failed: {_error_line(lines)} (log: {log})")
+    return ModelError(f"variant {variant.name}: llama-quantize failed: {_why(lines)} (log: {log})")
 
 
 def imatrix_error(lines: list[str], *, text: Path, log: Path) -> ModelError:
@@ -123,15 +108,9 @@ def imatrix_error(lines: list[str], *, text: Path, log: Path) -> ModelError:
             f"the calibration text {text} is too short: llama-imatrix needs at least {need} tokens for "
             f"imatrix.ctx_size = {ctx}; lower imatrix.ctx_size or use a longer corpus (log: {log})"
         )
-    return ModelError(f"llama-imatrix failed: {_error_line(lines)} (log: {log})")
+    return ModelError(f"llama-imatrix failed: {_why(lines)} (log: {log})")
 
 
-def _error_line(lines: list[str]) -> str:
+def _why(lines: list[str]) -> str:
     # A model that does not load ends with generic lines ("failed to init"); the loader's own reason comes earlier.
-    for line in reversed(lines):
-        if "error loading model" in line:
-            return line.strip()
-    for line in reversed(lines):
-        if re.search(r"error|failed|unable|invalid|cannot|exception|what\(\)", line, re.IGNORECASE):
-            return line.strip()
-    return lines[-1].strip() if lines else "(no output)"
+    return error_line(lines, prefer=("error loading model",))

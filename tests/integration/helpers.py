@@ -41,3 +41,34 @@ def error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.startswith("llamasys: error:")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def write_models(run, models: dict) -> None:
+    """A models/models.json listing ready GGUF files as the variants (what the models stage leaves for the others).
+
+    `models` maps variant name -> GGUF path; the first is the baseline.
+    """
+    from harness.models.pipeline import ModelArtifact, ModelSourceInfo, ModelsRecord
+    from harness.records import write_record
+
+    first = next(iter(models.values()))
+    artifacts = [
+        ModelArtifact(
+            name=name,
+            type="F16" if i == 0 else "Q4_1",
+            path=Path(path),
+            size_bytes=Path(path).stat().st_size,
+            n_params=1,
+            bits_per_weight=1.0,
+            imatrix=None,
+            source=Path(first),
+            baseline=i == 0,
+        )  # fmt: skip
+        for i, (name, path) in enumerate(models.items())
+    ]
+    info = ModelSourceInfo(
+        source="gguf", description="test models", identity="test", checkpoint=None, baseline=str(first),
+        baseline_type="F16", n_params=1, architecture="llama", pre_tokenizer=None, pretokenizer_fallback=False,
+        convert_seconds=0.0,
+    )  # fmt: skip
+    write_record(run.models_json, ModelsRecord(model=info, build={}, variants=artifacts))

@@ -24,8 +24,9 @@ import pytest
 from harness.cache import atomic_dir
 from harness.config import LoadConfig
 from harness.loadtest.runner import check_complete, headless_command, run_headless
-from harness.process import run_streaming, spawn, stop
+from harness.process import spawn, stop
 from harness.server import free_port
+from harness.tools import run_logged
 from tests.integration.helpers import processes_mentioning
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,8 +47,8 @@ def llama_cpp_python_venv(cache_dir: Path, log_path: Path) -> Path:
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
              f"llama-cpp-python[server]=={LLAMA_CPP_PYTHON}"],
         ):  # fmt: skip
-            code, tail = run_streaming(cmd, log_path=log_path, env={**os.environ, **BUILD_ENV})
-            assert code == 0, f"{' '.join(cmd)} failed ({code}):\n" + "\n".join(tail)
+            run = run_logged(cmd, log_path=log_path, env={**os.environ, **BUILD_ENV}, tail=30)
+            assert run.ok, f"{' '.join(cmd)} failed ({run.code}):\n" + "\n".join(run.lines)
 
     return atomic_dir(cache_dir / "thirdparty" / f"llama-cpp-python-{LLAMA_CPP_PYTHON}-venv", fill)
 

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from harness.config import Experiment, LoadConfig, ServerConfig
+from harness.context import RunContext
 from harness.errors import LoadTestError
 from harness.llamacpp import Build
 from harness.loadtest import LoadSummary, run_load_stage, run_variant, serve_with_web_ui
@@ -35,10 +36,11 @@ from harness.loadtest.runner import (
 )
 from harness.loadtest.stage import start_server
 from harness.process import running, spawn
+from harness.records import read_record
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing, free_port
 from locustfiles import read_records
-from tests.integration.helpers import processes_mentioning
+from tests.integration.helpers import processes_mentioning, write_models
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +62,13 @@ def experiment(tmp_path: Path, **load: object) -> Experiment:
     )
 
 
+def context(exp: Experiment, build: Build, run_dir: Path) -> RunContext:
+    return RunContext.of(exp, build, RunDir(run_dir))
+
+
+THREADS = ServerConfig(threads=SERVER_THREADS)
+
+
 def assert_exact_counts(records, cfg: LoadConfig) -> None:
     assert records
     for r in records:
@@ -76,7 +85,8 @@ def locust_csv_requests(path: Path) -> int:
 def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path)
     run_dir = RunDir(tmp_path)
-    summaries = run_load_stage(exp, current_build, {"Q4_1": smollm2}, run_dir, progress=False)
+    write_models(run_dir, {"Q4_1": smollm2})
+    summaries = run_load_stage(context(exp, current_build, tmp_path))
     summary = summaries["Q4_1"]
     out = run_dir.load("Q4_1")
     requests, steps = read_records(out / "requests.jsonl")
@@ -105,19 +115,21 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
         assert (out / name).stat().st_size > 0, name
     samples = [json.loads(line) for line in (out / "resources.jsonl").read_text().splitlines()]
     assert all(s["rss_bytes"] > 0 for s in samples) and any(s.get("metrics") for s in samples)
-    assert LoadSummary.from_json(json.loads((out / "summary.json").read_text())) == summary
+    assert read_record(out / "summary.json", LoadSummary) == summary
 
     # A second run with nothing changed is skipped: no server, no Locust, the same summary.
-    started = time.monotonic()
-    again = run_load_stage(exp, current_build, {"Q4_1": smollm2}, run_dir, progress=False)
-    assert again["Q4_1"] == summary and time.monotonic() - started < 2
+    logs = {name: (out / name).stat().st_size for name in ("server.log", "locust.log", "requests.jsonl")}
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    again = run_load_stage(context(exp, current_build, tmp_path))
+    assert again["Q4_1"] == summary and (out / "summary.json").stat().st_mtime_ns == stamp
+    assert {name: (out / name).stat().st_size for name in logs} == logs
 
 
 @pytest.mark.parametrize("api", ["openai", "chat"])
 def test_openai_routes_exact_counts(tmp_path: Path, current_build: Build, smollm2: Path, api: str):
     exp = experiment(tmp_path, api=api, steps=[1, 2], requests_per_user=1, **SMALL)
-    summary = run_variant(exp, current_build, "Q4_1", smollm2, tmp_path / api, progress=False)
-    requests, _ = read_records(tmp_path / api / "requests.jsonl")
+    summary = run_variant(context(exp, current_build, tmp_path / api), "Q4_1", smollm2)
+    requests, _ = read_records(tmp_path / api / "load" / "Q4_1" / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert {r.route for r in requests} == {"/v1/completions" if api == "openai" else "/v1/chat/completions"}
     assert [s.users for s in summary.steps] == [1, 2] and all(s.requests >= s.users for s in summary.steps)
@@ -127,11 +139,12 @@ def test_openai_routes_exact_counts(tmp_path: Path, current_build: Build, smollm
 
 def test_two_locust_processes(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path, processes=2, requests_per_user=1, **SMALL)
-    summary = run_variant(exp, current_build, "Q4_1", smollm2, tmp_path, progress=False)
-    requests, steps = read_records(tmp_path / "requests.jsonl")
+    summary = run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
+    out = tmp_path / "load" / "Q4_1"
+    requests, steps = read_records(out / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert len({r.pid for r in requests}) == 2  # both worker processes sent load, the master wrote every record
-    assert locust_csv_requests(tmp_path / "locust_stats.csv") == len(requests) == summary.requests
+    assert locust_csv_requests(out / "locust_stats.csv") == len(requests) == summary.requests
     assert sum(s.measured_requests + s.unmeasured_requests for s in steps) == len(requests)
     assert [s.users for s in summary.steps] == [1, 2, 4] and all(s.requests >= s.users for s in summary.steps)
 
@@ -140,9 +153,7 @@ def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smo
     cfg = experiment(tmp_path, steps=[1, 2], requests_per_user=1, **SMALL).load
     port = free_port()
     sizing = ServerSizing(parallel=2, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens)
-    with LlamaServer(
-        current_build, smollm2, sizing, log_path=tmp_path / "server.log", threads=SERVER_THREADS
-    ) as server:
+    with LlamaServer(current_build, smollm2, sizing, log_path=tmp_path / "server.log", settings=THREADS) as server:
         master = headless_command(cfg, server.url, tmp_path) + [
             "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port), "--expect-workers", "1"
         ]  # fmt: skip
@@ -165,7 +176,8 @@ def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smo
 
 def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path, steps=[1, 2], requests_per_user=3, **SMALL)
-    records = tmp_path / "requests.jsonl"
+    out = tmp_path / "load" / "Q4_1"
+    records = out / "requests.jsonl"
     killed: list[int] = []
 
     def kill_during_step_2() -> None:
@@ -181,7 +193,7 @@ def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, curren
     killer = threading.Thread(target=kill_during_step_2, daemon=True)
     killer.start()
     with pytest.raises(LoadTestError) as caught:
-        run_variant(exp, current_build, "Q4_1", smollm2, tmp_path, progress=False)
+        run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
     killer.join(timeout=5)
     assert killed
     message = str(caught.value)
@@ -190,22 +202,22 @@ def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, curren
     failed = [r for r in requests if not r.ok]
     assert failed and all(r.error for r in failed)  # the requests cut by the kill are recorded as failures
     assert any(r.ok and r.users == 1 for r in requests)  # and what was measured before is kept
-    assert (tmp_path / "locust_stats.csv").exists()  # Locust stopped cleanly and wrote its own report
+    assert (out / "locust_stats.csv").exists()  # Locust stopped cleanly and wrote its own report
     assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_ctrl_c_stops_locust_and_the_server(tmp_path: Path, current_build: Build, smollm2: Path):
     model = tmp_path / "model.gguf"  # a private path: every child process of this run mentions tmp_path
     model.symlink_to(smollm2)
-    exp = experiment(tmp_path, steps=[1, 2], requests_per_user=3, **SMALL)
-    out = tmp_path / "out"
+    exp = experiment(tmp_path / "run", steps=[1, 2], requests_per_user=3, **SMALL)
+    out = tmp_path / "run" / "load" / "Q4_1"
     code = (
         "import json, sys; from pathlib import Path\n"
-        "from harness.config import Experiment; from harness.llamacpp import Build\n"
-        "from harness.loadtest import run_variant\n"
-        f"exp = Experiment.model_validate(json.loads({json.dumps(exp.model_dump(mode='json'))!r}))\n"
-        f"build = Build.from_json(json.loads({json.dumps(current_build.to_json())!r}))\n"
-        f"run_variant(exp, build, 'Q4_1', Path({str(model)!r}), Path({str(out)!r}), progress=False)\n"
+        "from harness.config import Experiment; from harness.context import RunContext\n"
+        "from harness.llamacpp import Build; from harness.loadtest import run_variant\n"
+        f"exp = Experiment.model_validate_json({exp.model_dump_json()!r})\n"
+        f"build = Build.model_validate_json({current_build.model_dump_json()!r})\n"
+        f"run_variant(RunContext.of(exp, build), 'Q4_1', Path({str(model)!r}))\n"
     )
     child = spawn([sys.executable, "-c", code], log_path=tmp_path / "child.log", env=locust_env(), cwd=tmp_path)
     with running(child, grace_s=30):
@@ -226,7 +238,7 @@ def test_ctrl_c_stops_locust_and_the_server(tmp_path: Path, current_build: Build
 def test_prompt_that_cannot_fit_fails_before_any_load(tmp_path: Path, current_build: Build, smollm2: Path):
     cfg = experiment(tmp_path, prompt_tokens=256, steps=[1], requests_per_user=1).load
     small = ServerSizing(parallel=1, prompt_tokens=64, output_tokens=32, margin_tokens=0)  # 96-token slots
-    with LlamaServer(current_build, smollm2, small, log_path=tmp_path / "server.log", threads=SERVER_THREADS) as server:
+    with LlamaServer(current_build, smollm2, small, log_path=tmp_path / "server.log", settings=THREADS) as server:
         result = run_headless(
             headless_command(cfg, server.url, tmp_path),
             records=tmp_path / "requests.jsonl", log_path=tmp_path / "locust.log", deadline_s=120,
@@ -250,7 +262,7 @@ def test_web_ui_serves_steps_and_stops_cleanly(tmp_path: Path, current_build: Bu
 
     def serve() -> None:
         try:
-            serve_with_web_ui(exp, current_build, smollm2, RunDir(tmp_path), web_port=port, variant="Q4_1",
+            serve_with_web_ui(context(exp, current_build, tmp_path), smollm2, web_port=port, variant="Q4_1",
                               stop=stop, on_ready=ready.append, echo=lines.append)  # fmt: skip
         except BaseException as exc:  # handed to the test thread below
             errors.append(exc)
@@ -286,15 +298,15 @@ def test_web_ui_serves_steps_and_stops_cleanly(tmp_path: Path, current_build: Bu
 
 def test_native_on_the_b3661_era_build(tmp_path: Path, legacy_build: Build, smollm2: Path):
     exp = experiment(tmp_path, steps=[1, 2], requests_per_user=1, **SMALL)
-    summary = run_variant(exp, legacy_build, "Q4_1", smollm2, tmp_path, progress=False)
-    requests, _ = read_records(tmp_path / "requests.jsonl")
+    summary = run_variant(context(exp, legacy_build, tmp_path), "Q4_1", smollm2)
+    requests, _ = read_records(tmp_path / "load" / "Q4_1" / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert [s.users for s in summary.steps] == [1, 2] and all(s.requests >= s.users for s in summary.steps)
 
 
 def test_start_server_sizes_for_the_largest_step(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path, steps=[1, 3])
-    with start_server(exp, current_build, smollm2, tmp_path / "server.log") as server:
+    with start_server(context(exp, current_build, tmp_path), smollm2, tmp_path / "server.log") as server:
         assert server.props["total_slots"] == 3
         assert server.props["default_generation_settings"]["n_ctx"] >= PROMPT + OUTPUT
     assert "--records" in load_arguments(exp.load, tmp_path / "r.jsonl")

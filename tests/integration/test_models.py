@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,12 @@ from harness.config import (
     Experiment,
     ImatrixConfig,
     ModelConfig,
+    ServerConfig,
     VariantConfig,
     default_variants,
     load_experiment,
 )
+from harness.context import CacheDir, RunContext
 from harness.errors import ConfigError, ModelError
 from harness.llamacpp import Build
 from harness.models import ModelArtifact, load_models_json, prepare_models
@@ -43,6 +44,7 @@ from tests.integration.tiny_llama import corpus, parameter_count, write_checkpoi
 pytestmark = pytest.mark.integration
 
 SIZING = ServerSizing(parallel=1, prompt_tokens=48, output_tokens=8, margin_tokens=8)
+TWO_THREADS = ServerConfig(threads=2)
 # Digits, contractions, punctuation runs, spaces, non-ASCII: where pre-tokenizers differ.
 SAMPLE = "Numbers 3, 33, 3333 and 3.14; I'm sure 'RE you? ...!!  x\tnaïve café 🦙 GGUF llama.cpp"
 
@@ -76,13 +78,12 @@ def tiny_experiment(root: Path, checkpoint: Path, calibration: CorpusConfig, **m
 def tiny_run(tmp_path_factory, checkpoint: Path, calibration: CorpusConfig, current_build: Build):
     root = tmp_path_factory.mktemp("tiny-run")
     exp = tiny_experiment(root, checkpoint, calibration)
-    start = time.monotonic()
-    artifacts = prepare_models(exp, current_build, RunDir(root / "run"), progress=True)
-    return exp, artifacts, time.monotonic() - start
+    artifacts = prepare_models(RunContext.of(exp, current_build, RunDir(root / "run")))
+    return exp, artifacts
 
 
 def test_every_default_variant_is_made_and_listed(tiny_run, checkpoint: Path):
-    exp, artifacts, seconds = tiny_run
+    exp, artifacts = tiny_run
     assert list(artifacts) == [v.name for v in default_variants()]
     n_params = parameter_count(checkpoint)
     for a in artifacts.values():
@@ -119,7 +120,7 @@ def test_every_default_variant_is_made_and_listed(tiny_run, checkpoint: Path):
 
 
 def test_quantized_files_hold_the_requested_types(tiny_run, current_build: Build, tmp_path: Path):
-    _, artifacts, _ = tiny_run
+    _, artifacts = tiny_run
     infos = {n: gguf_info(a.path, current_build, log=tmp_path / "info.log") for n, a in artifacts.items()}
     types = {n: info.tensor_types for n, info in infos.items()}
     assert set(types["F16"]) == {"F16", "F32"}
@@ -136,28 +137,37 @@ def test_quantized_files_hold_the_requested_types(tiny_run, current_build: Build
 def test_every_variant_loads_in_llama_server_and_tokenizes_like_hugging_face(
     tiny_run, checkpoint: Path, current_build: Build, tmp_path: Path
 ):
-    _, artifacts, _ = tiny_run
+    _, artifacts = tiny_run
     expected = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(SAMPLE, add_special_tokens=False).ids
     for name, a in artifacts.items():
-        with LlamaServer(current_build, a.path, SIZING, log_path=tmp_path / f"{name}.log", threads=2) as server:
+        with LlamaServer(
+            current_build, a.path, SIZING, log_path=tmp_path / f"{name}.log", settings=TWO_THREADS
+        ) as server:
             assert server.tokenize(SAMPLE) == expected, name
             body = {"prompt": expected[:16], "n_predict": 4, "ignore_eos": True, "cache_prompt": False}
             assert server.post_json("/completion", body)["timings"]["predicted_n"] == 4
 
 
-def test_second_run_costs_seconds_and_reuses_the_cache(tiny_run, current_build: Build, tmp_path: Path):
-    exp, artifacts, first_seconds = tiny_run
-    start = time.monotonic()
-    again = prepare_models(exp, current_build, RunDir(exp.resolved_run_dir()), progress=False)
+def test_second_run_reuses_the_run_and_the_cache(tiny_run, current_build: Build, tmp_path: Path):
+    exp, artifacts = tiny_run
+    run = RunDir(exp.resolved_run_dir())
+    cache = exp.resolved_cache_dir() / "models"
+    files = [run.models_json, *(p for p in cache.rglob("*") if p.is_file())]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    logs = {p: p.stat().st_size for p in run.logs("models").iterdir()}
+    again = prepare_models(RunContext.of(exp, current_build, run))
     assert again == artifacts
-    assert time.monotonic() - start < 2
+    # A fresh models.json: nothing ran (no tool wrote to its log) and nothing was rewritten.
+    assert {p: p.stat().st_size for p in run.logs("models").iterdir()} == logs
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # A new run directory with the same cache: nothing is converted or quantized again.
     elsewhere = exp.model_copy(update={"run_dir": tmp_path / "other-run"})
-    start = time.monotonic()
-    other = prepare_models(elsewhere, current_build, RunDir(tmp_path / "other-run"), progress=False)
-    assert time.monotonic() - start < 5 < first_seconds
+    other = prepare_models(RunContext.of(elsewhere, current_build, RunDir(tmp_path / "other-run")))
     assert {n: a.path for n, a in other.items()} == {n: a.path for n, a in artifacts.items()}
-    assert not (tmp_path / "other-run" / "models" / "logs" / "convert.log").exists()
+    assert not (tmp_path / "other-run" / "models" / "logs").exists()  # no converter, imatrix or quantize ran
+    assert {p: p.stat().st_mtime_ns for p in stamps if p != run.models_json} == {
+        p: t for p, t in stamps.items() if p != run.models_json
+    }
 
 
 def test_unknown_pre_tokenizer_without_fallback_fails_clearly(
@@ -165,7 +175,7 @@ def test_unknown_pre_tokenizer_without_fallback_fails_clearly(
 ):
     exp = tiny_experiment(tmp_path, checkpoint, calibration, pretokenizer=None)
     with pytest.raises(ModelError) as err:
-        prepare_models(exp, current_build, RunDir(tmp_path / "run"), progress=False)
+        prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
     msg = str(err.value)
     assert "BPE pre-tokenizer" in msg and "not one llama.cpp's converter recognizes" in msg
     assert 'model.pretokenizer = "gpt-2"' in msg
@@ -181,7 +191,7 @@ def test_unsupported_architecture_fails_with_the_converters_reason(
     (odd / "config.json").write_text(json.dumps({**config, "architectures": ["FooBarForCausalLM"]}))
     exp = tiny_experiment(tmp_path, odd, calibration)
     with pytest.raises(ModelError, match=r"^architecture FooBarForCausalLM is not supported by this llama.cpp's"):
-        prepare_models(exp, current_build, RunDir(tmp_path / "run"), progress=False)
+        prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
 
 
 def test_bad_inputs_fail_before_any_long_step(
@@ -189,30 +199,34 @@ def test_bad_inputs_fail_before_any_long_step(
 ):
     no_config = shutil.copytree(checkpoint, tmp_path / "no-config", ignore=shutil.ignore_patterns("config.json"))
     with pytest.raises(ModelError, match=r"no-config has no config.json: not a Hugging Face checkpoint directory"):
-        prepare_models(tiny_experiment(tmp_path, no_config, calibration), current_build, RunDir(tmp_path / "r"))
+        prepare_models(
+            RunContext.of(tiny_experiment(tmp_path, no_config, calibration), current_build, RunDir(tmp_path / "r"))
+        )
     with pytest.raises(ModelError, match="model directory not found"):
-        prepare_models(tiny_experiment(tmp_path, tmp_path / "nowhere", calibration), current_build, RunDir(tmp_path))
+        prepare_models(
+            RunContext.of(tiny_experiment(tmp_path, tmp_path / "nowhere", calibration), current_build, RunDir(tmp_path))
+        )
     with pytest.raises(ConfigError, match=r"variants\[0\].type: unknown quant type 'Q9_0'"):
         load_experiment(overrides=['variants=[{name = "x", type = "Q9_0"}]'], environ={})
     exp = tiny_experiment(tmp_path, checkpoint, calibration)
     low = exp.model_copy(update={"variants": [VariantConfig(name="IQ2", type="IQ2_XXS")]})
     with pytest.raises(ConfigError, match="variant IQ2: type IQ2_XXS needs an importance matrix"):
-        prepare_models(low, current_build, RunDir(tmp_path / "r"))
+        prepare_models(RunContext.of(low, current_build, RunDir(tmp_path / "r")))
     wrong_pre = exp.model_copy(update={"model": exp.model.model_copy(update={"pretokenizer": "gpt2"})})
     with pytest.raises(ConfigError, match="model.pretokenizer: 'gpt2' is not a pre-tokenizer this llama.cpp knows"):
-        prepare_models(wrong_pre, current_build, RunDir(tmp_path / "r"))
+        prepare_models(RunContext.of(wrong_pre, current_build, RunDir(tmp_path / "r")))
     assert not (tmp_path / "cache" / "models").exists()
 
 
 def test_ready_f16_gguf_is_the_baseline_and_gets_quantized(tiny_run, current_build: Build, tmp_path: Path):
-    _, made, _ = tiny_run
+    _, made = tiny_run
     ready = shutil.copyfile(made["F16"].path, tmp_path / "ready-f16.gguf")
     exp = Experiment(
         cache_dir=tmp_path / "cache",
         model=ModelConfig(source="gguf", path=ready, threads=2),
         variants=[VariantConfig(name="base", type="F16"), VariantConfig(name="q4", type="Q4_0")],
     )
-    artifacts = prepare_models(exp, current_build, RunDir(tmp_path / "run"), progress=False)
+    artifacts = prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
     assert artifacts["base"].path == ready and artifacts["base"].baseline
     assert artifacts["q4"].source == ready and artifacts["q4"].size_bytes == made["Q4_0"].size_bytes
     assert artifacts["q4"].n_params == made["F16"].n_params
@@ -227,7 +241,7 @@ def test_ready_quantized_gguf_is_refused_as_a_baseline(current_build: Build, smo
         variants=[VariantConfig(name="Q4_0", type="Q4_0")],
     )
     with pytest.raises(ModelError, match=r"is already quantized \(.*Q4_1.*\); model.source = 'gguf' needs an F16"):
-        prepare_models(exp, current_build, RunDir(tmp_path / "run"), progress=False)
+        prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
 
 
 # ---------------------------------------------------------------- the b3661 era
@@ -240,19 +254,23 @@ def test_legacy_build_makes_every_variant_from_a_checkpoint_with_string_merges(
     # tokenizers >= 0.20 writes merges as pairs, which b3661-era gguf-py cannot read: a clear error, not a GGUF
     # that llama.cpp refuses later. The same tokenizer with "a b" string merges converts and serves.
     with pytest.raises(ModelError, match=r"^convert_hf_to_gguf.py wrote no BPE merges for .*tokenizers >= 0.20"):
-        prepare_models(tiny_experiment(tmp_path / "pairs", checkpoint, calibration), legacy_build, RunDir(tmp_path))
+        prepare_models(
+            RunContext.of(tiny_experiment(tmp_path / "pairs", checkpoint, calibration), legacy_build, RunDir(tmp_path))
+        )
     strings = shutil.copytree(checkpoint, tmp_path / "string-merges")
     tokenizer = json.loads((strings / "tokenizer.json").read_text())
     tokenizer["model"]["merges"] = [" ".join(pair) for pair in tokenizer["model"]["merges"]]
     (strings / "tokenizer.json").write_text(json.dumps(tokenizer))
 
     exp = tiny_experiment(tmp_path / "strings", strings, calibration)
-    artifacts = prepare_models(exp, legacy_build, RunDir(tmp_path / "run"), progress=False)
+    artifacts = prepare_models(RunContext.of(exp, legacy_build, RunDir(tmp_path / "run")))
     assert list(artifacts) == [v.name for v in default_variants()]
     assert artifacts["Q4_K_M-imat"].imatrix.name == "imatrix.dat"  # the b3661-era format
     expected = Tokenizer.from_file(str(strings / "tokenizer.json")).encode(SAMPLE, add_special_tokens=False).ids
     for name in ("F16", "Q4_0", "IQ4_XS-imat"):
-        with LlamaServer(legacy_build, artifacts[name].path, SIZING, log_path=tmp_path / f"{name}.log", threads=2) as s:
+        with LlamaServer(
+            legacy_build, artifacts[name].path, SIZING, log_path=tmp_path / f"{name}.log", settings=TWO_THREADS
+        ) as s:
             assert s.tokenize(SAMPLE) == expected, name
 
 
@@ -263,13 +281,14 @@ HUB_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from harness.config import Experiment, ModelConfig, VariantConfig
+    from harness.context import RunContext
     from harness.errors import HarnessError
     from harness.llamacpp import Build
     from harness.models import prepare_models
     from harness.rundir import RunDir
 
     args = json.loads(sys.argv[1])
-    build = Build.from_json(args["build"])
+    build = Build.model_validate(args["build"])
     results = {}
     for label, repo, revision in args["cases"]:
         exp = Experiment(
@@ -278,7 +297,7 @@ HUB_SCRIPT = textwrap.dedent(
         )
         run = Path(args["runs"]) / label
         try:
-            artifacts = prepare_models(exp, build, RunDir(run), progress=False)
+            artifacts = prepare_models(RunContext.of(exp, build, RunDir(run)))
             results[label] = {"ok": json.loads((run / "models" / "models.json").read_text())["model"],
                               "f16": str(artifacts["F16"].path)}
         except HarnessError as exc:
@@ -308,7 +327,7 @@ def test_hugging_face_snapshot_path_offline(checkpoint: Path, current_build: Bui
     hub = tmp_path / "hub"
     commit = make_hub_cache(hub, "tiny-org/tiny-llama", checkpoint)
     args = {
-        "build": current_build.to_json(),
+        "build": current_build.model_dump(mode="json"),
         "cache": str(tmp_path / "cache"),
         "runs": str(tmp_path / "runs"),
         "cases": [
@@ -345,15 +364,15 @@ def test_hugging_face_snapshot_path_offline(checkpoint: Path, current_build: Bui
 def test_demo_experiment_walks_checkpoint_gguf_quantize(cache_dir: Path, current_build: Build, tmp_path: Path):
     # The demo checkpoint (SmolLM2 dequantized, ~540 MB) is made once in the shared cache; conversion and
     # quantization run in this test's own cache every time.
-    shared = demo_checkpoint(cache_dir, log_dir=tmp_path / "logs")
+    shared = demo_checkpoint(CacheDir(cache_dir), log_dir=tmp_path / "logs")
     private = tmp_path / "cache" / "models"
     private.mkdir(parents=True)
     (private / shared.name).symlink_to(shared)
-    (private / "smollm2").symlink_to(smollm2_gguf(cache_dir).parent)
+    (private / "smollm2").symlink_to(smollm2_gguf(CacheDir(cache_dir)).parent)
     overrides = [f"cache_dir='{tmp_path / 'cache'}'", f"run_dir='{tmp_path / 'run'}'", "model.threads=2"]
     overrides += ["imatrix.chunks=2", "imatrix.ctx_size=128"]
     exp = load_experiment(REPO / "harness" / "experiments" / "demo.toml", overrides=overrides, environ={})
-    artifacts = prepare_models(exp, current_build, RunDir(tmp_path / "run"), progress=True)
+    artifacts = prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
 
     assert list(artifacts) == ["F16", "Q4_0", "Q4_K_M-imat"]
     f16, q4 = artifacts["F16"], artifacts["Q4_K_M-imat"]
@@ -368,12 +387,14 @@ def test_demo_experiment_walks_checkpoint_gguf_quantize(cache_dir: Path, current
     assert listed["model"]["pretokenizer_fallback"] is False
 
     # The round trip keeps the tokenizer: the converted model tokenizes exactly like the original GGUF.
-    with LlamaServer(current_build, smollm2_gguf(cache_dir), SIZING, log_path=tmp_path / "orig.log", threads=2) as s:
+    with LlamaServer(
+        current_build, smollm2_gguf(CacheDir(cache_dir)), SIZING, log_path=tmp_path / "orig.log", settings=TWO_THREADS
+    ) as s:
         original = s.tokenize(SAMPLE)
-    with LlamaServer(current_build, q4.path, SIZING, log_path=tmp_path / "q4.log", threads=2) as s:
+    with LlamaServer(current_build, q4.path, SIZING, log_path=tmp_path / "q4.log", settings=TWO_THREADS) as s:
         assert s.tokenize(SAMPLE) == original
         body = {"prompt": original, "n_predict": 4, "ignore_eos": True, "cache_prompt": False}
         assert s.post_json("/completion", body)["timings"]["predicted_n"] == 4
     assert listed["model"]["source"] == "demo"
     assert Path(listed["model"]["checkpoint"]).resolve() == shared.resolve()
-    assert isinstance(ModelArtifact.from_json(listed["variants"][0]), ModelArtifact)
+    assert isinstance(ModelArtifact.model_validate(listed["variants"][0]), ModelArtifact)

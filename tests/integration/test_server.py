@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.config import ServerConfig
 from harness.errors import ServerError
 from harness.llamacpp import Build
 from harness.server import LlamaServer, ServerSizing
@@ -24,7 +25,7 @@ SIZING = ServerSizing(parallel=2, prompt_tokens=64, output_tokens=16, margin_tok
 
 
 def test_token_id_prompt_round_trip_and_clean_stop(any_build: Build, smollm2: Path, tmp_path: Path):
-    server = LlamaServer(any_build, smollm2, SIZING, log_path=tmp_path / "server.log", threads=2)
+    server = LlamaServer(any_build, smollm2, SIZING, log_path=tmp_path / "server.log", settings=ServerConfig(threads=2))
     with server:
         pid = server.pid
         assert server.url.startswith("http://127.0.0.1:")
@@ -45,7 +46,9 @@ def test_token_id_prompt_round_trip_and_clean_stop(any_build: Build, smollm2: Pa
 def test_context_too_small_for_the_request_is_refused(current_build: Build, smollm2: Path, tmp_path: Path):
     # SmolLM2 trains on 8192 tokens; ask for slots of 9000: the server caps the context and we must say so.
     sizing = ServerSizing(parallel=1, prompt_tokens=9000, output_tokens=768, margin_tokens=0)
-    server = LlamaServer(current_build, smollm2, sizing, log_path=tmp_path / "server.log", threads=2)
+    server = LlamaServer(
+        current_build, smollm2, sizing, log_path=tmp_path / "server.log", settings=ServerConfig(threads=2)
+    )
     try:
         with server:
             slot_ctx = server.props["default_generation_settings"]["n_ctx"]
@@ -135,11 +138,13 @@ def test_serve_never_orphans_the_server(serve_env, smollm2: Path, tmp_path: Path
 
 
 def test_gpu_offload_only_when_the_backend_has_a_gpu(current_build: Build, smollm2: Path):
-    from harness.server import server_command
+    from harness.server import server_args
 
-    cpu = server_command(current_build, smollm2, SIZING, host="127.0.0.1", port=1, gpu_layers=99, threads=None)
-    assert "--n-gpu-layers" not in cpu
+    args = server_args(current_build, smollm2, SIZING, host="127.0.0.1", port=1)
+    assert "--no-kv-unified" in args  # this build has the flag: each slot keeps its own context
+    cpu = current_build.tools.command("llama-server", args, current_build.compute(threads=None, gpu_layers=99))
+    assert "-ngl" not in cpu
     assert cpu[cpu.index("--ctx-size") + 1] == str(2 * 96) and cpu[cpu.index("--parallel") + 1] == "2"
-    gpu_build = Build(**{**current_build.to_json(), "bin_dir": current_build.bin_dir, "backend": "cuda", "tree": None})
-    gpu = server_command(gpu_build, smollm2, SIZING, host="127.0.0.1", port=1, gpu_layers=99, threads=None)
-    assert gpu[gpu.index("--n-gpu-layers") + 1] == "99"
+    gpu_build = current_build.model_copy(update={"backend": "cuda", "tree": None})
+    gpu = gpu_build.tools.command("llama-server", args, gpu_build.compute(threads=None, gpu_layers=99))
+    assert gpu[gpu.index("-ngl") + 1] == "99"

@@ -2,7 +2,7 @@
 
 The tokenizer is GPT-2 style (byte-level pre-tokenizer with the GPT-2 split regex), so llama.cpp's `gpt-2`
 pre-tokenizer reproduces it exactly, but its vocabulary is new, so the converter does not know its hash: the same
-situation as 42dot's tokenizer (FACTS.md 3).
+situation as 42dot's tokenizer (whose hash llama.cpp's converter does not know either).
 """
 
 from __future__ import annotations

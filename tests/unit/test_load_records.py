@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from locustfiles import RequestRecord, StepRecord, read_records
@@ -21,7 +19,7 @@ def test_round_trip_and_torn_last_line(tmp_path):
     path = tmp_path / "requests.jsonl"
     step = StepRecord(step=0, users=1, epoch=1, run="r", started_at=0.5, ended_at=3.0, drained_at=3.1,
                       measured_requests=1, unmeasured_requests=0)  # fmt: skip
-    lines = [json.dumps(request().to_json()), json.dumps(step.to_json()), '{"kind": "request", "user_']
+    lines = [request().model_dump_json(), step.model_dump_json(), '{"kind": "request", "user_']
     path.write_text("\n".join(lines))
     requests, steps = read_records(path)
     assert steps == [step]
@@ -31,6 +29,6 @@ def test_round_trip_and_torn_last_line(tmp_path):
 
 def test_a_corrupt_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "requests.jsonl"
-    path.write_text("not json\n" + json.dumps(request().to_json()) + "\n")
+    path.write_text("not json\n" + request().model_dump_json() + "\n")
     with pytest.raises(ValueError, match="requests.jsonl:1"):
         read_records(path)

@@ -1,4 +1,4 @@
-"""Per-request metrics from event timestamps (FACTS.md 6) and the count-mismatch failure rule."""
+"""Per-request metrics from event timestamps and the count-mismatch failure rule."""
 
 from __future__ import annotations
 

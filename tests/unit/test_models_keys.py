@@ -112,8 +112,8 @@ def test_model_artifact_json_round_trip():
         n_params=134_515_008, bits_per_weight=6.24, imatrix=Path("/c/m/i/imatrix.gguf"),
         source=Path("/c/m/b/model-F16.gguf"), baseline=False, cache_key="k", seconds=3.5,
     )  # fmt: skip
-    data = a.to_json()
+    data = a.model_dump(mode="json")
     assert data["path"] == "/c/m/k/model-Q4_K_M.gguf" and data["imatrix"] == "/c/m/i/imatrix.gguf"
-    assert ModelArtifact.from_json(data) == a
-    f16 = ModelArtifact.from_json({**data, "imatrix": None, "name": "F16", "unknown_future_field": 1})
+    assert ModelArtifact.model_validate(data) == a
+    f16 = ModelArtifact.model_validate({**data, "imatrix": None, "name": "F16", "unknown_future_field": 1})
     assert f16.imatrix is None and f16.name == "F16"

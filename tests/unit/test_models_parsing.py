@@ -99,7 +99,8 @@ def test_gguf_info_is_the_last_json_line():
     fields |= {"file_type": 1, "architecture": "llama", "pre_tokenizer": "gpt-2"}
     out = ["some warning", json.dumps(fields)]
     info = parse_gguf_info(out)
-    assert info == GGUFInfo(10, 2, 20, {"F16": 1, "F32": 1}, 1, "llama", "gpt-2")
+    assert info == GGUFInfo(n_params=10, n_tensors=2, tensor_bytes=20, tensor_types={"F16": 1, "F32": 1}, file_type=1,
+                            architecture="llama", pre_tokenizer="gpt-2")  # fmt: skip
     assert info.baseline_type == "F16"
     with pytest.raises(ModelError):
         parse_gguf_info(["no json here"])
@@ -117,4 +118,6 @@ def test_gguf_info_is_the_last_json_line():
     ],
 )
 def test_baseline_type_only_for_unquantized_files(types: dict[str, int], file_type: int | None, expected: str | None):
-    assert GGUFInfo(1, 1, 1, types, file_type, "llama", None).baseline_type == expected
+    info = GGUFInfo(n_params=1, n_tensors=1, tensor_bytes=1, tensor_types=types, file_type=file_type,
+                    architecture="llama", pre_tokenizer=None)  # fmt: skip
+    assert info.baseline_type == expected

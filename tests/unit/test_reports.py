@@ -25,6 +25,7 @@ def test_recommendation_prefers_the_4bit_variant_without_a_real_drop():
 def test_recommendation_says_when_every_4bit_variant_loses():
     r = results()
     r.variants[3].quality.p_value = 0.001
+    r.variants[3].quality.significant = True
     r.variants[3].quality.delta = -3.0
     rec = recommend(r)
     assert rec.headline.startswith("No 4-bit variant matches F16")
@@ -47,7 +48,7 @@ def test_recommendation_without_quality_results():
 def test_results_round_trip_through_json():
     r = results()
     r.recommendation = recommend(r)
-    again = Results.from_json(json.loads(json.dumps(r.to_json())))
+    again = Results.model_validate_json(r.model_dump_json())
     assert again == r
 
 
@@ -96,7 +97,7 @@ def test_llamasys_report_rerenders_and_compares_runs(tmp_path, capsys):
         run.mkdir()
         r = results(name=f"run-{name}")
         r.recommendation = recommend(r)
-        (run / "results.json").write_text(json.dumps(r.to_json()))
+        (run / "results.json").write_text(r.model_dump_json())
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     page = (tmp_path / "a" / "report.html").read_text()
     assert 'id="compare"' in page and "run-b" in page and "run-a" in page

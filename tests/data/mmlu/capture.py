@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from harness.process import run_streaming  # noqa: E402
+from harness.tools import run_logged  # noqa: E402
 from mmlu.tasks import MultipleChoiceTask, encode_tasks  # noqa: E402
 
 # Invented tasks; in four of them the labelled answer is noise, so the model gets those "wrong".
@@ -34,10 +34,9 @@ TASKS = [
 
 
 def _run(cmd: list[str], out: Path, scratch: Path) -> None:
-    lines: list[str] = []
-    code, _ = run_streaming(cmd, log_path=scratch / "capture.log", on_line=lines.append)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{out.name}: exit {code}, {len(lines)} lines")
+    run = run_logged(cmd, log_path=scratch / "capture.log")
+    out.write_text("\n".join(run.lines) + "\n", encoding="utf-8")
+    print(f"{out.name}: exit {run.code}, {len(run.lines)} lines")
 
 
 def main() -> None:
@@ -69,8 +68,8 @@ def main() -> None:
         _run([perplexity, *common, "-f", str(args.corpus), "--kl-divergence-base", str(base), *kld],
              HERE / f"kld-base-{args.era}.txt", scratch)  # fmt: skip
         quantized = scratch / "q4_0.gguf"
-        run_streaming([str(args.bin_dir / "llama-quantize"), "--allow-requantize", str(args.model), str(quantized),
-                       "Q4_0"], log_path=scratch / "quantize.log")  # fmt: skip
+        run_logged([str(args.bin_dir / "llama-quantize"), "--allow-requantize", str(args.model), str(quantized),
+                    "Q4_0"], log_path=scratch / "quantize.log")  # fmt: skip
         _run([perplexity, "-m", str(quantized), "-t", "1", "--kl-divergence-base", str(base), "--kl-divergence",
               "-c", "128"], HERE / f"kld-{args.era}.txt", scratch)  # fmt: skip
 

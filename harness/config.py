@@ -193,7 +193,12 @@ class MMLUConfig(Section):
     render: Literal["cloze", "qa"] = "cloze"
     # Tasks evaluated per llama_decode; None = by backend (many on a GPU, one on a CPU where more is no faster).
     tasks_per_decode: int | None = Field(default=None, ge=1, le=32)
-    alpha: float = Field(default=0.05, gt=0, lt=1, description="significance level of the paired test")
+    # The verdict against the baseline: non-inferior when the data rule out a loss of `margin_points` points of
+    # accuracy or more, worse when they rule out no loss (one-sided tests at alpha / 2, two-sided 1 - alpha
+    # intervals, Holm across the variants); `power` sizes the questions that would decide an inconclusive one.
+    margin_points: float = Field(default=1.0, gt=0, lt=100, description="largest accepted MMLU loss, points")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="two-sided level of the paired intervals")
+    power: float = Field(default=0.8, gt=0, lt=1, description="power for the questions that would decide")
     kld: bool = True
     kld_chunks: int = Field(default=20, ge=1)
     ctx_size: int = Field(default=512, ge=64, description="KL-divergence context")

@@ -74,7 +74,8 @@ def gpu_info() -> list[dict[str, Any]]:
 
 def software_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
-    for dist in ("llama-cpp-sys", "locust", "gevent", "numpy", "scipy", "datasets", "huggingface_hub", "transformers"):
+    for dist in ("llama-cpp-sys", "locust", "gevent", "numpy", "scipy", "statsmodels", "datasets", "huggingface_hub",
+                 "transformers"):  # fmt: skip
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return versions

@@ -21,6 +21,7 @@ from harness.process import stop
 from harness.tools import error_line
 
 GGUF_MAGIC = b"GGUF"
+WARM_UP_OUTPUT_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,21 @@ class LlamaServer:
 
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         return list(self.post_json("/tokenize", {"content": text, "add_special": add_special})["tokens"])
+
+    def warm_up(self, text: str, *, prompt_tokens: int, output_tokens: int) -> None:
+        """One unmeasured request of the load's prompt length before any step: the weights are paged in and the
+        buffers allocated, so the first measured request does not pay for it. It generates at most
+        WARM_UP_OUTPUT_TOKENS tokens (enough to run the decode path)."""
+        tokens = self.tokenize(text)
+        if not tokens:
+            raise ServerError("llama-server tokenized the warm-up text to nothing")
+        prompt = (tokens * (prompt_tokens // len(tokens) + 1))[:prompt_tokens]
+        body = {"prompt": prompt, "n_predict": min(output_tokens, WARM_UP_OUTPUT_TOKENS), "ignore_eos": True,
+                "cache_prompt": False}  # fmt: skip
+        try:
+            self.post_json("/completion", body, timeout_s=self.settings.startup_timeout_s)
+        except (OSError, ValueError) as exc:
+            raise ServerError(f"the warm-up request to llama-server failed: {exc} (log: {self.log_path})") from None
 
     def log_tail(self, n: int = 20) -> list[str]:
         try:

@@ -1,7 +1,8 @@
 """What one streamed event says, for llama-server's native /completion and for OpenAI-style routes.
 
 Pure functions over the event's JSON, tested on streams captured from both llama.cpp eras: whether the event
-carried generated tokens (for TTFT/ITL timing), and the server's own counts and timings (for verification).
+carried generated tokens and how many (for TTFT/ITL timing), and the server's own counts and timings (for
+verification).
 """
 
 from __future__ import annotations
@@ -23,26 +24,34 @@ class StreamState:
     timings: dict[str, Any] | None = None
     error: str | None = None
     done: bool = False
-    token_times: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # arrival of each event that carried tokens
+    token_counts: list[int] = field(default_factory=list)  # how many tokens each of those events carried
+
+    def arrived(self, tokens: int, at: float) -> None:
+        if tokens > 0:
+            self.token_times.append(at)
+            self.token_counts.append(tokens)
 
 
-def read_native_event(event: SSEEvent, state: StreamState) -> bool:
-    """llama-server /completion: token events carry `content` (and `tokens` in new builds); the last one has
-    `stop: true`, `tokens_evaluated` (the prompt's length) and `timings` (prompt_n evaluated, predicted_n)."""
+def read_native_event(event: SSEEvent, state: StreamState) -> int:
+    """llama-server /completion: token events carry `content` (and the token ids, `tokens`, in new builds); the last
+    one has `stop: true`, `tokens_evaluated` (the prompt's length) and `timings` (prompt_n evaluated, predicted_n).
+    Returns how many generated tokens the event carried."""
     data = event_json(event, state)
-    return data is not None and _native(data, state)
+    return 0 if data is None else _native(data, state)
 
 
-def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> bool:
+def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> int:
     """OpenAI-style chunks: text in `choices[].text` or `choices[].delta.content`, counts in `usage` (the last
     chunk, opt-in via stream_options in new llama-server builds, always there in b3661-era ones), then `[DONE]`
-    (b3661-era chat ends without it). llama-server adds its own `timings` to the last chunk."""
+    (b3661-era chat ends without it). llama-server adds its own `timings` to the last chunk. A chunk with text counts
+    as one token: these chunks carry no per-token data."""
     if event.data.strip() == DONE:
         state.done = True
-        return False
+        return 0
     data = event_json(event, state)
     if data is None:
-        return False
+        return 0
     if "choices" not in data and "content" in data:
         # b3661-era llama-server streams /v1/completions in its native format.
         return _native(data, state)
@@ -59,14 +68,17 @@ def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> boo
         if chat:
             delta = choice.get("delta") or {}
             if delta.get("content") or delta.get("reasoning_content"):
-                return True
+                return 1
         elif choice.get("text"):
-            return True
-    return False
+            return 1
+    return 0
 
 
-def _native(data: dict[str, Any], state: StreamState) -> bool:
-    carries_token = bool(data.get("content")) or bool(data.get("tokens"))
+def _native(data: dict[str, Any], state: StreamState) -> int:
+    tokens = data.get("tokens")
+    # New builds list the event's token ids (several when the server sends them together); b3661-era events
+    # carry only their text, one token each.
+    carried = len(tokens) if isinstance(tokens, list) and tokens else int(bool(data.get("content")))
     if data.get("stop"):
         timings = data.get("timings") or {}
         state.done = True
@@ -75,7 +87,7 @@ def _native(data: dict[str, Any], state: StreamState) -> bool:
         state.prompt_processed = as_int(timings.get("prompt_n"))
         # tokens_evaluated is the prompt's length; prompt_n alone is what was evaluated (after cache reuse).
         state.prompt_tokens = as_int(data.get("tokens_evaluated", timings.get("prompt_n")))
-    return carries_token
+    return carried
 
 
 def event_json(event: SSEEvent, state: StreamState) -> dict[str, Any] | None:

@@ -16,20 +16,41 @@ class StreamMetrics:
     ttft_s: float
     e2e_s: float
     tpot_s: float | None  # None when the server produced a single token: there is no inter-token time
-    itl_s: list[float]
+    itl_s: list[float]  # one gap per token after the first
 
 
-def stream_metrics(sent: float, token_times: Sequence[float], output_tokens: int) -> StreamMetrics:
-    """Metrics of one streamed request; `token_times` are the arrival times of token-carrying events."""
+def stream_metrics(
+    sent: float, token_times: Sequence[float], output_tokens: int, *, token_counts: Sequence[int] | None = None
+) -> StreamMetrics:
+    """Metrics of one streamed request; `token_times` are the arrival times of token-carrying events and
+    `token_counts` how many tokens each carried (one each when not given).
+
+    ITL is per token: an event carrying n tokens that arrived g after the previous one counts as n gaps of g / n
+    (the tokens shared the time); tokens that arrive with the first one count as gaps of zero.
+    """
     if not token_times:
         raise ValueError("the stream carried no token")
     if output_tokens < 1:
         raise ValueError(f"output_tokens must be at least 1, got {output_tokens}")
+    counts = list(token_counts) if token_counts is not None else [1] * len(token_times)
+    if len(counts) != len(token_times) or any(n < 1 for n in counts):
+        raise ValueError("token_counts must give a positive count for every token event")
     ttft = token_times[0] - sent
     e2e = token_times[-1] - sent
     tpot = (e2e - ttft) / (output_tokens - 1) if output_tokens > 1 else None
-    itl = [b - a for a, b in zip(token_times, token_times[1:], strict=False)]
+    itl = [0.0] * (counts[0] - 1)
+    for previous, now, n in zip(token_times, token_times[1:], counts[1:], strict=False):
+        itl += [(now - previous) / n] * n
     return StreamMetrics(ttft_s=ttft, e2e_s=e2e, tpot_s=tpot, itl_s=itl)
+
+
+def token_arrivals(sent_at: float, ttft_s: float, itl_s: Sequence[float]) -> list[float]:
+    """When each generated token arrived (the clock of `sent_at`), from a request's TTFT and per-token ITL."""
+    first = sent_at + ttft_s
+    times = [first]
+    for gap in itl_s:
+        times.append(times[-1] + gap)
+    return times
 
 
 def count_mismatch(

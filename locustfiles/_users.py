@@ -87,8 +87,8 @@ class StreamingUser(FastHttpUser):
     def request_body(self, prompt: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def read_event(self, event: SSEEvent, state: StreamState) -> bool:
-        """Update `state` from one event; return True when the event carried generated tokens."""
+    def read_event(self, event: SSEEvent, state: StreamState) -> int:
+        """Update `state` from one event; return how many generated tokens it carried (0: none)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- Locust hooks
@@ -197,11 +197,11 @@ class StreamingUser(FastHttpUser):
             if not line:
                 break
             event = parser.feed_line(line)
-            if event is not None and self.read_event(event, state):
-                state.token_times.append(time.perf_counter())
+            if event is not None:
+                state.arrived(self.read_event(event, state), time.perf_counter())
         last = parser.finish()
-        if last is not None and self.read_event(last, state):
-            state.token_times.append(time.perf_counter())
+        if last is not None:
+            state.arrived(self.read_event(last, state), time.perf_counter())
         return state.error
 
     def _finish(self, record: RequestRecord, state: StreamState, sent: float, error: str | None) -> str | None:
@@ -215,7 +215,8 @@ class StreamingUser(FastHttpUser):
             return f"the stream ended without its final event after {record.token_events} token events"
         if not state.token_times:
             return "the stream carried no generated token"
-        metrics = stream_metrics(sent, state.token_times, state.output_tokens or record.token_events)
+        metrics = stream_metrics(sent, state.token_times, state.output_tokens or sum(state.token_counts),
+                                 token_counts=state.token_counts)  # fmt: skip
         record.ttft_s, record.e2e_s, record.tpot_s, record.itl_s = (
             metrics.ttft_s, metrics.e2e_s, metrics.tpot_s, metrics.itl_s
         )  # fmt: skip

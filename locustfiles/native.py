@@ -45,5 +45,5 @@ class NativeCompletionUser(StreamingUser):
             "stream": True,
         }
 
-    def read_event(self, event: SSEEvent, state: StreamState) -> bool:
+    def read_event(self, event: SSEEvent, state: StreamState) -> int:
         return read_native_event(event, state)

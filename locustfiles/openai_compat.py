@@ -71,7 +71,7 @@ class OpenAIUser(StreamingUser):
     def prompt_fields(self, prompt: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def read_event(self, event: SSEEvent, state: StreamState) -> bool:
+    def read_event(self, event: SSEEvent, state: StreamState) -> int:
         return read_openai_event(event, state, chat=self.api == "chat")
 
     def _fit_text(self) -> tuple[int, int]:

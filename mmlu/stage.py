@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.config import MMLUConfig
 from harness.context import RunContext, Stage
 from harness.corpus import corpus_text
 from harness.errors import MMLUError
@@ -19,7 +20,7 @@ from harness.rundir import RunDir
 from mmlu.dataset import Selection, load_selection
 from mmlu.kld import base_logits, run_kld
 from mmlu.multiple_choice import plan_multiple_choice, run_multiple_choice
-from mmlu.results import KLDResult, MMLUResult, QualityResults, compare, score
+from mmlu.results import KLDResult, MMLUResult, QualityResults, compare_all, score
 from mmlu.tasks import MultipleChoiceTask, render_tasks, write_task_file
 from mmlu.tokens import count_task_tokens, file_identity
 
@@ -114,7 +115,7 @@ def run_quality_stage(ctx: RunContext) -> QualityResults:
             )  # fmt: skip
             write_record(run.mmlu(name), result, digest=digests[name])
     kld = _kld_stage(ctx, models) if cfg.kld else {}
-    return load_quality_results(run, list(models), baseline=baseline, alpha=cfg.alpha, kld=kld)
+    return load_quality_results(run, list(models), baseline=baseline, cfg=cfg, kld=kld)
 
 
 def _kld_digest(ctx: RunContext, model: Path, baseline: Path, corpus: Path) -> str:
@@ -158,7 +159,7 @@ def _kld_stage(ctx: RunContext, models: Mapping[str, Path]) -> dict[str, KLDResu
 
 
 def load_quality_results(
-    run: RunDir, variants: list[str], *, baseline: str, alpha: float, kld: Mapping[str, KLDResult] | None = None
+    run: RunDir, variants: list[str], *, baseline: str, cfg: MMLUConfig, kld: Mapping[str, KLDResult] | None = None
 ) -> QualityResults:
     """The stage's results from the run directory (for the report), with the comparisons recomputed."""
     mmlu = {}
@@ -169,7 +170,9 @@ def load_quality_results(
             raise MMLUError(f"no MMLU result for {name} in {run.root}; run `llamasys mmlu` first") from None
     if baseline not in mmlu:
         raise MMLUError(f"baseline {baseline!r} is not among the variants: {', '.join(variants)}")
-    comparisons = {n: compare(mmlu[baseline], r, alpha=alpha) for n, r in mmlu.items() if n != baseline}
+    comparisons = compare_all(
+        mmlu[baseline], list(mmlu.values()), alpha=cfg.alpha, margin=cfg.margin_points / 100, power=cfg.power
+    )
     if kld is None:
         kld = {n: read_record(run.kld(n), KLDResult) for n in variants if run.kld(n).is_file()}
     return QualityResults(baseline=baseline, mmlu=mmlu, comparisons=comparisons, kld=dict(kld))

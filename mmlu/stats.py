@@ -1,8 +1,21 @@
-"""Statistics of MMLU accuracy: Wilson intervals, the exact McNemar test on paired answers, the report's verdict.
+"""Statistics of MMLU accuracy: Wilson intervals, the paired comparison of a variant with the baseline, its verdict.
 
-All through scipy. The interval is the Wilson score interval (95 %), which stays inside [0, 1] and behaves on the
-small per-subject counts a stratified subset gives; llama-perplexity's own "+/-" is the normal-approximation
-standard error and is kept only as a cross-check.
+A variant and the baseline answer the same questions, so their comparison is paired: what matters is where they
+disagree (b = baseline right and variant wrong, c = variant right and baseline wrong, of n questions; the change
+in accuracy is delta = (c - b) / n). Each variant gets one of three verdicts against a margin M (the largest loss
+of accuracy the user accepts):
+
+- non-inferior: the data rule out a loss of M or more (one-sided score test of delta <= -M rejected at alpha/2;
+  for one variant, exactly when the two-sided 1 - alpha interval lies above -M);
+- worse: the data rule out no loss (delta >= 0 rejected at alpha/2: the interval lies below 0);
+- inconclusive: neither; `questions_to_decide` says how many questions would decide, at the observed rates.
+
+The interval and the tests are Tango's asymptotic score method for paired proportions (Tango 1998, Stat Med
+17:891; it stays inside [-1, 1] and behaves with few discordant pairs), the two being exact duals; with several
+variants against one baseline the p-values are adjusted with Holm's step-down method (statsmodels). The exact
+McNemar test (two-sided, scipy) is kept beside them. The sample size is Nam's score-test formula for paired
+non-inferiority (Nam 1997, Biometrics 53:1422; with M = 0 it is Connor's 1987 McNemar formula). Each formula is
+tested against published worked examples in tests/unit/test_mmlu_stats.py.
 """
 
 from __future__ import annotations
@@ -10,13 +23,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from scipy import stats
+from scipy import optimize, stats
+from statsmodels.stats.multitest import multipletests
 
 from harness.errors import MMLUError
 
 CONFIDENCE = 0.95
 CI_METHOD = "wilson"
+PAIRED_METHOD = "Tango score interval and tests (Tango 1998), Holm-adjusted across variants"
+Verdict = Literal["non-inferior", "worse", "inconclusive"]
 
 
 def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -34,8 +51,8 @@ class PairedCounts:
     """Answers of the baseline and a variant on the same questions, cross-tabulated."""
 
     both_correct: int
-    baseline_only: int  # baseline right, variant wrong
-    variant_only: int  # variant right, baseline wrong
+    baseline_only: int  # b: baseline right, variant wrong (a right -> wrong flip)
+    variant_only: int  # c: variant right, baseline wrong (a wrong -> right flip)
     both_wrong: int
 
     @property
@@ -45,6 +62,11 @@ class PairedCounts:
     @property
     def discordant(self) -> int:
         return self.baseline_only + self.variant_only
+
+    @property
+    def delta(self) -> float:
+        """Variant accuracy minus baseline accuracy, as a fraction."""
+        return (self.variant_only - self.baseline_only) / self.n
 
 
 def paired_counts(baseline: Sequence[bool], variant: Sequence[bool]) -> PairedCounts:
@@ -63,20 +85,102 @@ def mcnemar_exact(counts: PairedCounts) -> float:
     return float(stats.binomtest(counts.variant_only, counts.discordant, 0.5).pvalue)
 
 
-def paired_delta_interval(counts: PairedCounts, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Normal-approximation interval of the paired accuracy difference (variant - baseline), as fractions."""
-    n = counts.n
+def score_statistic(counts: PairedCounts, d0: float) -> float:
+    """Tango's score statistic for H0: delta = d0 (positive when the data say delta > d0).
+
+    The variance uses the maximum-likelihood estimate of P(baseline only) under the null, the root of
+    A q^2 + B q + C = 0 with A = 2n, B = -b - c + (2n - c + b) d0, C = -b d0 (1 - d0).
+    """
+    n, b, c = counts.n, counts.baseline_only, counts.variant_only
     if n == 0:
-        raise MMLUError("a paired difference needs at least one question")
-    delta = (counts.variant_only - counts.baseline_only) / n
-    var = (counts.discordant / n - delta**2) / n
-    half = float(stats.norm.ppf(0.5 + confidence / 2)) * math.sqrt(max(var, 0.0))
-    return delta - half, delta + half
+        raise MMLUError("a paired comparison needs at least one question")
+    big_a = 2 * n
+    big_b = -b - c + (2 * n - c + b) * d0
+    big_c = -b * d0 * (1 - d0)
+    q = (math.sqrt(max(big_b * big_b - 4 * big_a * big_c, 0.0)) - big_b) / (2 * big_a)
+    variance = n * (2 * q + d0 * (1 - d0))
+    numerator = c - b - n * d0
+    if variance <= 0:  # only at d0 = the estimate with no discordant pair
+        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+    return numerator / math.sqrt(variance)
 
 
-def verdict(delta: float, p_value: float, alpha: float) -> tuple[bool, str]:
-    """(significant, text) for the report: 'no significant difference (p=0.41)', 'significant drop (p=0.003)'."""
-    text_p = f"p={p_value:.2g}" if p_value < 0.01 else f"p={p_value:.2f}"
-    if p_value >= alpha:
-        return False, f"no significant difference ({text_p})"
-    return True, f"significant {'drop' if delta < 0 else 'gain'} ({text_p})"
+def paired_delta_interval(counts: PairedCounts, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Tango's score interval of delta: every d0 the two-sided score test at 1 - confidence does not reject."""
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    estimate = counts.delta
+    eps = 1e-12
+    low = -1.0 if estimate <= -1 else optimize.brentq(lambda d: score_statistic(counts, d) - z, -1 + eps, estimate,
+                                                        xtol=1e-12)  # fmt: skip
+    high = 1.0 if estimate >= 1 else optimize.brentq(lambda d: score_statistic(counts, d) + z, estimate, 1 - eps,
+                                                       xtol=1e-12)  # fmt: skip
+    return float(low), float(high)
+
+
+def noninferiority_p(counts: PairedCounts, margin: float) -> float:
+    """One-sided p-value of H0: delta <= -margin (small: the variant loses less than the margin)."""
+    return float(stats.norm.sf(score_statistic(counts, -margin)))
+
+
+def worse_p(counts: PairedCounts) -> float:
+    """One-sided p-value of H0: delta >= 0 (small: the variant loses accuracy)."""
+    return float(stats.norm.cdf(score_statistic(counts, 0.0)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control across the variants), in the given order."""
+    if not p_values:
+        return []
+    _, adjusted, _, _ = multipletests(list(p_values), method="holm")
+    return [float(p) for p in adjusted]
+
+
+def verdict(p_noninferior: float, p_worse: float, alpha: float) -> Verdict:
+    """The three-way verdict from (adjusted) one-sided p-values, each tested at alpha / 2.
+
+    A variant whose loss is real but smaller than the margin passes both tests: it is non-inferior (the margin is
+    the loss the user accepts); `drop_within_margin` says so.
+    """
+    if p_noninferior < alpha / 2:
+        return "non-inferior"
+    if p_worse < alpha / 2:
+        return "worse"
+    return "inconclusive"
+
+
+def drop_within_margin(p_noninferior: float, p_worse: float, alpha: float) -> bool:
+    return p_noninferior < alpha / 2 and p_worse < alpha / 2
+
+
+def questions_for_noninferiority(psi: float, delta: float, margin: float, alpha: float, power: float) -> float:
+    """Questions a paired non-inferiority score test needs (Nam 1997): discordance rate `psi`, true change `delta`
+    (> -margin), one-sided level `alpha`, `power`. With margin = 0 this is Connor's (1987) McNemar formula."""
+    if delta <= -margin:
+        raise MMLUError(f"non-inferiority cannot be shown when the true change {delta} is at or below -{margin}")
+    p_c, p_b = (psi + delta) / 2, (psi - delta) / 2
+    d0 = -margin
+    big_b = -p_c - p_b + (2 - p_c + p_b) * d0
+    big_c = -p_b * d0 * (1 - d0)
+    q0 = (math.sqrt(big_b * big_b - 8 * big_c) - big_b) / 4
+    sigma0 = math.sqrt(2 * q0 + d0 * (1 - d0))
+    sigma1 = math.sqrt(max(psi - delta**2, 0.0))
+    z_alpha, z_power = stats.norm.ppf(1 - alpha), stats.norm.ppf(power)
+    return float((z_alpha * sigma0 + z_power * sigma1) ** 2 / (delta + margin) ** 2)
+
+
+def questions_to_decide(
+    counts: PairedCounts, margin: float, alpha: float, power: float, comparisons: int = 1
+) -> tuple[int, Verdict]:
+    """How many questions would give a verdict with probability `power`, at the observed discordance rate.
+
+    Towards non-inferior when the observed change is above -margin, planned for a true change of the observed one
+    or 0, whichever is lower (an observed gain on few questions is mostly noise: counting on it would promise a
+    verdict too cheaply); else towards worse, planned for the observed loss (shown like a gain with the roles
+    swapped). Each test is one-sided at alpha / 2, split Bonferroni-wise over `comparisons` variants (a little
+    conservative beside Holm)."""
+    psi, delta = counts.discordant / counts.n, counts.delta
+    level = alpha / 2 / max(comparisons, 1)
+    if delta > -margin:
+        planned = min(delta, 0.0)
+        return math.ceil(questions_for_noninferiority(psi, planned, margin, level, power)), "non-inferior"
+    return math.ceil(questions_for_noninferiority(psi, -delta, 0.0, level, power)), "worse"

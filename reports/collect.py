@@ -6,6 +6,7 @@ Works on finished and on interrupted runs alike: a variant without MMLU, KLD or 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,10 +15,16 @@ from pydantic import BaseModel
 from harness.config import Experiment
 from harness.loadtest.summary import LoadSummary
 from harness.manifest import ManifestRecord
-from harness.models import load_models_json
+from harness.models import load_models_json, load_models_record
 from harness.records import RecordError, read_record
 from harness.rundir import RunDir
-from mmlu.results import KLDResult, MMLUResult, compare
+from mmlu.dataset import (
+    MMLU_LARGEST_TEST_SUBJECT,
+    MMLU_SMALLEST_TEST_SUBJECT,
+    MMLU_SUBJECTS,
+    MMLU_TEST_QUESTIONS,
+)
+from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
 from reports.model import Quality, Recommendation, Results, Speed, StepResult, SubjectScore, VariantResult
 from reports.recommend import recommend
 
@@ -29,6 +36,12 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
     mmlu = {v.name: _read(run.mmlu(v.name), MMLUResult) for v in exp.variants}
     kld = {v.name: _read(run.kld(v.name), KLDResult) for v in exp.variants}
     base_mmlu = mmlu.get(baseline)
+    comparisons = {}
+    if base_mmlu is not None:
+        measured = [m for m in mmlu.values() if m is not None]
+        comparisons = compare_all(
+            base_mmlu, measured, alpha=exp.mmlu.alpha, margin=exp.mmlu.margin_points / 100, power=exp.mmlu.power
+        )
     variants = []
     for cfg in exp.variants:
         name = cfg.name
@@ -42,7 +55,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             bits_per_weight=art.bits_per_weight if art else None,
         )
         if exp.mmlu.enabled:
-            result.quality = _quality(mmlu[name], base_mmlu, kld.get(name), alpha=exp.mmlu.alpha)
+            result.quality = _quality(mmlu[name], comparisons.get(name), kld.get(name))
+            if result.quality.questions_needed:
+                result.quality.decide_command = decide_command(exp, run, result.quality.questions_needed)
             if mmlu[name] is None:
                 missing.append(f"MMLU: {name}")
             if exp.mmlu.kld and not cfg.is_baseline and kld[name] is None:
@@ -64,6 +79,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         experiment_toml=exp.to_toml(),
         variants=variants,
         alpha=exp.mmlu.alpha,
+        margin_points=exp.mmlu.margin_points,
+        power=exp.mmlu.power,
+        baseline_provenance=_provenance(run),
         missing=missing,
         load_settings={
             "api": exp.load.api,
@@ -108,32 +126,61 @@ def _read(path: Path, cls: type[R]) -> R | None:
         return None  # a stage output from an older or damaged run counts as missing; the stage redoes it
 
 
-def _quality(mine: MMLUResult | None, base: MMLUResult | None, kld: KLDResult | None, *, alpha: float) -> Quality:
+def _quality(mine: MMLUResult | None, cmp: Comparison | None, kld: KLDResult | None) -> Quality:
     q = Quality()
     if mine is not None:
         q.n_questions = mine.n_questions
         q.accuracy = 100 * mine.accuracy
         q.ci_low, q.ci_high = 100 * mine.ci_low, 100 * mine.ci_high
         q.subjects = [SubjectScore(subject=s.subject, n=s.n, accuracy=100 * s.accuracy) for s in mine.subjects]
-        if base is not None and base is not mine and base.variant != mine.variant:
-            cmp = compare(base, mine, alpha=alpha)
-            q.delta, q.p_value, q.verdict = 100 * cmp.delta, cmp.p_value, cmp.verdict
-            q.significant = cmp.significant
-            deltas = {s.subject: 100 * s.delta for s in cmp.subjects}
-            for s in q.subjects:
-                s.delta = deltas.get(s.subject)
+    if cmp is not None:
+        q.delta, q.delta_ci_low, q.delta_ci_high = 100 * cmp.delta, 100 * cmp.delta_ci_low, 100 * cmp.delta_ci_high
+        q.verdict, q.drop_within_margin = cmp.verdict, cmp.drop_within_margin
+        q.p_noninferior, q.p_worse, q.mcnemar_p = cmp.p_noninferior_adjusted, cmp.p_worse_adjusted, cmp.mcnemar_p
+        q.lost, q.gained = cmp.baseline_only, cmp.variant_only
+        q.questions_needed, q.needed_for = cmp.questions_needed, cmp.needed_for
+        by_subject = {s.subject: s for s in cmp.subjects}
+        for s in q.subjects:
+            if s.subject in by_subject:
+                d = by_subject[s.subject]
+                s.delta, s.lost, s.gained = 100 * d.delta, d.lost, d.gained
     if kld is not None:
-        q.kld_mean = kld.stats.mean_kld
-        q.kld_p99 = kld.stats.kld_p99
-        q.same_top_pct = 100 * kld.stats.same_top_p
-        q.ppl_ratio = kld.stats.ppl_ratio
+        k = kld.stats
+        q.kld_mean, q.kld_mean_sigma, q.kld_p99 = k.mean_kld, k.mean_kld_sigma, k.kld_p99
+        q.same_top_pct = 100 * k.same_top_p
+        q.same_top_sigma = 100 * k.same_top_p_sigma if k.same_top_p_sigma is not None else None
+        q.rms_dp_pct = 100 * k.rms_delta_p
+        q.rms_dp_sigma = 100 * k.rms_delta_p_sigma if k.rms_delta_p_sigma is not None else None
+        q.ppl_ratio, q.ppl_ratio_sigma = k.ppl_ratio, k.ppl_ratio_sigma
     return q
+
+
+def decide_command(exp: Experiment, run: RunDir, needed: int) -> str:
+    """How to run about `needed` MMLU questions with this experiment: a larger stratified subset, or all."""
+    subjects = len(exp.mmlu.subjects) or MMLU_SUBJECTS
+    per_subject = math.ceil(needed / subjects)
+    base = f"llamasys mmlu -e {run.experiment}"
+    if exp.mmlu.split == "test" and not exp.mmlu.subjects and needed > MMLU_TEST_QUESTIONS:
+        return f"more than the MMLU test split holds ({MMLU_TEST_QUESTIONS:,} questions): MMLU cannot decide this"
+    if exp.mmlu.split == "test" and not exp.mmlu.subjects and per_subject > MMLU_SMALLEST_TEST_SUBJECT:
+        return (
+            f"the whole MMLU test split ({MMLU_TEST_QUESTIONS:,} questions): "
+            f"{base} --set mmlu.per_subject={MMLU_LARGEST_TEST_SUBJECT}"
+        )
+    return f"{base} --set mmlu.per_subject={per_subject}"
+
+
+def _provenance(run: RunDir) -> str | None:
+    try:
+        return load_models_record(run.models_json).model.provenance
+    except (FileNotFoundError, RecordError):
+        return None
 
 
 def _pct(p: Any) -> dict[str, float]:
     if p is None:
         return {}
-    return {"p50": p.p50, "p90": p.p90, "p99": p.p99, "mean": p.mean}
+    return {"p50": p.p50, "p90": p.p90, "p99": p.p99, "mean": p.mean, "n": p.n}
 
 
 def _speed(summary: LoadSummary, run: RunDir, name: str) -> Speed:

@@ -6,13 +6,16 @@ serialised to results.json, and rendered by `reports.render` with a template tha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from harness.records import Record
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+Verdict = Literal["non-inferior", "worse", "inconclusive"]
 
 
 class SubjectScore(Record):
@@ -20,24 +23,40 @@ class SubjectScore(Record):
     n: int
     accuracy: float
     delta: float | None = None  # against the baseline, on the same questions
+    lost: int | None = None  # right -> wrong flips against the baseline
+    gained: int | None = None  # wrong -> right
 
 
 class Quality(Record):
-    """MMLU (llama-perplexity --multiple-choice) and KL divergence against the baseline."""
+    """MMLU (llama-perplexity --multiple-choice) and KL divergence against the baseline. Percent and points."""
 
     n_questions: int | None = None
     accuracy: float | None = None  # percent
-    ci_low: float | None = None
+    ci_low: float | None = None  # Wilson
     ci_high: float | None = None
-    delta: float | None = None  # percentage points against the baseline
-    p_value: float | None = None  # exact McNemar on the same questions
-    significant: bool | None = None  # p_value < the experiment's alpha
-    verdict: str | None = None
+    delta: float | None = None  # percentage points against the baseline, on the same questions
+    delta_ci_low: float | None = None  # paired (Tango score) interval of the change, points
+    delta_ci_high: float | None = None
+    verdict: Verdict | None = None  # against Results.margin_points, Holm-adjusted across the variants
+    drop_within_margin: bool = False  # non-inferior, yet a real (smaller than the margin) loss
+    p_noninferior: float | None = None  # Holm-adjusted one-sided p of "loses the margin or more"
+    p_worse: float | None = None  # Holm-adjusted one-sided p of "loses nothing"
+    mcnemar_p: float | None = None  # exact McNemar, two-sided, unadjusted
+    lost: int | None = None  # right -> wrong flips
+    gained: int | None = None  # wrong -> right flips
+    questions_needed: int | None = None  # inconclusive: questions that would decide, at Results.power
+    needed_for: Verdict | None = None
+    decide_command: str | None = None  # how to run that many
     subjects: list[SubjectScore] = Field(default_factory=list)
     kld_mean: float | None = None
+    kld_mean_sigma: float | None = None  # llama-perplexity's +/- (one standard error)
     kld_p99: float | None = None
     same_top_pct: float | None = None
+    same_top_sigma: float | None = None  # points
+    rms_dp_pct: float | None = None  # RMS of the change in the right token's probability, points
+    rms_dp_sigma: float | None = None
     ppl_ratio: float | None = None
+    ppl_ratio_sigma: float | None = None
 
 
 class StepResult(Record):
@@ -80,9 +99,11 @@ class VariantResult(Record):
 
 
 class Recommendation(Record):
-    variant: str | None
+    variant: str | None  # the variant to ship; None when none qualifies
     headline: str
     details: list[str] = Field(default_factory=list)
+    closest: str | None = None  # when nothing qualifies: the variant closest to the baseline by KL divergence
+    rule: str = ""  # the decision rule, as the report's method section states it
 
 
 class Results(Record):
@@ -93,7 +114,11 @@ class Results(Record):
     hardware: dict[str, Any]
     experiment_toml: str
     variants: list[VariantResult]
-    alpha: float  # the experiment's significance level (mmlu.alpha): the verdicts, the rule and the page read it here
+    # The experiment's quality settings, read by the verdicts, the rule and the page from here alone.
+    alpha: float  # two-sided 1 - alpha intervals; each one-sided verdict test at alpha / 2
+    margin_points: float  # the largest accepted loss of MMLU accuracy (mmlu.margin_points)
+    power: float  # for the questions that would decide an inconclusive verdict (mmlu.power)
+    baseline_provenance: str | None = None  # what the baseline really is, when it is not a plain F16 checkpoint
     missing: list[str] = Field(default_factory=list)  # what the run has not produced (yet)
     recommendation: Recommendation | None = None
     load_settings: dict[str, Any] = Field(default_factory=dict)

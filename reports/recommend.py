@@ -1,17 +1,26 @@
-"""Which variant to ship: the 4-bit variant whose quality stays closest to the baseline, and what it buys.
+"""Which variant to ship: one documented rule (`RULE`), applied to numbers the report shows.
 
-Closeness is judged first by whether MMLU shows a real drop (paired exact McNemar, p below the experiment's alpha,
-carried in the results), then by KL
-divergence against the baseline (the most sensitive measure), then by the MMLU change; speed and size decide
-only between variants that are otherwise equal.
+The quality verdicts come with the results (mmlu.results.compare_all: a margin, a paired interval, Holm across the
+variants); this module only applies the rule to them and says in plain words what was decided and why.
 """
 
 from __future__ import annotations
 
 import math
 
+from scipy import stats
+
 from reports.model import Recommendation, Results, VariantResult
 
+RULE = (
+    "A variant is shipped only with an MMLU verdict against the baseline. Among the variants whose verdict is "
+    "non-inferior, the fastest wins: the highest capacity (concurrent users within the latency objectives) when "
+    "the run measured it, else the highest output tokens/s at the largest concurrency step; between equally fast "
+    "variants, the lower KL divergence where the two KLD intervals do not overlap, then the smaller file. If no "
+    "variant is non-inferior, nothing is shipped: the headline says whether more questions could decide "
+    "(inconclusive, with how many) or every variant loses accuracy (worse), and names the variant closest to "
+    "the baseline by KL divergence."
+)
 FOUR_BIT_PREFIXES = ("Q4_", "IQ4_")
 
 
@@ -19,91 +28,162 @@ def is_four_bit(variant: VariantResult) -> bool:
     return variant.quant_type.upper().startswith(FOUR_BIT_PREFIXES)
 
 
-def significant_drop(variant: VariantResult) -> bool:
-    q = variant.quality
-    return bool(q and q.significant and q.delta is not None and q.delta < 0)
-
-
-def _closeness(variant: VariantResult) -> tuple:
-    q = variant.quality
-    kld = q.kld_mean if q and q.kld_mean is not None else math.inf
-    delta = -(q.delta if q and q.delta is not None else -math.inf)  # smaller drop first
-    speed = -(peak_output_tps(variant) or 0.0)
-    size = variant.size_bytes or math.inf
-    return (significant_drop(variant), kld, delta, speed, size)
-
-
-def peak_output_tps(variant: VariantResult) -> float | None:
+def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
+    """What "fastest" compares: output tokens/s at the largest step (capacity once the run measures one)."""
     if not variant.speed or not variant.speed.steps:
         return None
-    return max(s.output_tps for s in variant.speed.steps)
+    largest = max(variant.speed.steps, key=lambda s: s.users)
+    return f"output tokens/s at {largest.users} users", largest.output_tps
 
 
-def speed_ratio(variant: VariantResult, baseline: VariantResult, users: int) -> float | None:
-    if not (variant.speed and baseline.speed):
+def kld_interval(variant: VariantResult, alpha: float) -> tuple[float, float] | None:
+    """Mean KLD +/- z standard errors (z for a two-sided 1 - alpha interval); None without a KLD result."""
+    q = variant.quality
+    if q is None or q.kld_mean is None:
         return None
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    sigma = q.kld_mean_sigma or 0.0
+    return q.kld_mean - z * sigma, q.kld_mean + z * sigma
+
+
+def kld_better(a: VariantResult, b: VariantResult, alpha: float) -> bool:
+    """True when `a`'s KLD interval lies entirely below `b`'s: the only case KL divergence tells them apart."""
+    ia, ib = kld_interval(a, alpha), kld_interval(b, alpha)
+    return ia is not None and ib is not None and ia[1] < ib[0]
+
+
+def choose(candidates: list[VariantResult], alpha: float) -> VariantResult:
+    """The rule's order among non-inferior variants: fastest, then KLD where it separates, then smallest."""
+    figures = {v.name: speed_figure(v) for v in candidates}
+    best = max((f[1] for f in figures.values() if f), default=None)
+    fastest = [v for v in candidates if best is None or (figures[v.name] and figures[v.name][1] == best)]
+    unbeaten = [v for v in fastest if not any(kld_better(o, v, alpha) for o in fastest if o is not v)]
+    return min(unbeaten, key=lambda v: (v.size_bytes if v.size_bytes is not None else math.inf, v.name))
+
+
+def closest_by_kld(variants: list[VariantResult], alpha: float) -> tuple[VariantResult | None, list[str]]:
+    """The variant with the lowest mean KLD, and the others whose KLD interval overlaps its own (tied with it)."""
+    measured = [v for v in variants if v.quality and v.quality.kld_mean is not None]
+    if not measured:
+        return None, []
+    best = min(measured, key=lambda v: (v.quality.kld_mean, v.name))  # type: ignore[union-attr]
+    tied = [v.name for v in measured if v is not best and not kld_better(best, v, alpha)]
+    return best, tied
+
+
+def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, int] | None:
+    if not (variant.speed and baseline.speed and variant.speed.steps):
+        return None
+    users = max(s.users for s in variant.speed.steps)
     mine, theirs = variant.speed.step(users), baseline.speed.step(users)
     if not mine or not theirs or theirs.output_tps <= 0:
         return None
-    return mine.output_tps / theirs.output_tps
+    return mine.output_tps / theirs.output_tps, users
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _quality_detail(v: VariantResult, baseline: VariantResult, r: Results) -> str | None:
+    q, bq = v.quality, baseline.quality
+    if q is None or q.accuracy is None or q.delta is None or bq is None or bq.accuracy is None:
+        return None
+    interval = f"{100 * (1 - r.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}"
+    return (
+        f"{v.name}: MMLU {q.accuracy:.2f}% against {bq.accuracy:.2f}% for {baseline.name} on the same "
+        f"{q.n_questions} questions, a change of {q.delta:+.2f} points ({interval}; "
+        f"{_plural(q.lost or 0, 'question')} right -> wrong, {q.gained or 0} wrong -> right): {q.verdict}"
+        + (", a real loss but within the margin" if q.drop_within_margin else "")
+        + f" at a {r.margin_points:g}-point margin."
+    )
+
+
+def _kld_detail(v: VariantResult, baseline: VariantResult) -> str | None:
+    q = v.quality
+    if q is None or q.kld_mean is None:
+        return None
+    sigma = f" +/- {q.kld_mean_sigma:.4f}" if q.kld_mean_sigma is not None else ""
+    top = f", same top token {q.same_top_pct:.1f}%" if q.same_top_pct is not None else ""
+    return f"{v.name}: KL divergence from {baseline.name} {q.kld_mean:.4f}{sigma}{top}."
 
 
 def recommend(results: Results) -> Recommendation:
+    """Apply RULE to `results`."""
     baseline = results.variant(results.baseline)
-    quantized = [v for v in results.variants if not v.is_baseline]
-    if baseline is None or not quantized:
+    others = [v for v in results.variants if not v.is_baseline]
+    if baseline is None or not others:
         return Recommendation(
-            variant=None, headline="Nothing to compare: the run needs a baseline and at least one quantized variant."
-        )
-    candidates = [v for v in quantized if is_four_bit(v)] or quantized
-    measured = [v for v in candidates if v.quality and (v.quality.accuracy is not None or v.quality.kld_mean)]
-    if not measured:
+            variant=None, rule=RULE,
+            headline="Nothing to compare: the run needs a baseline and at least one quantized variant.",
+        )  # fmt: skip
+    judged = [v for v in others if v.quality and v.quality.verdict]
+    if not judged:
+        closest, _ = closest_by_kld(others, results.alpha)
         return Recommendation(
-            variant=None, headline="No quality results yet: run the MMLU stage before choosing a variant."
-        )
-    best = min(measured, key=_closeness)
-    q = best.quality
-    assert q is not None  # measured variants have quality
-    details: list[str] = []
-    bq = baseline.quality
-    if q.accuracy is not None and bq and bq.accuracy is not None:
-        verdict = q.verdict or ("a real drop" if significant_drop(best) else "no significant difference")
-        details.append(
-            f"MMLU {q.accuracy:.2f}% against {bq.accuracy:.2f}% for {baseline.name} "
-            f"({q.delta:+.2f} points on the same {q.n_questions} questions: {verdict})."
-        )
-    if q.kld_mean is not None:
-        top = f", same top token {q.same_top_pct:.1f}% of the time" if q.same_top_pct is not None else ""
-        details.append(f"KL divergence from {baseline.name}: mean {q.kld_mean:.4f}{top}.")
-    steps = [s.users for s in (best.speed.steps if best.speed else [])]
-    gains = [(u, speed_ratio(best, baseline, u)) for u in steps]
-    gains = [(u, r) for u, r in gains if r is not None]
-    if gains:
-        parts = ", ".join(f"{r:.2f}x at {u} user{'s' if u > 1 else ''}" for u, r in gains)
-        details.append(f"Output tokens/s against {baseline.name}: {parts}.")
-    if best.size_bytes and baseline.size_bytes:
-        details.append(
-            f"File size {best.size_bytes / 2**20:.0f} MiB, {best.size_bytes / baseline.size_bytes:.0%} of "
-            f"{baseline.name}" + (f" ({best.bits_per_weight:.2f} bits per weight)." if best.bits_per_weight else ".")
-        )
-    if significant_drop(best):
+            variant=None, rule=RULE, closest=closest.name if closest else None,
+            headline="Nothing to ship yet: no variant has an MMLU verdict against the baseline; run the MMLU stage.",
+        )  # fmt: skip
+    by_verdict = {
+        verdict: [v for v in judged if v.quality.verdict == verdict]  # type: ignore[union-attr]
+        for verdict in ("non-inferior", "inconclusive", "worse")
+    }
+    details = [d for v in judged for d in (_quality_detail(v, baseline, results), _kld_detail(v, baseline)) if d]
+    if by_verdict["non-inferior"]:
+        best = choose(by_verdict["non-inferior"], results.alpha)
+        headline = _ship_headline(best, baseline, results)
+        rest = [v.name for v in by_verdict["non-inferior"] if v is not best]
+        if rest:
+            details.append("Also non-inferior, but " + ("slower, tied with more KL divergence, or larger: ") +
+                           ", ".join(rest) + ".")  # fmt: skip
+        return Recommendation(variant=best.name, headline=headline, details=details, rule=RULE)
+    closest, tied = closest_by_kld(judged, results.alpha)
+    closest_text = ""
+    if closest is not None:
+        closest_text = f" The closest to {baseline.name} by KL divergence is {closest.name}"
+        closest_text += f" (tied within the intervals with {', '.join(tied)})." if tied else "."
+    if by_verdict["inconclusive"]:
+        needed = [v for v in by_verdict["inconclusive"] if v.quality and v.quality.questions_needed]
+        most = max((v.quality.questions_needed for v in needed), default=None)  # type: ignore[union-attr]
+        n = by_verdict["inconclusive"][0].quality.n_questions  # type: ignore[union-attr]
         headline = (
-            f"No 4-bit variant matches {baseline.name}: every one loses MMLU accuracy beyond noise. "
-            f"The closest is {best.name}."
+            f"Nothing to ship yet: not enough questions to decide. "
+            f"{', '.join(v.name for v in by_verdict['inconclusive'])} "
+            f"{'is' if len(by_verdict['inconclusive']) == 1 else 'are'} inconclusive at a "
+            f"{results.margin_points:g}-point margin on {n} questions"
+            + (f"; about {most:,} would decide" if most else "")
+            + "."
+            + closest_text
         )
+        if by_verdict["worse"]:
+            details.append("Worse than the baseline: " + ", ".join(v.name for v in by_verdict["worse"]) + ".")
     else:
-        headline = f"Ship {best.name}: of the 4-bit variants, its quality stays closest to {baseline.name}"
-        ratios = [r for _, r in gains]
-        if ratios and min(ratios) >= 1:
-            headline += f", and it serves {min(ratios):.2f}-{max(ratios):.2f}x the output tokens/s"
-        elif ratios and max(ratios) < 1:
-            headline += f"; on this hardware it is slower ({min(ratios):.2f}-{max(ratios):.2f}x the output tokens/s)"
-        elif ratios:
-            headline += f"; its output tokens/s range from {min(ratios):.2f}x to {max(ratios):.2f}x"
-        if best.size_bytes and baseline.size_bytes:
-            headline += f" at {best.size_bytes / baseline.size_bytes:.0%} of the size"
-        headline += "."
-    others = sorted((v for v in measured if v is not best), key=_closeness)
-    if others:
-        details.append("Next closest: " + ", ".join(v.name for v in others) + ".")
-    return Recommendation(variant=best.name, headline=headline, details=details)
+        headline = (
+            f"Nothing to ship: every variant loses MMLU accuracy against {baseline.name} "
+            f"({', '.join(v.name for v in by_verdict['worse'])})." + closest_text
+        )
+    return Recommendation(
+        variant=None, headline=headline, details=details, rule=RULE, closest=closest.name if closest else None
+    )
+
+
+def _ship_headline(best: VariantResult, baseline: VariantResult, results: Results) -> str:
+    q = best.quality
+    assert q is not None and q.delta is not None  # a non-inferior variant has its comparison
+    kind = f"{best.quant_type}, 4-bit" if is_four_bit(best) else best.quant_type
+    headline = (
+        f"Ship {best.name} ({kind}): non-inferior to {baseline.name} on MMLU (a change of {q.delta:+.2f} points, "
+        f"{100 * (1 - results.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}, margin "
+        f"{results.margin_points:g})"
+    )
+    ratio = _ratio_at_largest_step(best, baseline)
+    if ratio is not None:
+        value, users = ratio
+        if value >= 1:
+            headline += f", and it serves {value:.2f}x the output tokens/s of {baseline.name} at {users} users"
+        else:
+            headline += f"; on this hardware it is slower: {value:.2f}x the output tokens/s of {baseline.name} " \
+                        f"at {users} users"  # fmt: skip
+    if best.size_bytes and baseline.size_bytes:
+        headline += f", at {best.size_bytes / baseline.size_bytes:.0%} of the size"
+    return headline + "."

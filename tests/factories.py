@@ -9,20 +9,31 @@ def step(users: int, tps: float) -> StepResult:
     return StepResult(
         users=users, requests=4 * users, failures=0, duration_s=10.0, request_rate=0.4 * users,
         output_tps=tps, output_tps_per_user=tps / users,
-        ttft_s={"p50": 0.2 * users, "p90": 0.3 * users, "p99": 0.4 * users},
-        tpot_s={"p50": 0.01, "p90": 0.012, "p99": 0.02}, itl_s={"p50": 0.01, "p90": 0.012, "p99": 0.03},
-        e2e_s={"p50": 2.0, "p90": 2.5, "p99": 3.0, "min": 1.5},
+        ttft_s={"p50": 0.2 * users, "p90": 0.3 * users, "p99": 0.4 * users, "n": 4 * users},
+        tpot_s={"p50": 0.01, "p90": 0.012, "p99": 0.02, "n": 4 * users},
+        itl_s={"p50": 0.01, "p90": 0.012, "p99": 0.03, "n": 124 * users},
+        e2e_s={"p50": 2.0, "p90": 2.5, "p99": 3.0, "min": 1.5, "n": 4 * users},
     )  # fmt: skip
 
 
-def variant(name, qtype, *, acc, delta=None, p=None, kld=None, tps=100.0, size=1000, bpw=16.0, base=False):
+def variant(
+    name, qtype, *, acc, delta=None, verdict=None, kld=None, kld_sigma=0.001, tps=100.0, size=1000, bpw=16.0,
+    base=False, needed=None,
+):  # fmt: skip
+    """One variant's results; `delta` in points, its interval +/-1.5 points around it."""
     quality = Quality(
-        n_questions=200, accuracy=acc, ci_low=acc - 3, ci_high=acc + 3, delta=delta, p_value=p,
-        significant=None if base else (p is not None and p < 0.05),
-        verdict=None if base else ("significant drop" if p is not None and p < 0.05 else "no significant difference"),
-        subjects=[SubjectScore(subject="anatomy", n=4, accuracy=acc, delta=delta),
-                  SubjectScore(subject="virology", n=4, accuracy=acc, delta=delta)],
-        kld_mean=kld, kld_p99=kld * 10 if kld else None, same_top_pct=95.0 if kld else None, ppl_ratio=1.01,
+        n_questions=200, accuracy=acc, ci_low=acc - 3, ci_high=acc + 3, delta=delta,
+        delta_ci_low=None if delta is None else delta - 1.5, delta_ci_high=None if delta is None else delta + 1.5,
+        verdict=None if base else verdict, lost=None if base else 6, gained=None if base else 5,
+        p_noninferior=None if base else 0.01, p_worse=None if base else 0.4, mcnemar_p=None if base else 0.8,
+        questions_needed=needed, needed_for="non-inferior" if needed else None,
+        decide_command=f"llamasys mmlu -e runs/unit/experiment.toml --set mmlu.per_subject={needed}" if needed
+        else None,
+        subjects=[SubjectScore(subject="anatomy", n=4, accuracy=acc, delta=delta, lost=1, gained=0),
+                  SubjectScore(subject="virology", n=4, accuracy=acc, delta=delta, lost=0, gained=1)],
+        kld_mean=kld, kld_mean_sigma=kld_sigma if kld is not None else None, kld_p99=kld * 10 if kld else None,
+        same_top_pct=95.0 if kld else None, same_top_sigma=0.5 if kld else None, rms_dp_pct=3.0 if kld else None,
+        rms_dp_sigma=0.2 if kld else None, ppl_ratio=1.01, ppl_ratio_sigma=0.002,
     )  # fmt: skip
     speed = Speed(steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0, rss_mb_max=300.0)
     return VariantResult(
@@ -32,16 +43,19 @@ def variant(name, qtype, *, acc, delta=None, p=None, kld=None, tps=100.0, size=1
 
 
 def results(**overrides) -> Results:
+    """F16, Q8_0 (non-inferior), Q4_0 (worse), Q4_K_M-imat (non-inferior, the fastest of the two 4-bit ones)."""
     variants = [
         variant("F16", "F16", acc=40.0, base=True, size=2_000_000_000),
-        variant("Q8_0", "Q8_0", acc=40.0, delta=0.0, p=1.0, kld=0.0005, tps=150, size=1_100_000_000, bpw=8.5),
-        variant("Q4_0", "Q4_0", acc=36.0, delta=-4.0, p=0.01, kld=0.08, tps=260, size=600_000_000, bpw=4.5),
-        variant("Q4_K_M-imat", "Q4_K_M", acc=39.5, delta=-0.5, p=0.6, kld=0.02, tps=240, size=650_000_000, bpw=4.9),
-    ]
+        variant("Q8_0", "Q8_0", acc=40.0, delta=0.0, verdict="non-inferior", kld=0.0005, tps=150, size=1_100_000_000,
+                bpw=8.5),
+        variant("Q4_0", "Q4_0", acc=36.0, delta=-4.0, verdict="worse", kld=0.08, tps=260, size=600_000_000, bpw=4.5),
+        variant("Q4_K_M-imat", "Q4_K_M", acc=39.5, delta=-0.5, verdict="non-inferior", kld=0.02, tps=240,
+                size=650_000_000, bpw=4.9),
+    ]  # fmt: skip
     data = dict(
         name="unit", model="demo/model", baseline="F16", llamacpp={"build_number": 1, "commit": "abc"},
         hardware={"cpu": "test"}, experiment_toml='name = "unit"\n', variants=variants, alpha=0.05,
-        load_settings={"prompt_tokens": 256, "output_tokens": 32},
+        margin_points=1.0, power=0.8, load_settings={"prompt_tokens": 256, "output_tokens": 32},
     )  # fmt: skip
     data.update(overrides)
     return Results(**data)

@@ -34,8 +34,9 @@ from harness.process import spawn
 from harness.records import is_fresh, read_record, write_record
 from harness.server import LlamaServer, ServerSizing, check_port_free
 from locustfiles import USER_KINDS
+from locustfiles._options import DEFAULT_PROMPT_TEXT
 
-SUMMARY_SCHEMA = 1  # bump when the records or the summary change meaning: finished runs are measured again
+SUMMARY_SCHEMA = 2  # bump when the records or the summary change meaning: finished runs are measured again
 
 
 class LoadStage(Stage):
@@ -101,6 +102,12 @@ def start_server(ctx: RunContext, model: Path, log_path: Path, *, port: int | No
     return LlamaServer(ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=settings)
 
 
+def warm_up(server: LlamaServer, cfg: LoadConfig) -> None:
+    """The unmeasured warm-up request, cut from the same text as the load's prompts."""
+    text = (cfg.prompt_text or DEFAULT_PROMPT_TEXT).read_text(encoding="utf-8")
+    server.warm_up(text, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens)
+
+
 def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
     """One variant: server up, steps run headless, everything stopped, records summarised."""
     exp, build = ctx.experiment, ctx.build
@@ -113,6 +120,7 @@ def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
     bar = progress_bar(_expected_requests(cfg), f"load {variant}", "req")
     try:
         with start_server(ctx, model, out / "server.log") as server:
+            warm_up(server, cfg)
             cmd = headless_command(cfg, server.url, out)
             with ResourceSampler(
                 server.pid, server.url + "/metrics", out / "resources.jsonl", interval_s=cfg.sample_interval_s
@@ -232,6 +240,7 @@ def serve_with_web_ui(
     check_port_free(web_host, web_port)
     stop = stop or threading.Event()
     with start_server(ctx, Path(model), out / "server.log", port=port) as server:
+        warm_up(server, ctx.experiment.load)
         cmd = web_ui_command(ctx.experiment.load, server.url, out, web_host=web_host, web_port=web_port)
         with open(out / "locust.log", "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")

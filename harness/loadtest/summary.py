@@ -15,6 +15,7 @@ from pydantic import Field
 
 from harness.records import Record, StageRecord
 from locustfiles import RequestRecord, StepRecord
+from locustfiles._timing import token_arrivals
 
 LOAD_MODEL = (
     "closed-loop: each user sends its next request only after the previous response ended, so under overload "
@@ -48,7 +49,9 @@ class StepSummary(Record):
     unmeasured: int  # recorded but outside the window (drain tail, interrupted)
     duration_s: float  # window start -> end of the last measured request
     request_rate: float  # successful measured requests / duration
-    output_tokens_per_s: float  # server-reported output tokens of successful measured requests / duration
+    window_s: float = 0.0  # while every user of the step ran: release -> the drain began
+    window_output_tokens: int = 0  # tokens streamed inside the window, by any successful request of the run
+    output_tokens_per_s: float  # window_output_tokens / window_s
     output_tokens_per_s_per_user: float
     ttft_s: Percentiles | None = None
     tpot_s: Percentiles | None = None
@@ -86,7 +89,8 @@ def summarize_step(
     failed = [r for r in measured if not r.ok]
     last_end = max((r.ended_at for r in measured), default=step.ended_at)
     duration = max(last_end - step.started_at, 1e-9)
-    tokens = sum(r.output_tokens or 0 for r in ok)
+    window = max(step.ended_at - step.started_at, 1e-9)
+    tokens = window_tokens(step, requests)
     return StepSummary(
         step=step.step,
         users=step.users,
@@ -95,8 +99,10 @@ def summarize_step(
         unmeasured=len(mine) - len(measured),
         duration_s=duration,
         request_rate=len(ok) / duration,
-        output_tokens_per_s=tokens / duration,
-        output_tokens_per_s_per_user=tokens / duration / step.users,
+        window_s=window,
+        window_output_tokens=tokens,
+        output_tokens_per_s=tokens / window,
+        output_tokens_per_s_per_user=tokens / window / step.users,
         ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
         tpot_s=Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None]),
         itl_s=Percentiles.of(np.concatenate([r.itl_s for r in ok]) if ok else []),
@@ -107,6 +113,18 @@ def summarize_step(
         resources=summarize_resources(samples, step.started_at, last_end),
         drain_timed_out=step.drain_timed_out,
     )
+
+
+def window_tokens(step: StepRecord, requests: Iterable[RequestRecord]) -> int:
+    """Tokens streamed while the step's users all ran (its window), from every successful request of the run:
+    those measured for latency and those that started in the window and finished in the drain after it."""
+    count = 0
+    for r in requests:
+        if r.run != step.run or not r.ok or r.ttft_s is None:
+            continue
+        arrivals = token_arrivals(r.sent_at, r.ttft_s, r.itl_s)
+        count += sum(1 for t in arrivals if step.started_at <= t <= step.ended_at)
+    return count
 
 
 def _timing(records: Iterable[RequestRecord], key: str) -> list[float]:

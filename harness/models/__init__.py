@@ -7,15 +7,17 @@ sources (hub, directory, GGUF file, demo model), convert (convert_hf_to_gguf.py,
 
 from __future__ import annotations
 
-from harness.models.pipeline import ModelArtifact, ModelsStage, load_models_json, prepare_models
-from harness.models.sources import SMOLLM2_MEMBER, SMOLLM2_WHEEL, smollm2_gguf
+from harness.models.pipeline import ModelArtifact, ModelsStage, load_models_json, load_models_record, prepare_models
+from harness.models.sources import DEMO_PROVENANCE, SMOLLM2_MEMBER, SMOLLM2_WHEEL, smollm2_gguf
 
 __all__ = [
+    "DEMO_PROVENANCE",
     "SMOLLM2_MEMBER",
     "SMOLLM2_WHEEL",
     "ModelArtifact",
     "ModelsStage",
     "load_models_json",
+    "load_models_record",
     "prepare_models",
     "smollm2_gguf",
 ]

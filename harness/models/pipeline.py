@@ -82,6 +82,7 @@ class ModelSourceInfo(Record):
     pre_tokenizer: str | None
     pretokenizer_fallback: bool
     convert_seconds: float
+    provenance: str | None = None  # what the baseline really is, when a reader could take it for something else
 
 
 class ImatrixInfo(Record):
@@ -270,6 +271,7 @@ def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
             pre_tokenizer=baseline.info.pre_tokenizer,
             pretokenizer_fallback=baseline.pretokenizer_fallback,
             convert_seconds=round(baseline.seconds, 2),
+            provenance=source.provenance,
         ),
         imatrix=None
         if imatrix is None
@@ -287,9 +289,14 @@ def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
     return artifacts
 
 
+def load_models_record(path: Path) -> ModelsRecord:
+    """models/models.json as the models stage wrote it."""
+    return read_record(path, ModelsRecord)
+
+
 def load_models_json(path: Path) -> dict[str, ModelArtifact]:
     """The variants a previous run listed in models/models.json, by name."""
-    return {v.name: v for v in read_record(path, ModelsRecord).variants}
+    return {v.name: v for v in load_models_record(path).variants}
 
 
 def make_baseline(ctx: RunContext, source: ModelSource) -> Baseline:

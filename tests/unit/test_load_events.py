@@ -14,7 +14,7 @@ DATA = Path(__file__).parent / "data" / "load"
 ERAS = ["b3661-era", "b11312"]
 
 
-def replay(name: str, read) -> tuple[StreamState, list[bool]]:
+def replay(name: str, read) -> tuple[StreamState, list[int]]:
     parser, state, tokens = SSEParser(), StreamState(), []
     for line in (DATA / name).read_bytes().splitlines(keepends=True):
         if (event := parser.feed_line(line)) is not None:
@@ -26,9 +26,9 @@ def replay(name: str, read) -> tuple[StreamState, list[bool]]:
 
 @pytest.mark.parametrize("era", ERAS)
 def test_native_stream(era):
-    # 7 prompt tokens as ids, n_predict 3, cache_prompt false: three token events, then the final one.
+    # 7 prompt tokens as ids, n_predict 3, cache_prompt false: three events of one token each, then the final one.
     state, tokens = replay(f"native-{era}.sse", read_native_event)
-    assert tokens == [True, True, True, False]
+    assert tokens == [1, 1, 1, 0]
     assert (state.done, state.prompt_tokens, state.output_tokens, state.prompt_processed) == (True, 7, 3, 7)
     assert state.timings["predicted_n"] == 3 and state.timings["prompt_ms"] > 0 and state.error is None
 
@@ -52,13 +52,20 @@ def test_chat_stream(era, templated):
 def test_server_error_event_fails_the_stream():
     state = StreamState()
     event = SSEEvent('{"error":{"code":500,"message":"context shift is disabled"}}')
-    assert read_native_event(event, state) is False
+    assert read_native_event(event, state) == 0
     assert state.error == 'server error: {"code": 500, "message": "context shift is disabled"}'
+
+
+def test_an_event_with_several_tokens_counts_each():
+    # New builds list the event's token ids; when the server sends several at once, each one counts.
+    state = StreamState()
+    assert read_native_event(SSEEvent('{"content":"Hello world","tokens":[9906,1917],"stop":false}'), state) == 2
+    assert read_native_event(SSEEvent('{"content":"","tokens":[],"stop":false}'), state) == 0
 
 
 def test_garbage_event_fails_the_stream():
     state = StreamState()
-    assert read_openai_event(SSEEvent("<html>"), state, chat=False) is False
+    assert read_openai_event(SSEEvent("<html>"), state, chat=False) == 0
     assert state.error.startswith("unreadable event from the server")
 
 

@@ -44,14 +44,27 @@ def test_only_measured_requests_of_the_step_count():
     assert (s.requests, s.failures, s.unmeasured) == (5, 1, 1)
     assert s.ttft_s == Percentiles.of(ttfts)
     assert s.failure_reasons == {"server generated 20 tokens, asked 32": 1}
-    # The window runs from the step's start to the end of its last measured request (record 5: 105 + 2).
+    # The duration runs from the step's start to the end of its last measured request (record 5: 105 + 2).
     assert s.duration_s == pytest.approx(7.0)
-    assert s.output_tokens_per_s == pytest.approx(4 * 32 / 7.0)
-    assert s.output_tokens_per_s_per_user == pytest.approx(4 * 32 / 7.0 / 2)
+    # Throughput counts the tokens streamed in the window (100 -> 110 s): the four measured requests' 32 each; the
+    # drain-tail request's first token came at 113 s, the failed one's tokens are not verified.
+    assert (s.window_s, s.window_output_tokens) == (pytest.approx(10.0), 128)
+    assert s.output_tokens_per_s == pytest.approx(12.8)
+    assert s.output_tokens_per_s_per_user == pytest.approx(6.4)
+
     assert s.request_rate == pytest.approx(4 / 7.0)
     assert s.itl_s.n == 4 * 31 and s.itl_s.p50 == pytest.approx(0.05)
     assert s.tpot_s.p50 == pytest.approx(np.median([(2.0 - t) / 31 for t in ttfts]))
     assert s.server_prompt_ms == Percentiles.of([400.0, 401.0, 402.0, 403.0])
+
+
+def test_throughput_counts_every_token_streamed_inside_the_window():
+    # Sent at 108 s, first token at 108.5 s, then one every 0.05 s: tokens up to 110 s fall in the window
+    # (108.5 + 30 x 0.05 = 110.0), the last arrives in the drain. Not measured for latency, counted for throughput.
+    straddling = record(8, measured=False)
+    s = summarize_step(STEP, [straddling])
+    assert s.requests == 0 and s.unmeasured == 1 and s.ttft_s is None
+    assert s.window_output_tokens == 31 and s.output_tokens_per_s == pytest.approx(3.1)
 
 
 def test_resources_in_the_window_and_server_counter_rates():

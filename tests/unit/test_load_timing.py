@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from locustfiles._timing import count_mismatch, stream_metrics
+from locustfiles._timing import count_mismatch, stream_metrics, token_arrivals
 
 
 def test_metrics_follow_the_definitions():
@@ -17,10 +17,19 @@ def test_metrics_follow_the_definitions():
 
 
 def test_tpot_uses_the_server_count_not_the_number_of_events():
-    # Two events carried 6 tokens (a server batching tokens per chunk): TPOT divides by 6-1, ITL has one gap.
-    m = stream_metrics(0.0, [1.0, 2.0], output_tokens=6)
+    # Two events carried 6 tokens (a server batching tokens per chunk): TPOT divides by 6-1.
+    m = stream_metrics(0.0, [1.0, 2.0], output_tokens=6, token_counts=[2, 4])
     assert m.tpot_s == pytest.approx(1.0 / 5)
-    assert m.itl_s == pytest.approx([1.0])
+    # ITL is per token: the token that came with the first is a gap of zero, the four of the second event share
+    # the second's wait (1 s) equally.
+    assert m.itl_s == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.25])
+
+
+def test_token_arrivals_rebuild_each_tokens_time():
+    m = stream_metrics(10.0, [10.5, 10.6, 11.0], output_tokens=4, token_counts=[1, 1, 2])
+    assert token_arrivals(10.0, m.ttft_s, m.itl_s) == pytest.approx([10.5, 10.6, 10.8, 11.0])
+    with pytest.raises(ValueError, match="positive count"):
+        stream_metrics(0.0, [1.0], output_tokens=1, token_counts=[0])
 
 
 def test_single_token_has_no_tpot():

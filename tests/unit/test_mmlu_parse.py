@@ -94,6 +94,8 @@ def test_kld_output(era: str) -> None:
     assert 0.6 < stats.same_top_p < 0.7 and stats.same_top_p_sigma == pytest.approx(0.034, abs=0.002)
     assert stats.ppl_ratio == pytest.approx(stats.ppl / stats.ppl_base, rel=1e-4)
     assert 0.1 < stats.rms_delta_p < 0.2
+    # "RMS Δp    : 13.604 ± 1.412 %" (current) and "13.318 ± 1.365 %" (b3661 era): the +/- comes along, as a fraction.
+    assert stats.rms_delta_p_sigma == pytest.approx(0.01412 if era == "current" else 0.01365)
     if era == "current":
         assert (stats.mean_kld, stats.kld_p99, stats.same_top_p) == pytest.approx((0.328612, 1.043873, 0.66138))
     else:  # b3661 prints "99.0%   KLD" twice (where 95 % should be): the first one is the 99th percentile

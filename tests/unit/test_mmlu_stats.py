@@ -1,4 +1,5 @@
-"""Accuracy statistics: Wilson intervals, exact McNemar, the verdict, scoring and paired comparison."""
+"""Accuracy statistics: Wilson intervals, exact McNemar, the paired interval and tests against published worked
+examples, the sample size, Holm, the three-way verdict, scoring and the paired comparison of several variants."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import pytest
 
 from harness.errors import MMLUError
 from mmlu.dataset import Question
-from mmlu.results import MMLUResult, compare, score
+from mmlu.results import MMLUResult, compare_all, score
 from mmlu.stats import (
     PairedCounts,
+    holm,
     mcnemar_exact,
+    noninferiority_p,
     paired_counts,
     paired_delta_interval,
+    questions_for_noninferiority,
+    questions_to_decide,
     verdict,
     wilson_interval,
+    worse_p,
 )
 
 
@@ -55,27 +61,99 @@ def test_paired_counts_and_delta_interval() -> None:
     var = [True, False, True, False, False]
     counts = paired_counts(base, var)
     assert counts == PairedCounts(both_correct=1, baseline_only=2, variant_only=1, both_wrong=1)
+    assert counts.delta == pytest.approx(-1 / 5)
     low, high = paired_delta_interval(counts)
-    assert low < -1 / 5 < high
-    assert paired_delta_interval(PairedCounts(3, 0, 0, 2)) == (0.0, 0.0)
-    with pytest.raises(MMLUError, match="differ in length"):
-        paired_counts(base, var[:-1])
+    assert -1 <= low < -1 / 5 < high <= 1
+    # No disagreement: the interval is centred on 0 and narrows with more questions.
+    few, many = paired_delta_interval(PairedCounts(3, 0, 0, 2)), paired_delta_interval(PairedCounts(300, 0, 0, 200))
+    assert few[0] == pytest.approx(-few[1]) and 0 < many[1] < few[1]
 
 
-def test_verdict_text() -> None:
-    assert verdict(-0.01, 0.41, 0.05) == (False, "no significant difference (p=0.41)")
-    assert verdict(-0.05, 0.003, 0.05) == (True, "significant drop (p=0.003)")
-    assert verdict(0.05, 0.02, 0.05) == (True, "significant gain (p=0.02)")
-    assert verdict(0.0, 1.0, 0.05) == (False, "no significant difference (p=1.00)")
+# Tango's score interval for the paired difference, against the values published for it. The sources give the
+# 2x2 table as (n11, n12, n21, n22) with theta = (n12 - n21) / N; here n12 is "variant right only" (c) and n21
+# "baseline right only" (b), so theta is our delta.
+@pytest.mark.parametrize(
+    ("n11", "n12", "n21", "n22", "low", "high", "places"),
+    [
+        # Fagerland, Lydersen & Laake (2014), Stat Med 33:2850, Table II data (Bentur et al.): Tango -0.5172 -0.0260.
+        (1, 1, 7, 12, -0.5172, -0.0260, 4),
+        # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables" (2017) ch. 8 (Cavo et al.).
+        (59, 6, 16, 80, -0.1240, -0.0054, 4),
+        # PSIAIMS/CAMIS "CI for paired proportions" (SAS %PAIRBINCI), artificial data: 0.000419 to 0.377185.
+        (20, 15, 6, 5, 0.000419, 0.377185, 6),
+    ],
+)
+def test_tango_interval_matches_published_examples(n11, n12, n21, n22, low, high, places) -> None:
+    counts = PairedCounts(both_correct=n11, baseline_only=n21, variant_only=n12, both_wrong=n22)
+    got = paired_delta_interval(counts, 0.95)
+    assert round(got[0], places) == pytest.approx(low, abs=10**-places)
+    assert round(got[1], places) == pytest.approx(high, abs=10**-places)
 
 
-def _questions() -> list[Question]:
-    return [Question("s1" if i < 6 else "s2", f"q{i}", ("a", "b", "c", "d"), i % 4, i) for i in range(10)]
+def test_the_score_tests_are_the_intervals_duals() -> None:
+    counts = PairedCounts(both_correct=20, baseline_only=6, variant_only=15, both_wrong=5)
+    low, high = paired_delta_interval(counts, 0.95)
+    # The one-sided non-inferiority p at a margin equal to -low is exactly alpha / 2 = 0.025 ...
+    assert noninferiority_p(counts, -low) == pytest.approx(0.025, abs=1e-9)
+    # ... and the "worse" test turns significant only when the whole interval is below 0.
+    assert worse_p(counts) > 0.5 and high > 0
+    losing = PairedCounts(both_correct=1, baseline_only=7, variant_only=1, both_wrong=12)
+    assert paired_delta_interval(losing)[1] < 0 and worse_p(losing) < 0.025
+
+
+def test_sample_size_matches_published_examples() -> None:
+    # Connor (1987), Biometrics 43:207, p. 209: p10 = 0.45, p01 = 0.05, one-sided alpha 0.05, power 0.90 -> 22.81.
+    # Nam's non-inferiority formula with no margin is Connor's formula.
+    assert questions_for_noninferiority(0.50, 0.40, 0.0, 0.05, 0.90) == pytest.approx(22.80907053, abs=1e-6)
+    # Chow, Shao & Wang, Sample Size Calculations in Clinical Research, Example (McNemar): p01 = 0.2, p10 = 0.5,
+    # two-sided alpha 0.05, power 0.8 -> 59 pairs.
+    assert math.ceil(questions_for_noninferiority(0.70, 0.30, 0.0, 0.025, 0.80)) == 59
+    # A margin lowers what is needed; no margin left (true loss at the margin) is refused.
+    assert questions_for_noninferiority(0.2, 0.0, 0.05, 0.025, 0.8) < questions_for_noninferiority(
+        0.2, 0.0, 0.03, 0.025, 0.8
+    )
+    with pytest.raises(MMLUError, match="cannot be shown"):
+        questions_for_noninferiority(0.2, -0.05, 0.05, 0.025, 0.8)
+
+
+def test_questions_to_decide_leans_the_way_the_data_do() -> None:
+    even = PairedCounts(both_correct=40, baseline_only=5, variant_only=5, both_wrong=50)  # no change, 10% disagree
+    needed, towards = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8)
+    assert towards == "non-inferior" and needed == math.ceil(questions_for_noninferiority(0.1, 0.0, 0.01, 0.025, 0.8))
+    # More variants against the same baseline: a stricter level, more questions.
+    assert questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8, comparisons=3)[0] > needed
+    # An observed gain is not counted on: planned as no change, it needs as many questions as an even split.
+    gaining = PairedCounts(both_correct=40, baseline_only=3, variant_only=7, both_wrong=50)  # +4 points
+    assert questions_to_decide(gaining, margin=0.01, alpha=0.05, power=0.8) == (needed, "non-inferior")
+    # An observed small loss is: it needs more.
+    slipping = PairedCounts(
+        both_correct=40, baseline_only=6, variant_only=5, both_wrong=49
+    )  # -1 point of a 2-point margin
+    assert (
+        questions_to_decide(slipping, margin=0.02, alpha=0.05, power=0.8)[0]
+        > questions_to_decide(PairedCounts(40, 5, 5, 50), margin=0.02, alpha=0.05, power=0.8)[0]
+    )
+    losing = PairedCounts(both_correct=40, baseline_only=9, variant_only=3, both_wrong=48)  # -6 points
+    assert questions_to_decide(losing, margin=0.01, alpha=0.05, power=0.8)[1] == "worse"
+
+
+def test_holm_and_the_three_way_verdict() -> None:
+    # Holm by hand: sorted .005 .01 .03 .04 -> x4 .02, x3 .03, x2 .06, x1 .04 -> running maximum .02 .03 .06 .06.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([]) == []
+    assert verdict(0.001, 0.9, alpha=0.05) == "non-inferior"
+    assert verdict(0.9, 0.001, alpha=0.05) == "worse"
+    assert verdict(0.03, 0.03, alpha=0.05) == "inconclusive"  # one-sided tests at alpha / 2 = 0.025
+    assert verdict(0.03, 0.9, alpha=0.1) == "non-inferior"
+
+
+def _questions(n: int = 10) -> list[Question]:
+    return [Question("s1" if i < 0.6 * n else "s2", f"q{i}", ("a", "b", "c", "d"), i % 4, i) for i in range(n)]
 
 
 def _result(name: str, flags: list[bool]) -> MMLUResult:
     final = 100.0 * sum(flags) / len(flags)
-    return score(name, _questions(), flags, model=f"{name}.gguf", task_file="abc.bin", tool_final=final,
+    return score(name, _questions(len(flags)), flags, model=f"{name}.gguf", task_file="abc.bin", tool_final=final,
                  tool_final_sigma=None, random_chance=25.0, wall_time_s=1.0)  # fmt: skip
 
 
@@ -95,22 +173,69 @@ def test_score_per_subject_and_overall() -> None:
               random_chance=None, wall_time_s=0)  # fmt: skip
 
 
-def test_compare_same_answers_is_p_one() -> None:
+def _compare(base_flags, *variants, alpha=0.05, margin=0.01, power=0.8):
+    results = [_result(f"V{i}", flags) for i, flags in enumerate(variants)]
+    return compare_all(_result("F16", base_flags), results, alpha=alpha, margin=margin, power=power)
+
+
+def test_compare_same_answers_is_inconclusive_on_few_questions() -> None:
     flags = [True, False] * 5
-    cmp = compare(_result("F16", flags), _result("Q4_0", flags))
-    assert (cmp.p_value, cmp.delta, cmp.significant) == (1.0, 0.0, False)
-    assert cmp.verdict == "no significant difference (p=1.00)"
-    assert all(s.delta == 0 for s in cmp.subjects)
+    cmp = _compare(flags, flags)["V0"]
+    assert (cmp.mcnemar_p, cmp.delta, cmp.baseline_only, cmp.variant_only) == (1.0, 0.0, 0, 0)
+    assert cmp.verdict == "inconclusive" and not cmp.drop_within_margin
+    assert cmp.delta_ci_low < -cmp.margin < 0 < cmp.delta_ci_high  # 10 questions cannot rule out a 1-point loss
+    assert cmp.needed_for == "non-inferior" and cmp.questions_needed > 10
+    assert all(s.delta == 0 and s.lost == s.gained == 0 for s in cmp.subjects)
 
 
-def test_compare_counts_and_subject_deltas() -> None:
+def test_compare_counts_flips_per_subject() -> None:
     base = [True] * 8 + [False] * 2
     var = [False] * 8 + [False] * 2
-    cmp = compare(_result("F16", base), _result("Q4_0", var), alpha=0.05)
+    cmp = _compare(base, var)["V0"]
     assert (cmp.baseline_only, cmp.variant_only, cmp.both_wrong) == (8, 0, 2)
-    assert cmp.p_value == pytest.approx(2 / 256)
-    assert cmp.significant and cmp.verdict.startswith("significant drop")
-    assert {s.subject: s.delta for s in cmp.subjects} == pytest.approx({"s1": -1.0, "s2": -0.5})
+    assert cmp.mcnemar_p == pytest.approx(2 / 256)
+    assert cmp.verdict == "worse" and cmp.questions_needed is None
+    assert {s.subject: (s.delta, s.lost, s.gained) for s in cmp.subjects} == {
+        "s1": pytest.approx((-1.0, 6, 0)),
+        "s2": pytest.approx((-0.5, 2, 0)),
+    }
+
+
+def test_margin_and_alpha_decide_and_holm_adjusts_across_variants() -> None:
+    # 2,000 questions, 200 disagreements split evenly: the interval of the change is about +/-1.4 points.
+    base = [True] * 900 + [False] * 1100
+    same = list(base)
+    for i in range(100):
+        same[i] = False  # 100 right -> wrong
+        same[1000 + i] = True  # 100 wrong -> right
+    wide = _compare(base, same, margin=0.02)["V0"]
+    narrow = _compare(base, same, margin=0.01)["V0"]
+    assert wide.verdict == "non-inferior" and narrow.verdict == "inconclusive"
+    assert wide.delta_ci_low > -0.02 > narrow.delta_ci_low - 0.01
+    # A looser alpha narrows the interval; a single variant's verdict follows its interval exactly.
+    loose = _compare(base, same, margin=0.0125, alpha=0.2)["V0"]
+    strict = _compare(base, same, margin=0.0125, alpha=0.05)["V0"]
+    assert loose.verdict == "non-inferior" and strict.verdict == "inconclusive"
+    assert (loose.delta_ci_low > -0.0125) and (strict.delta_ci_low < -0.0125)
+    # The same variant beside two others: its p-value is multiplied (Holm), and its verdict can change.
+    alone = _compare(base, same, margin=0.0125, alpha=0.2)
+    three = _compare(base, same, same, same, margin=0.0125, alpha=0.2)
+    assert three["V0"].comparisons == 3 and alone["V0"].comparisons == 1
+    assert three["V0"].p_noninferior_adjusted == pytest.approx(min(1.0, 3 * alone["V0"].p_noninferior))
+    assert alone["V0"].verdict == "non-inferior" and three["V0"].verdict == "inconclusive"
+
+
+def test_a_real_loss_within_the_margin_is_non_inferior_and_says_so() -> None:
+    # 20,000 questions, a 0.5-point loss measured to about +/-0.25 points: real, but within a 2-point margin.
+    base = [True] * 10000 + [False] * 10000
+    var = list(base)
+    for i in range(300):
+        var[i] = False
+    for i in range(200):
+        var[10000 + i] = True
+    cmp = _compare(base, var, margin=0.02)["V0"]
+    assert cmp.delta == pytest.approx(-0.005) and cmp.delta_ci_high < 0
+    assert cmp.verdict == "non-inferior" and cmp.drop_within_margin
 
 
 def test_compare_refuses_different_questions() -> None:
@@ -118,4 +243,4 @@ def test_compare_refuses_different_questions() -> None:
     b = _result("Q4_0", [True] * 10)
     b.task_file = "other.bin"
     with pytest.raises(MMLUError, match="different questions"):
-        compare(a, b)
+        compare_all(a, [b], alpha=0.05, margin=0.01, power=0.8)

@@ -6,43 +6,102 @@ import json
 import re
 
 from reports.model import Results
-from reports.recommend import recommend
+from reports.recommend import RULE, recommend
 from reports.render import render_report
-from tests.factories import results
+from tests.factories import results, variant
 
 
-def test_recommendation_prefers_the_4bit_variant_without_a_real_drop():
+def test_ships_the_fastest_non_inferior_variant():
     rec = recommend(results())
-    assert rec.variant == "Q4_K_M-imat"  # Q8_0 is closer but not 4-bit; Q4_0 drops significantly
+    # Q4_0 is faster but worse; of the two non-inferior variants Q4_K_M-imat serves more tokens/s.
+    assert rec.variant == "Q4_K_M-imat" and rec.closest is None
     assert rec.headline == (
-        "Ship Q4_K_M-imat: of the 4-bit variants, its quality stays closest to F16, and it serves 2.40-2.40x "
-        "the output tokens/s at 32% of the size."
+        "Ship Q4_K_M-imat (Q4_K_M, 4-bit): non-inferior to F16 on MMLU (a change of -0.50 points, 95% interval "
+        "-2.00 to +1.00, margin 1), and it serves 2.40x the output tokens/s of F16 at 2 users, at 32% of the size."
     )
     text = " ".join(rec.details)
-    assert "39.50% against 40.00% for F16" in text and "2.40x at 2 users" in text and "Next closest: Q4_0" in text
+    assert "Q4_K_M-imat: MMLU 39.50% against 40.00% for F16 on the same 200 questions" in text
+    assert "6 questions right -> wrong, 5 wrong -> right" in text and "Q4_0: MMLU 36.00%" in text
+    assert "KL divergence from F16 0.0200 +/- 0.0010" in text
+    assert rec.rule == RULE and "non-inferior" in RULE
 
 
-def test_recommendation_says_when_every_4bit_variant_loses():
+def test_says_4_bit_only_when_it_is():
     r = results()
-    r.variants[3].quality.p_value = 0.001
-    r.variants[3].quality.significant = True
-    r.variants[3].quality.delta = -3.0
+    r.variants[1].speed = results().variants[3].speed.model_copy(deep=True)  # Q8_0 as fast as Q4_K_M-imat ...
+    for s in r.variants[1].speed.steps:
+        s.output_tps *= 2  # ... and then faster
     rec = recommend(r)
-    assert rec.headline.startswith("No 4-bit variant matches F16")
+    assert rec.variant == "Q8_0" and rec.headline.startswith("Ship Q8_0 (Q8_0): non-inferior")
+    assert "4-bit" not in rec.headline
 
 
-def test_recommendation_says_when_the_choice_is_slower():
+def test_equal_speed_kld_decides_only_where_the_intervals_do_not_overlap():
     r = results()
-    for s in r.variants[3].speed.steps:
-        s.output_tps = 50.0
-    assert "on this hardware it is slower (0.31-0.50x the output tokens/s)" in recommend(r).headline
+    r.variants[1].speed = r.variants[3].speed.model_copy(deep=True)  # Q8_0 exactly as fast as Q4_K_M-imat
+    # KLD 0.0005 +/- 0.001 against 0.02 +/- 0.001: apart, the lower one wins although its file is larger.
+    assert recommend(r).variant == "Q8_0"
+    # With +/- 0.01 the intervals overlap: tied on KLD, the smaller file wins.
+    for v in r.variants[1:]:
+        v.quality.kld_mean_sigma = 0.01
+    assert recommend(r).variant == "Q4_K_M-imat"
 
 
-def test_recommendation_without_quality_results():
+def test_never_ships_a_variant_without_an_mmlu_verdict():
     r = results()
+    fast = variant("Q5_K_M", "Q5_K_M", acc=40.0, kld=0.0001, tps=900, size=100)  # KLD, speed, no MMLU verdict
+    r.variants.append(fast)
+    assert recommend(r).variant == "Q4_K_M-imat"
     for v in r.variants:
-        v.quality = None
-    assert recommend(r).variant is None
+        if not v.is_baseline:
+            v.quality.verdict = None
+    rec = recommend(r)
+    assert rec.variant is None and "no variant has an MMLU verdict" in rec.headline
+
+
+def test_inconclusive_says_how_many_questions_would_decide_and_names_the_closest():
+    r = results()
+    for v, needed in zip(r.variants[1:], (3000, None, 12400), strict=True):
+        v.quality.verdict, v.quality.questions_needed = ("inconclusive", needed) if needed else ("worse", None)
+    rec = recommend(r)
+    assert rec.variant is None and rec.closest == "Q8_0"
+    assert rec.headline == (
+        "Nothing to ship yet: not enough questions to decide. Q8_0, Q4_K_M-imat are inconclusive at a 1-point "
+        "margin on 200 questions; about 12,400 would decide. The closest to F16 by KL divergence is Q8_0."
+    )
+    assert "Worse than the baseline: Q4_0." in rec.details
+
+
+def test_every_variant_worse_says_so_and_ties_on_kld_are_named():
+    r = results()
+    for v in r.variants[1:]:
+        v.quality.verdict = "worse"
+        v.quality.kld_mean_sigma = 0.01  # Q8_0 (0.0005) and Q4_K_M-imat (0.02) overlap; Q4_0 (0.08) does not
+    rec = recommend(r)
+    assert rec.variant is None and rec.closest == "Q8_0"
+    assert rec.headline == (
+        "Nothing to ship: every variant loses MMLU accuracy against F16 (Q8_0, Q4_0, Q4_K_M-imat). The closest to "
+        "F16 by KL divergence is Q8_0 (tied within the intervals with Q4_K_M-imat)."
+    )
+
+
+def test_alpha_and_margin_come_from_the_results():
+    rec = recommend(results(alpha=0.1, margin_points=2.5))
+    assert "90% interval" in rec.headline and "margin 2.5" in rec.headline
+
+
+def test_says_when_the_choice_is_slower():
+    r = results()
+    for v, tps in ((r.variants[1], 40.0), (r.variants[3], 50.0)):  # both non-inferior variants slower than F16
+        for s in v.speed.steps:
+            s.output_tps = tps
+    assert "on this hardware it is slower: 0.31x the output tokens/s of F16 at 2 users" in recommend(r).headline
+
+
+def test_nothing_to_compare_without_a_quantized_variant():
+    r = results(variants=results().variants[:1])
+    rec = recommend(r)
+    assert rec.variant is None and rec.headline.startswith("Nothing to compare") and "4-bit" not in rec.headline
 
 
 def test_results_round_trip_through_json():
@@ -61,6 +120,9 @@ def test_report_renders_every_variant_and_step(tmp_path):
     assert page.count("<tr>") > 10
     assert 'id="chart-throughput"' in page and 'id="chart-frontier"' in page and 'id="chart-ttft"' in page
     assert "Ship Q4_K_M-imat" in page
+    # The verdicts, flips, KLD with its +/- and the rule are on the page.
+    assert page.count('class="l verdict noninferior"') == 2 and 'class="l verdict worse"' in page
+    assert 'data-variant-kld="Q4_0"' in page and "0.0800" in page and RULE[:60] in page
     # Self-contained: no script or stylesheet is fetched from anywhere.
     assert not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', page)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -233,7 +234,9 @@ class LoadConfig(Section):
     """
 
     enabled: bool = True
-    api: Literal["native", "openai", "chat"] = "native"
+    # native: llama-server's /completion; openai: /v1/completions; chat: /v1/chat/completions; embeddings:
+    # /v1/embeddings (exact input tokens, no generation: output_tokens is not used).
+    api: Literal["native", "openai", "chat", "embeddings"] = "native"
     prompt_tokens: int = Field(default=_LOAD.prompt_tokens, ge=MIN_PROMPT_TOKENS)
     output_tokens: int = Field(default=_LOAD.output_tokens, ge=MIN_OUTPUT_TOKENS)
     steps: list[int] = Field(default_factory=lambda: list(_LOAD.steps), min_length=1)
@@ -282,6 +285,59 @@ class ServerConfig(Section):
     extra_args: list[str] = Field(default_factory=list)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class TargetConfig(Section):
+    """One system the load stage measures: the llama-server the harness starts, llama-cpp-python's OpenAI server
+    started the same way, or an endpoint that is already running."""
+
+    kind: Literal["llama-server", "llama-cpp-python", "external"] = "llama-server"
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=64)
+    # The route the users load; None = load.api (llama-cpp-python has no native route: openai instead).
+    api: Literal["native", "openai", "chat", "embeddings"] | None = None
+    # external: the endpoint, e.g. http://127.0.0.1:8000 (loopback unless allow_remote).
+    url: str | None = None
+    allow_remote: bool = False
+    # The `model` field the users send (external servers that check it; llama-cpp-python's --config_file aliases).
+    model_name: str | None = None
+    # llama-cpp-python: its PyPI version (default: the one whose sdist the llama.cpp build came from), and whether
+    # one server holds every variant (its --config_file, the users naming the model) instead of one per variant.
+    version: str | None = None
+    multi_model: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TargetConfig:
+        if self.kind == "external":
+            if not self.url:
+                raise ValueError("a target of kind 'external' needs url, e.g. url = \"http://127.0.0.1:8000\"")
+            host = urllib.parse.urlsplit(self.url).hostname or ""
+            if not self.url.startswith(("http://", "https://")) or not host:
+                raise ValueError(f"url {self.url!r} is not an http(s) URL with a host")
+            if host not in LOOPBACK_HOSTS and not host.startswith("127.") and not self.allow_remote:
+                raise ValueError(
+                    f"url {self.url!r} is not on this machine; load tests target loopback unless allow_remote = true"
+                )
+        elif self.url is not None:
+            raise ValueError(f"url is only for targets of kind 'external', not {self.kind!r}")
+        if self.multi_model and self.kind != "llama-cpp-python":
+            raise ValueError("multi_model is a llama-cpp-python option (one server, several models)")
+        if self.version is not None and self.kind != "llama-cpp-python":
+            raise ValueError("version is a llama-cpp-python option (its PyPI version)")
+        if self.kind == "llama-cpp-python" and self.api == "native":
+            raise ValueError("llama-cpp-python has no native /completion route; use api openai, chat or embeddings")
+        return self
+
+    def route_api(self, load_api: str) -> str:
+        """The api this target is loaded through."""
+        api = self.api or load_api
+        return "openai" if self.kind == "llama-cpp-python" and api == "native" else api
+
+
 class Experiment(Section):
     """Everything one run needs. Defaults reproduce the original study (42dot 1.3B, F16 vs 4-bit, 2560/768)."""
 
@@ -296,13 +352,15 @@ class Experiment(Section):
     mmlu: MMLUConfig = Field(default_factory=MMLUConfig)
     load: LoadConfig = Field(default_factory=LoadConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    # The systems the load stage measures, every variant on each (default: the llama-server the harness starts).
+    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig()], min_length=1)
 
     @model_validator(mode="after")
-    def _unique_variants(self) -> Experiment:
-        names = [v.name for v in self.variants]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+    def _unique_names(self) -> Experiment:
+        for what, names in (("variant", [v.name for v in self.variants]), ("target", [t.label for t in self.targets])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
         return self
 
     @property

@@ -55,11 +55,14 @@ class RunDir:
         """Where a stage's tools write their logs: models/logs, mmlu/logs, kld/logs."""
         return self.root / stage / "logs"
 
-    def load(self, variant: str) -> Path:
-        return self.root / "load" / variant
+    def load_target(self, target: str) -> Path:
+        return self.root / "load" / target
 
-    def load_summary(self, variant: str) -> Path:
-        return self.load(variant) / "summary.json"
+    def load(self, target: str, variant: str) -> Path:
+        return self.load_target(target) / variant
+
+    def load_summary(self, target: str, variant: str) -> Path:
+        return self.load(target, variant) / "summary.json"
 
     @property
     def results(self) -> Path:

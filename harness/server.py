@@ -12,7 +12,9 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
+
+import psutil
 
 from harness.config import ServerConfig
 from harness.errors import HarnessError, ServerError
@@ -89,16 +91,117 @@ def check_port_free(host: str, port: int) -> None:
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-class LlamaServer:
+class Endpoint:
+    """A server the load stage measures, reached over HTTP on its URL: started and stopped by the harness (a context
+    manager that stops it on every path) or already running. Subclasses say how it starts and whether it lives."""
+
+    kind: ClassVar[str] = ""
+    # Serves one request at a time (concurrent requests queue): said next to its figures.
+    serializes: ClassVar[bool] = False
+    log_path: Path | None = None
+    props: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop what start() started; nothing for an endpoint the harness did not start."""
+
+    def problem(self) -> str | None:
+        """Why the endpoint cannot be measured any more (its process died), or None."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        return None if alive else f"{self.kind} died during the load test (log: {self.log_path})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.url, "serializes": self.serializes}
+
+    def get_json(self, path: str, *, timeout_s: float = 10.0) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode())
+
+    def post_json(self, path: str, body: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode())
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        if self.log_path is None:
+            return []
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+        except FileNotFoundError:
+            return []
+
+    def warm_up(
+        self, api: str, text: str, *, prompt_tokens: int, output_tokens: int, model: str | None = None,
+        timeout_s: float = 600.0,
+    ) -> None:  # fmt: skip
+        """One unmeasured request on the load's route before any step: the weights are paged in and the buffers
+        allocated, so the first measured request does not pay for it. Its prompt is about two thirds of the load's
+        (whole words of the prompt text; no tokenizer is needed) and it generates at most WARM_UP_OUTPUT_TOKENS."""
+        words = text.split()
+        prompt = " ".join((words * (prompt_tokens // max(len(words), 1) + 1))[: max(1, prompt_tokens // 2)])
+        n = min(output_tokens, WARM_UP_OUTPUT_TOKENS)
+        route, body = {
+            "native": ("/completion", {"prompt": prompt, "n_predict": n, "cache_prompt": False}),
+            "openai": ("/v1/completions", {"prompt": prompt, "max_tokens": n}),
+            "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": n}),
+            "embeddings": ("/v1/embeddings", {"input": prompt}),
+        }[api]
+        if model:
+            body["model"] = model
+        try:
+            self.post_json(route, body, timeout_s=timeout_s)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", errors="replace")[:300]
+            raise ServerError(f"the warm-up request to {self.kind} ({route}) answered {exc.code}: {detail}") from None
+        except (OSError, ValueError) as exc:
+            raise ServerError(f"the warm-up request to {self.kind} ({route}) failed: {exc}") from None
+
+
+class LlamaServer(Endpoint):
     """Context manager around one llama-server: start, wait for /health, verify sizing, stop on every path.
 
     `settings` says where it listens (host, port: None = a free one), its threads and GPU layers, extra arguments
     and how long it may take to start.
     """
 
+    kind = "llama-server"
+
     def __init__(
-        self, build: Build, model: Path, sizing: ServerSizing, *, log_path: Path, settings: ServerConfig | None = None
+        self,
+        build: Build,
+        model: Path,
+        sizing: ServerSizing,
+        *,
+        log_path: Path,
+        settings: ServerConfig | None = None,
+        embeddings: bool = False,
     ) -> None:
+        self.embeddings = embeddings  # started for /v1/embeddings: --embeddings with mean pooling
         self.build = build
         self.model = Path(model)
         self.sizing = sizing
@@ -119,12 +222,17 @@ class LlamaServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def __enter__(self) -> LlamaServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "model": str(self.model),
+            "build": f"b{self.build.build_number} ({self.build.commit})",
+            "backend": self.build.backend,
+            "parallel": self.sizing.parallel,
+            "ctx_size": self.sizing.ctx_size,
+            "slot_ctx": (self.props.get("default_generation_settings") or {}).get("n_ctx"),
+            "threads": self.settings.threads,
+        }
 
     def start(self) -> None:
         check_gguf(self.model)
@@ -133,9 +241,8 @@ class LlamaServer:
             self.port = self.settings.port
         else:
             self.port = free_port(self.host)
-        args = server_args(
-            self.build, self.model, self.sizing, host=self.host, port=self.port, extra_args=self.settings.extra_args
-        )
+        extra = [*self.settings.extra_args, *(["--embeddings", "--pooling", "mean"] if self.embeddings else [])]
+        args = server_args(self.build, self.model, self.sizing, host=self.host, port=self.port, extra_args=extra)
         compute = self.build.compute(threads=self.settings.threads, gpu_layers=self.settings.gpu_layers)
         self._proc = self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute)
         try:
@@ -151,40 +258,8 @@ class LlamaServer:
             stop(self._proc, grace_s=10.0)
             self._proc = None
 
-    def get_json(self, path: str, *, timeout_s: float = 10.0) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
-            return json.loads(resp.read().decode())
-
-    def post_json(self, path: str, body: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
-        req = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read().decode())
-
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         return list(self.post_json("/tokenize", {"content": text, "add_special": add_special})["tokens"])
-
-    def warm_up(self, text: str, *, prompt_tokens: int, output_tokens: int) -> None:
-        """One unmeasured request of the load's prompt length before any step: the weights are paged in and the
-        buffers allocated, so the first measured request does not pay for it. It generates at most
-        WARM_UP_OUTPUT_TOKENS tokens (enough to run the decode path)."""
-        tokens = self.tokenize(text)
-        if not tokens:
-            raise ServerError("llama-server tokenized the warm-up text to nothing")
-        prompt = (tokens * (prompt_tokens // len(tokens) + 1))[:prompt_tokens]
-        body = {"prompt": prompt, "n_predict": min(output_tokens, WARM_UP_OUTPUT_TOKENS), "ignore_eos": True,
-                "cache_prompt": False}  # fmt: skip
-        try:
-            self.post_json("/completion", body, timeout_s=self.settings.startup_timeout_s)
-        except (OSError, ValueError) as exc:
-            raise ServerError(f"the warm-up request to llama-server failed: {exc} (log: {self.log_path})") from None
-
-    def log_tail(self, n: int = 20) -> list[str]:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
-        except FileNotFoundError:
-            return []
 
     def _wait_healthy(self) -> None:
         assert self._proc is not None

@@ -38,6 +38,7 @@ USER_KINDS: dict[str, UserKind] = {
         UserKind("native", "/completion", "native.py", "NativeCompletionUser"),
         UserKind("openai", "/v1/completions", "openai_compat.py", "OpenAICompletionUser"),
         UserKind("chat", "/v1/chat/completions", "openai_compat.py", "OpenAIChatUser"),
+        UserKind("embeddings", "/v1/embeddings", "embeddings.py", "EmbeddingsUser"),
     )
 }
 

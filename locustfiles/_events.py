@@ -26,6 +26,8 @@ class StreamState:
     done: bool = False
     token_times: list[float] = field(default_factory=list)  # arrival of each event that carried tokens
     token_counts: list[int] = field(default_factory=list)  # how many tokens each of those events carried
+    per_token: int | None = None  # tokens the server's per-token data listed (llama-cpp-python's logprobs)
+    counts_from: str | None = None  # where the counts came from: timings, usage, per-token data
 
     def arrived(self, tokens: int, at: float) -> None:
         if tokens > 0:
@@ -44,10 +46,15 @@ def read_native_event(event: SSEEvent, state: StreamState) -> int:
 def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> int:
     """OpenAI-style chunks: text in `choices[].text` or `choices[].delta.content`, counts in `usage` (the last
     chunk, opt-in via stream_options in new llama-server builds, always there in b3661-era ones), then `[DONE]`
-    (b3661-era chat ends without it). llama-server adds its own `timings` to the last chunk. A chunk with text counts
-    as one token: these chunks carry no per-token data."""
+    (b3661-era chat ends without it). llama-server adds its own `timings` to the last chunk.
+
+    Servers that send no usage in a stream (llama-cpp-python) list each generated token in the chunk's `logprobs`
+    when asked (`logprobs.tokens` for completions, `logprobs.content` for chat): then the output count is theirs.
+    Without per-token data a chunk with text counts as one token for timing, never for the count."""
     if event.data.strip() == DONE:
         state.done = True
+        if state.output_tokens is None and state.per_token is not None:
+            state.output_tokens, state.counts_from = state.per_token, "per-token data"
         return 0
     data = event_json(event, state)
     if data is None:
@@ -59,19 +66,33 @@ def read_openai_event(event: SSEEvent, state: StreamState, *, chat: bool) -> int
     if isinstance(usage, dict):
         state.prompt_tokens = as_int(usage.get("prompt_tokens"))
         state.output_tokens = as_int(usage.get("completion_tokens"))
+        state.counts_from = "usage"
         state.done = True
     timings = data.get("timings")
     if isinstance(timings, dict):
         state.timings = timings
         state.prompt_processed = as_int(timings.get("prompt_n"))
+    carried = 0
     for choice in data.get("choices") or []:
-        if chat:
+        listed = per_token_data(choice, chat=chat)
+        if listed is not None:
+            state.per_token = (state.per_token or 0) + listed
+            carried += listed
+        elif chat:
             delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("reasoning_content"):
-                return 1
-        elif choice.get("text"):
-            return 1
-    return 0
+            carried += int(bool(delta.get("content") or delta.get("reasoning_content")))
+        else:
+            carried += int(bool(choice.get("text")))
+    return carried
+
+
+def per_token_data(choice: dict[str, Any], *, chat: bool) -> int | None:
+    """How many generated tokens a chunk's `logprobs` lists, or None when it lists none."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    listed = logprobs.get("content") if chat else logprobs.get("tokens")
+    return len(listed) if isinstance(listed, list) else None
 
 
 def _native(data: dict[str, Any], state: StreamState) -> int:
@@ -87,6 +108,7 @@ def _native(data: dict[str, Any], state: StreamState) -> int:
         state.prompt_processed = as_int(timings.get("prompt_n"))
         # tokens_evaluated is the prompt's length; prompt_n alone is what was evaluated (after cache reuse).
         state.prompt_tokens = as_int(data.get("tokens_evaluated", timings.get("prompt_n")))
+        state.counts_from = "timings"
     return carried
 
 

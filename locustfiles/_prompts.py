@@ -8,7 +8,9 @@ means no prompt-cache prefix can be reused.
 Text prompts (chat, and servers that only take text): a unique leading run of common words (a random 48-bit id,
 6 bits per word), then whole words of the text, padded with single-token filler words. How many words give the
 exact length is fitted once against the server's reported usage (`fit_text_length`); each request's count is
-verified again from its own usage.
+verified again from its own usage. Servers whose streams report no usage but that tokenize on request
+(llama-cpp-python's /extras/tokenize/count) get a pool of prompts each counted by that tokenizer before any step
+(`CountedTextPrompts`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,34 @@ class TextPrompts:
 
     def next(self) -> str:
         return self.compose(self.rng.getrandbits(TEXT_ID_BITS), self.n_words, self.pad)
+
+
+class CountedTextPrompts:
+    """A pool of text prompts, each counted by the server's own tokenizer to be exactly `length` tokens, used in
+    turn (consecutive prompts always differ from their first word on)."""
+
+    def __init__(
+        self, prompts: TextPrompts, length: int, count: Callable[[str], int], *, size: int, n_words: int, pad: int
+    ) -> None:
+        self.pool: list[str] = []
+        for _ in range(max(size, 2)):
+            request_id = prompts.rng.getrandbits(TEXT_ID_BITS)
+            text = prompts.compose(request_id, n_words, pad)
+            got = count(text)
+            if got != length and pad + length - got >= 0:  # a different id may tokenize a token longer or shorter
+                text = prompts.compose(request_id, n_words, pad + length - got)
+                got = count(text)
+            if got != length:
+                raise PromptError(
+                    f"the server's tokenizer counts a prompt as {got} tokens; cannot make one of {length} exactly"
+                )
+            self.pool.append(text)
+        self._next = 0
+
+    def next(self) -> str:
+        text = self.pool[self._next % len(self.pool)]
+        self._next += 1
+        return text
 
 
 def fit_text_length(count: Callable[[int, int], int], target: int, *, max_probes: int = 12) -> tuple[int, int]:

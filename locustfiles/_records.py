@@ -44,6 +44,7 @@ class RequestRecord(Record):
     itl_s: list[float] = Field(default_factory=list)
     token_events: int = 0  # events that carried tokens (for ITL; never used as a token count)
     server_timings: dict[str, Any] | None = None
+    counts: str | None = None  # where the counts came from: timings, usage, per-token data (+ the tokenizer)
     pid: int | None = None  # the Locust process that sent it (tells workers apart)
     kind: Literal["request"] = "request"
 

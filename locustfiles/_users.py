@@ -74,6 +74,8 @@ class StreamingUser(FastHttpUser):
         self.rng = random.Random(uuid.uuid4().int)
         self.seq = 0
         self._last_failed = False
+        # Set when every prompt was counted by the server's tokenizer before the load (its streams report no count).
+        self.verified_prompt_tokens: int | None = None
 
     # ---------------------------------------------------------------- what subclasses provide
 
@@ -206,7 +208,11 @@ class StreamingUser(FastHttpUser):
 
     def _finish(self, record: RequestRecord, state: StreamState, sent: float, error: str | None) -> str | None:
         """Fill the record from the stream; returns why the request failed, if it did."""
+        if state.prompt_tokens is None and self.verified_prompt_tokens is not None:
+            state.prompt_tokens = self.verified_prompt_tokens
+            state.counts_from = f"{state.counts_from or 'no output count'}; prompt counted by the server's tokenizer"
         record.prompt_tokens, record.output_tokens = state.prompt_tokens, state.output_tokens
+        record.counts = state.counts_from
         record.server_timings = state.timings
         record.token_events = len(state.token_times)
         if error:
@@ -287,6 +293,42 @@ class StreamingUser(FastHttpUser):
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise PrepareError(f"{self.host}/tokenize did not return token ids")
         return tokens
+
+    def server_tokenizes(self) -> bool:
+        """Whether the server counts tokens on request (llama-cpp-python's /extras/tokenize/count)."""
+        try:
+            self.tokenizer_count("hello")
+        except PrepareError:
+            return False
+        return True
+
+    def tokenizer_count(self, text: str) -> int:
+        """Tokens the server's own tokenizer makes of `text`, special tokens (BOS) included as it adds them."""
+        body: dict[str, Any] = {"input": text}
+        if self.options.model_name:
+            body["model"] = self.options.model_name
+        reply = self.post_json("/extras/tokenize/count", body)
+        count = reply.get("count") if isinstance(reply, dict) else None
+        if not isinstance(count, int):
+            raise PrepareError(f"{self.host}/extras/tokenize/count did not return a count")
+        return count
+
+    def check_model(self) -> None:
+        """When the users name a model, the server must list it (a clear error before any load, not 404s)."""
+        name = self.options.model_name
+        if not name:
+            return
+        try:
+            listed = self.get_json("/v1/models")
+        except PrepareError:
+            return  # a server without the listing route: its answers will say whether the name is right
+        served = (
+            [str(m.get("id")) for m in listed.get("data", []) if isinstance(m, dict)]
+            if isinstance(listed, dict)
+            else []
+        )
+        if served and name not in served:
+            raise PrepareError(f"{self.host} does not serve model {name!r}; it serves: {', '.join(served)}")
 
     def check_fits(self, props: dict[str, Any] | None) -> None:
         """Fail before any load if the server's per-slot context cannot hold prompt + output (llama-server)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from reports.model import Results, VariantResult
+from reports.model import Results, Speed
 
 _LAYOUT = {"template": "plotly_white", "height": 380, "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
 
@@ -16,18 +16,27 @@ def _html(fig: go.Figure, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 
-def _with_speed(results: Results) -> list[VariantResult]:
-    return [v for v in results.variants if v.speed and v.speed.steps]
+def _series(results: Results) -> list[tuple[str, Speed]]:
+    """Every measured (variant, target) pair and external endpoint, labelled; the target is named only when there
+    are several."""
+    several = len(results.targets) > 1
+    out = []
+    for v in results.variants:
+        for target, speed in v.speeds.items():
+            if speed.steps:
+                out.append((f"{v.name} ({target})" if several else v.name, speed))
+    out += [(f"{e.model} ({e.target})", e.speed) for e in results.endpoints if e.speed.steps]
+    return out
 
 
 def throughput_chart(results: Results) -> str | None:
-    variants = _with_speed(results)
-    if not variants:
+    series = _series(results)
+    if not series:
         return None
     fig = go.Figure()
-    for v in variants:
-        steps = v.speed.steps  # type: ignore[union-attr]
-        fig.add_scatter(x=[s.users for s in steps], y=[s.output_tps for s in steps], mode="lines+markers", name=v.name)
+    for label, speed in series:
+        steps = speed.steps
+        fig.add_scatter(x=[s.users for s in steps], y=[s.output_tps for s in steps], mode="lines+markers", name=label)
     fig.update_layout(title="Output tokens/s (all users) against concurrency", **_LAYOUT)
     fig.update_xaxes(title="concurrent users", type="log", dtick=0.30103)
     fig.update_yaxes(title="output tokens/s", rangemode="tozero")
@@ -35,12 +44,14 @@ def throughput_chart(results: Results) -> str | None:
 
 
 def ttft_chart(results: Results) -> str | None:
-    variants = _with_speed(results)
-    if not variants:
+    series = _series(results)
+    if not series:
         return None
     fig = go.Figure()
-    for v in variants:
-        steps = [s for s in v.speed.steps if s.ttft_s]  # type: ignore[union-attr]
+    for label, speed in series:
+        steps = [s for s in speed.steps if s.ttft_s]
+        if not steps:
+            continue
         p50 = [s.ttft_s.get("p50") for s in steps]
         p90 = [s.ttft_s.get("p90") for s in steps]
         upper = [(b or 0) - (a or 0) for a, b in zip(p50, p90, strict=True)]
@@ -48,7 +59,7 @@ def ttft_chart(results: Results) -> str | None:
             x=[s.users for s in steps],
             y=p50,
             mode="lines+markers",
-            name=f"{v.name} p50",
+            name=f"{label} p50",
             error_y={"type": "data", "symmetric": False, "array": upper, "arrayminus": [0] * len(steps)},
         )
     fig.update_layout(title="Time to first token against concurrency (p50, bar to p90)", **_LAYOUT)
@@ -59,15 +70,15 @@ def ttft_chart(results: Results) -> str | None:
 
 def latency_chart(results: Results) -> str | None:
     """E2E latency percentiles per variant at each step: where the tail goes as load grows."""
-    variants = _with_speed(results)
-    if not variants:
+    series = _series(results)
+    if not series:
         return None
     fig = go.Figure()
-    for v in variants:
-        for s in v.speed.steps:  # type: ignore[union-attr]
+    for name, speed in series:
+        for s in speed.steps:
             if not s.e2e_s:
                 continue
-            label = f"{v.name} @{s.users}"
+            label = f"{name} @{s.users}"
             fig.add_box(
                 name=label,
                 x=[label],

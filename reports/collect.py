@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from harness.config import Experiment
+from harness.loadtest.stage import EXTERNAL_MODEL
 from harness.loadtest.summary import LoadSummary
 from harness.manifest import ManifestRecord
 from harness.models import load_models_json, load_models_record
@@ -25,7 +26,17 @@ from mmlu.dataset import (
     MMLU_TEST_QUESTIONS,
 )
 from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
-from reports.model import Quality, Recommendation, Results, Speed, StepResult, SubjectScore, VariantResult
+from reports.model import (
+    EndpointResult,
+    Quality,
+    Recommendation,
+    Results,
+    Speed,
+    StepResult,
+    SubjectScore,
+    TargetResult,
+    VariantResult,
+)
 from reports.recommend import recommend
 
 
@@ -63,13 +74,18 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             if exp.mmlu.kld and not cfg.is_baseline and kld[name] is None:
                 missing.append(f"KL divergence: {name}")
         if exp.load.enabled:
-            summary = _read(run.load_summary(name), LoadSummary)
-            result.speed = _speed(summary, run, name) if summary else None
-            if summary is None:
-                missing.append(f"load: {name}")
-            elif [s.users for s in summary.steps] != exp.load.steps:
-                missing.append(f"load: {name} (steps {[s.users for s in summary.steps]} of {exp.load.steps})")
+            for target in (t for t in exp.targets if t.kind != "external"):
+                speed = _speed_of(exp, run, target.label, name, missing)
+                if speed is not None:
+                    result.speeds[target.label] = speed
         variants.append(result)
+    endpoints = []
+    if exp.load.enabled:
+        for target in (t for t in exp.targets if t.kind == "external"):
+            model = target.model_name or EXTERNAL_MODEL
+            speed = _speed_of(exp, run, target.label, model, missing)
+            if speed is not None:
+                endpoints.append(EndpointResult(target=target.label, url=target.url or "", model=model, speed=speed))
     results = Results(
         name=exp.name,
         model=_model_label(exp),
@@ -83,6 +99,13 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         power=exp.mmlu.power,
         baseline_provenance=_provenance(run),
         missing=missing,
+        targets=[
+            TargetResult(
+                name=t.label, kind=t.kind, api=t.route_api(exp.load.api), serializes=t.kind == "llama-cpp-python"
+            )
+            for t in exp.targets
+        ],
+        endpoints=endpoints,
         load_settings={
             "api": exp.load.api,
             "prompt_tokens": exp.load.prompt_tokens,
@@ -183,7 +206,18 @@ def _pct(p: Any) -> dict[str, float]:
     return {"p50": p.p50, "p90": p.p90, "p99": p.p99, "mean": p.mean, "n": p.n}
 
 
-def _speed(summary: LoadSummary, run: RunDir, name: str) -> Speed:
+def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: list[str]) -> Speed | None:
+    """One target's measurement of one variant, or None (and a line in `missing`) when it is not there whole."""
+    summary = _read(run.load_summary(target, variant), LoadSummary)
+    if summary is None:
+        missing.append(f"load: {variant} on {target}")
+        return None
+    if [s.users for s in summary.steps] != exp.load.steps:
+        missing.append(f"load: {variant} on {target} (steps {[s.users for s in summary.steps]} of {exp.load.steps})")
+    return _speed(summary, run)
+
+
+def _speed(summary: LoadSummary, run: RunDir) -> Speed:
     steps = [
         StepResult(
             users=s.users,
@@ -193,6 +227,7 @@ def _speed(summary: LoadSummary, run: RunDir, name: str) -> Speed:
             request_rate=s.request_rate,
             output_tps=s.output_tokens_per_s,
             output_tps_per_user=s.output_tokens_per_s_per_user,
+            input_tps=s.input_tokens_per_s,
             ttft_s=_pct(s.ttft_s),
             tpot_s=_pct(s.tpot_s),
             itl_s=_pct(s.itl_s),
@@ -206,10 +241,13 @@ def _speed(summary: LoadSummary, run: RunDir, name: str) -> Speed:
     gmem = [s.resources.get("gpu_mem_bytes_max") for s in summary.steps]
     files = {}
     for label, rel in summary.files.items():
-        path = run.load(name) / rel
+        path = run.load(summary.target, summary.variant) / rel
         if path.exists():
             files[label] = str(path.relative_to(run.root))
     return Speed(
+        target=summary.target,
+        api=summary.api,
+        serializes=summary.serializes,
         steps=steps,
         cpu_pct_mean=_mean(cpu),
         rss_mb_max=_max(rss, scale=2**20),

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from harness.records import Record
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 Verdict = Literal["non-inferior", "worse", "inconclusive"]
@@ -67,8 +67,9 @@ class StepResult(Record):
     failures: int
     duration_s: float
     request_rate: float
-    output_tps: float  # all users together
+    output_tps: float  # all users together: tokens streamed in the step's window / the window
     output_tps_per_user: float
+    input_tps: float = 0.0  # prompt tokens of the step's successful requests / its duration (embeddings' figure)
     ttft_s: dict[str, float] = Field(default_factory=dict)  # p50 / p90 / p99
     tpot_s: dict[str, float] = Field(default_factory=dict)
     itl_s: dict[str, float] = Field(default_factory=dict)
@@ -76,6 +77,11 @@ class StepResult(Record):
 
 
 class Speed(Record):
+    """One target's measurement of one variant (or of an external endpoint's model)."""
+
+    target: str = ""
+    api: str = ""
+    serializes: bool = False  # the server handles one request at a time: concurrent users queue
     steps: list[StepResult] = Field(default_factory=list)
     cpu_pct_mean: float | None = None
     rss_mb_max: float | None = None
@@ -95,7 +101,28 @@ class VariantResult(Record):
     size_bytes: int | None = None
     bits_per_weight: float | None = None
     quality: Quality | None = None
-    speed: Speed | None = None
+    speeds: dict[str, Speed] = Field(default_factory=dict)  # by target, in the experiment's order
+
+    @property
+    def speed(self) -> Speed | None:
+        """The first target's measurement: what the recommendation compares (the first target is the primary)."""
+        return next(iter(self.speeds.values()), None)
+
+
+class TargetResult(Record):
+    name: str
+    kind: str  # llama-server | llama-cpp-python | external
+    api: str
+    serializes: bool = False
+
+
+class EndpointResult(Record):
+    """An external endpoint's measurement: not a variant of this run, reported beside them."""
+
+    target: str
+    url: str
+    model: str
+    speed: Speed
 
 
 class Recommendation(Record):
@@ -122,6 +149,8 @@ class Results(Record):
     missing: list[str] = Field(default_factory=list)  # what the run has not produced (yet)
     recommendation: Recommendation | None = None
     load_settings: dict[str, Any] = Field(default_factory=dict)
+    targets: list[TargetResult] = Field(default_factory=list)
+    endpoints: list[EndpointResult] = Field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def variant(self, name: str) -> VariantResult | None:

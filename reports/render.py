@@ -74,8 +74,14 @@ def _raw_links(results: Results, run_dir: Path, report_dir: Path) -> list[tuple[
     candidates = [("experiment.toml", run.experiment), ("manifest.json", run.manifest), ("results.json", run.results)]
     for v in results.variants:
         candidates += [(f"MMLU {v.name}", run.mmlu(v.name)), (f"KLD {v.name}", run.kld(v.name))]
-        if v.speed:
-            candidates += [(f"load {v.name}: {label}", run.root / rel) for label, rel in v.speed.files.items()]
+        for target, speed in v.speeds.items():
+            candidates += [
+                (f"load {v.name} on {target}: {label}", run.root / rel) for label, rel in speed.files.items()
+            ]
+    for e in results.endpoints:
+        candidates += [
+            (f"load {e.model} on {e.target}: {label}", run.root / rel) for label, rel in e.speed.files.items()
+        ]
     links = []
     for label, path in candidates:
         if path.exists():

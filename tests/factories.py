@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reports.model import Quality, Results, Speed, StepResult, SubjectScore, VariantResult
+from reports.model import Quality, Results, Speed, StepResult, SubjectScore, TargetResult, VariantResult
 
 
 def step(users: int, tps: float) -> StepResult:
@@ -35,10 +35,11 @@ def variant(
         same_top_pct=95.0 if kld else None, same_top_sigma=0.5 if kld else None, rms_dp_pct=3.0 if kld else None,
         rms_dp_sigma=0.2 if kld else None, ppl_ratio=1.01, ppl_ratio_sigma=0.002,
     )  # fmt: skip
-    speed = Speed(steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0, rss_mb_max=300.0)
+    speed = Speed(target="llama-server", api="native", steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0,
+                  rss_mb_max=300.0)  # fmt: skip
     return VariantResult(
         name=name, quant_type=qtype, is_baseline=base, size_bytes=size, bits_per_weight=bpw, quality=quality,
-        speed=speed,
+        speeds={"llama-server": speed},
     )  # fmt: skip
 
 
@@ -55,7 +56,9 @@ def results(**overrides) -> Results:
     data = dict(
         name="unit", model="demo/model", baseline="F16", llamacpp={"build_number": 1, "commit": "abc"},
         hardware={"cpu": "test"}, experiment_toml='name = "unit"\n', variants=variants, alpha=0.05,
-        margin_points=1.0, power=0.8, load_settings={"prompt_tokens": 256, "output_tokens": 32},
+        margin_points=1.0, power=0.8,
+        load_settings={"api": "native", "prompt_tokens": 256, "output_tokens": 32, "steps": [1, 2]},
+        targets=[TargetResult(name="llama-server", kind="llama-server", api="native")],
     )  # fmt: skip
     data.update(overrides)
     return Results(**data)

@@ -39,8 +39,8 @@ def stop_timeout(cfg: LoadConfig) -> str:
     return f"{math.ceil(cfg.request_timeout_s)}s"
 
 
-def load_arguments(cfg: LoadConfig, records: Path) -> list[str]:
-    """Our locustfiles' custom arguments for this configuration."""
+def load_arguments(cfg: LoadConfig, records: Path, *, model_name: str | None = None) -> list[str]:
+    """Our locustfiles' custom arguments for this configuration (and the `model` the users name, if any)."""
     args = [
         "--prompt-tokens", str(cfg.prompt_tokens),
         "--output-tokens", str(cfg.output_tokens),
@@ -55,12 +55,23 @@ def load_arguments(cfg: LoadConfig, records: Path) -> list[str]:
         args += ["--requests-per-user", str(cfg.requests_per_user)]
     if cfg.prompt_text is not None:
         args += ["--prompt-text", str(cfg.prompt_text)]
+    if model_name:
+        args += ["--model-name", model_name]
     return args
 
 
-def headless_command(cfg: LoadConfig, host: str, out_dir: Path, *, processes: int | None = None) -> list[str]:
-    """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`."""
-    locustfile, user = user_for(cfg.api)
+def headless_command(
+    cfg: LoadConfig,
+    host: str,
+    out_dir: Path,
+    *,
+    processes: int | None = None,
+    api: str | None = None,
+    model_name: str | None = None,
+) -> list[str]:
+    """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a
+    target's own route)."""
+    locustfile, user = user_for(api or cfg.api)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(locustfile), user,
         "--headless", "--host", host,
@@ -72,7 +83,7 @@ def headless_command(cfg: LoadConfig, host: str, out_dir: Path, *, processes: in
     n = cfg.processes if processes is None else processes
     if n > 1:
         cmd += ["--processes", str(n)]
-    return cmd + load_arguments(cfg, out_dir / "requests.jsonl")
+    return cmd + load_arguments(cfg, out_dir / "requests.jsonl", model_name=model_name)
 
 
 def locust_env() -> dict[str, str]:

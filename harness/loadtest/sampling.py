@@ -41,16 +41,6 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def server_alive(pid: int | None) -> bool:
-    """True while `pid` runs (a killed child stays a zombie until reaped: that counts as dead)."""
-    if pid is None:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 class _Gpu:
     """NVML (pip nvidia-ml-py), if installed and a driver answers; otherwise absent without noise."""
 

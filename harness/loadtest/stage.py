@@ -1,8 +1,10 @@
-"""The load stage: for each variant, llama-server sized for the largest step, the stepped Locust run (headless,
-as a child process), server sampling, and the per-step summary; plus `serve_with_web_ui` for interactive use."""
+"""The load stage: for each target and variant, its server (sized for the largest step) or the running endpoint, one
+warm-up request, the stepped Locust run (headless, as a child process), server sampling, and the per-step summary;
+plus `serve_with_web_ui` for interactive use."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import socket
 import sys
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import Experiment, LoadConfig
+from harness.config import LoadConfig, TargetConfig
 from harness.console import advance, progress_bar
 from harness.context import RunContext, Stage
 from harness.errors import LoadTestError
@@ -28,40 +30,52 @@ from harness.loadtest.runner import (
     stop_timeout,
     user_for,
 )
-from harness.loadtest.sampling import ResourceSampler, server_alive
+from harness.loadtest.sampling import ResourceSampler
 from harness.loadtest.summary import LoadSummary, summarize_step
 from harness.process import spawn
 from harness.records import is_fresh, read_record, write_record
-from harness.server import LlamaServer, ServerSizing, check_port_free
+from harness.server import Endpoint, LlamaServer, check_port_free
+from harness.targets import open_endpoint, sizing_for
 from locustfiles import USER_KINDS
 from locustfiles._options import DEFAULT_PROMPT_TEXT
 
-SUMMARY_SCHEMA = 2  # bump when the records or the summary change meaning: finished runs are measured again
+SUMMARY_SCHEMA = 3  # bump when the records or the summary change meaning: finished runs are measured again
+EXTERNAL_MODEL = "endpoint"  # the label of an external endpoint's model when the target names none
 
 
 class LoadStage(Stage):
-    """Every variant under the stepped Locust load on its own llama-server."""
+    """Every variant under the stepped Locust load on every target (llama-server, llama-cpp-python, an endpoint)."""
 
     name = "load"
 
     def enabled(self, ctx: RunContext) -> bool:
         return ctx.experiment.load.enabled
 
-    def inputs(self, ctx: RunContext, variant: str | None = None) -> Any:
-        if variant is None:
-            raise LoadTestError("the load stage's inputs are per variant")
+    def inputs(self, ctx: RunContext, item: str | None = None) -> Any:
+        """`item` is "<target>/<variant>": one target's measurement of one variant (or of an external endpoint)."""
+        if item is None or "/" not in item:
+            raise LoadTestError("the load stage's inputs are per target and variant")
+        label, variant = item.split("/", 1)
+        target = _target(ctx, label)
+        inputs: dict[str, Any] = {
+            "schema": SUMMARY_SCHEMA,
+            "target": target.model_dump(mode="json"),
+            "api": target.route_api(ctx.experiment.load.api),
+            "load": ctx.experiment.load.model_dump(mode="json"),
+        }
+        if target.kind == "external":
+            return inputs
         model = ctx.models()[variant].path
         try:
             stat = model.stat()
         except FileNotFoundError:
             raise LoadTestError(f"model file not found: {model}") from None
         return {
-            "schema": SUMMARY_SCHEMA,
+            **inputs,
             "model": str(model),
             "model_size": stat.st_size,
             "model_mtime_ns": stat.st_mtime_ns,
             "build": ctx.build.cache_key,
-            "load": ctx.experiment.load.model_dump(mode="json"),
             "server": ctx.experiment.server.model_dump(mode="json"),
         }
 
@@ -69,29 +83,50 @@ class LoadStage(Stage):
         run_load_stage(ctx)
 
 
-def run_load_stage(ctx: RunContext) -> dict[str, LoadSummary]:
-    """Load-test every variant the models stage made, skipping those whose summary is fresh."""
-    results: dict[str, LoadSummary] = {}
+def _target(ctx: RunContext, label: str) -> TargetConfig:
+    for target in ctx.experiment.targets:
+        if target.label == label:
+            return target
+    raise LoadTestError(f"no target named {label!r}; targets: {', '.join(t.label for t in ctx.experiment.targets)}")
+
+
+def units(ctx: RunContext, target: TargetConfig) -> dict[str, Path | None]:
+    """What `target` measures: every variant (name -> GGUF), or an external endpoint's one model."""
+    if target.kind == "external":
+        return {target.model_name or EXTERNAL_MODEL: None}
+    return {name: artifact.path for name, artifact in ctx.models().items()}
+
+
+def run_load_stage(ctx: RunContext) -> dict[tuple[str, str], LoadSummary]:
+    """Load-test every variant on every target, skipping what is fresh; returns the summaries by (target, variant).
+
+    llama-server and llama-cpp-python get a fresh server per variant (or one llama-cpp-python server holding every
+    variant, with multi_model); an external endpoint is measured once, as it is.
+    """
+    results: dict[tuple[str, str], LoadSummary] = {}
     stage = LoadStage()
-    for variant, artifact in ctx.models().items():
-        summary_path = ctx.run.load_summary(variant)
-        digest = stage.digest(ctx, variant)
-        if is_fresh(summary_path, digest):
-            results[variant] = read_record(summary_path, LoadSummary)
+    for target in ctx.experiment.targets:
+        todo = {}
+        for variant, model in units(ctx, target).items():
+            path, digest = ctx.run.load_summary(target.label, variant), stage.digest(ctx, f"{target.label}/{variant}")
+            if is_fresh(path, digest):
+                results[(target.label, variant)] = read_record(path, LoadSummary)
+            else:
+                todo[variant] = (model, path, digest)
+        if not todo:
             continue
-        write_record(summary_path, run_variant(ctx, variant, artifact.path), digest=digest)
-        results[variant] = read_record(summary_path, LoadSummary)
+        if target.multi_model:
+            models = {variant: model for variant, (model, _, _) in todo.items() if model is not None}
+            log_path = ctx.run.load_target(target.label) / "server.log"
+            with open_endpoint(ctx, target, models, log_path=log_path) as endpoint:
+                for variant, (_, path, digest) in todo.items():
+                    write_record(path, measure(ctx, target, endpoint, variant), digest=digest)
+                    results[(target.label, variant)] = read_record(path, LoadSummary)
+            continue
+        for variant, (model, path, digest) in todo.items():
+            write_record(path, run_variant(ctx, variant, model, target=target), digest=digest)
+            results[(target.label, variant)] = read_record(path, LoadSummary)
     return results
-
-
-def sizing_for(exp: Experiment) -> ServerSizing:
-    """One slot per user of the largest step, each holding a whole request."""
-    return ServerSizing(
-        parallel=max(exp.load.steps),
-        prompt_tokens=exp.load.prompt_tokens,
-        output_tokens=exp.load.output_tokens,
-        margin_tokens=exp.server.margin_tokens,
-    )
 
 
 def start_server(ctx: RunContext, model: Path, log_path: Path, *, port: int | None = None) -> LlamaServer:
@@ -99,42 +134,61 @@ def start_server(ctx: RunContext, model: Path, log_path: Path, *, port: int | No
     settings = ctx.experiment.server
     if port is not None:
         settings = settings.model_copy(update={"port": port})
-    return LlamaServer(ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=settings)
+    return LlamaServer(
+        ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=settings,
+        embeddings=ctx.experiment.load.api == "embeddings",
+    )  # fmt: skip
 
 
-def warm_up(server: LlamaServer, cfg: LoadConfig) -> None:
+def warm_up(endpoint: Endpoint, cfg: LoadConfig, api: str, model_name: str | None = None) -> None:
     """The unmeasured warm-up request, cut from the same text as the load's prompts."""
     text = (cfg.prompt_text or DEFAULT_PROMPT_TEXT).read_text(encoding="utf-8")
-    server.warm_up(text, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens)
+    endpoint.warm_up(api, text, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens, model=model_name)
 
 
-def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
-    """One variant: server up, steps run headless, everything stopped, records summarised."""
-    exp, build = ctx.experiment, ctx.build
-    cfg = exp.load
-    out = ctx.run.load(variant)
+def run_variant(
+    ctx: RunContext, variant: str, model: Path | None, *, target: TargetConfig | None = None
+) -> LoadSummary:
+    """One variant on one target (default: the experiment's first): its server up (or the endpoint reached), the
+    steps run headless, everything stopped, the records summarised."""
+    target = target or ctx.experiment.targets[0]
+    models = {variant: model} if model is not None else {}
+    out = ctx.run.load(target.label, variant)
+    with open_endpoint(ctx, target, models, log_path=out / "server.log") as endpoint:
+        return measure(ctx, target, endpoint, variant)
+
+
+def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: str) -> LoadSummary:
+    """The stepped load on a running endpoint: warm-up, Locust headless, server sampling, the per-step summary."""
+    cfg = ctx.experiment.load
+    api = target.route_api(cfg.api)
+    # The users name the model when the server needs it: the target's name, a multi-model alias, else none.
+    model_name = target.model_name or (variant if target.multi_model else None)
+    out = ctx.run.load(target.label, variant)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("requests.jsonl", "resources.jsonl"):  # a re-run measures afresh, it does not append
         (out / stale).unlink(missing_ok=True)
     records = out / "requests.jsonl"
-    bar = progress_bar(_expected_requests(cfg), f"load {variant}", "req")
+    warm_up(endpoint, cfg, api, model_name)
+    cmd = headless_command(cfg, endpoint.url, out, api=api, model_name=model_name)
+    bar = progress_bar(_expected_requests(cfg), f"load {target.label} {variant}", "req")
     try:
-        with start_server(ctx, model, out / "server.log") as server:
-            warm_up(server, cfg)
-            cmd = headless_command(cfg, server.url, out)
-            with ResourceSampler(
-                server.pid, server.url + "/metrics", out / "resources.jsonl", interval_s=cfg.sample_interval_s
-            ) as sampler:
-                result = run_headless(
-                    cmd,
-                    records=records,
-                    log_path=out / "locust.log",
-                    deadline_s=_deadline_s(cfg),
-                    watch=lambda: _server_problem(server, variant),
-                    on_progress=lambda n: advance(bar, n),
+        with contextlib.ExitStack() as stack:
+            sampler = None
+            if endpoint.pid is not None:
+                metrics = endpoint.url + "/metrics" if endpoint.kind == "llama-server" else None
+                sampler = stack.enter_context(
+                    ResourceSampler(endpoint.pid, metrics, out / "resources.jsonl", interval_s=cfg.sample_interval_s)
                 )
-            samples = sampler.samples
-            props = server.props
+            result = run_headless(
+                cmd,
+                records=records,
+                log_path=out / "locust.log",
+                deadline_s=_deadline_s(cfg),
+                watch=lambda: f"{variant}: {problem}" if (problem := endpoint.problem()) else None,
+                on_progress=lambda n: advance(bar, n),
+            )
+        samples = sampler.samples if sampler else []
     finally:
         bar.close()
     check_complete(result, len(cfg.steps))
@@ -143,30 +197,25 @@ def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
     if empty:
         reasons = next(iter(empty[0].failure_reasons), "no request finished inside the step")
         raise LoadTestError(
-            f"{variant}: step with {empty[0].users} users measured no successful request: {reasons} "
+            f"{target.label} {variant}: step with {empty[0].users} users measured no successful request: {reasons} "
             f"(records: {records})"
         )
-    _, user = user_for(cfg.api)
+    _, user = user_for(api)
     route = next((r.route for r in result.requests), "")
-    sizing = sizing_for(exp)
     return LoadSummary(
         variant=variant,
-        api=cfg.api,
+        target=target.label,
+        target_kind=target.kind,
+        serializes=endpoint.serializes,
+        model_name=model_name,
+        api=api,
         route=route,
         prompt_tokens=cfg.prompt_tokens,
-        output_tokens=cfg.output_tokens,
+        output_tokens=0 if api == "embeddings" else cfg.output_tokens,
         steps=steps,
         requests=len(result.requests),
         failures=sum(not r.ok for r in result.requests),
-        server={
-            "model": str(model),
-            "build": f"b{build.build_number} ({build.commit})",
-            "backend": build.backend,
-            "parallel": sizing.parallel,
-            "ctx_size": sizing.ctx_size,
-            "slot_ctx": (props.get("default_generation_settings") or {}).get("n_ctx"),
-            "threads": exp.server.threads,
-        },
+        server=endpoint.describe(),
         locust={"user": user, "processes": cfg.processes, "exit_code": result.exit_code},
         files={
             "requests": "requests.jsonl",
@@ -177,12 +226,6 @@ def run_variant(ctx: RunContext, variant: str, model: Path) -> LoadSummary:
             "locust_html": "locust.html",
         },
     )
-
-
-def _server_problem(server: LlamaServer, variant: str) -> str | None:
-    if server_alive(server.pid):
-        return None
-    return f"llama-server for {variant} died during the load test (log: {server.log_path})"
 
 
 def _expected_requests(cfg: LoadConfig) -> int | None:
@@ -234,13 +277,13 @@ def serve_with_web_ui(
     up. Both processes are stopped on every exit path.
     """
     name = variant or Path(model).stem
-    out = ctx.run.load(name) / "webui"
+    out = ctx.run.load(ctx.experiment.targets[0].label, name) / "webui"
     out.mkdir(parents=True, exist_ok=True)
     web_host = "127.0.0.1"
     check_port_free(web_host, web_port)
     stop = stop or threading.Event()
     with start_server(ctx, Path(model), out / "server.log", port=port) as server:
-        warm_up(server, ctx.experiment.load)
+        warm_up(server, ctx.experiment.load, ctx.experiment.load.api)
         cmd = web_ui_command(ctx.experiment.load, server.url, out, web_host=web_host, web_port=web_port)
         with open(out / "locust.log", "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
@@ -257,8 +300,8 @@ def serve_with_web_ui(
                 while not stop.wait(0.5):
                     if proc.poll() is not None:
                         raise LoadTestError(f"the Locust web UI exited ({proc.returncode}); see {out / 'locust.log'}")
-                    if not server_alive(server.pid):
-                        raise LoadTestError(f"llama-server for {name} died; see {server.log_path}")
+                    if (problem := server.problem()) is not None:
+                        raise LoadTestError(f"{name}: {problem}")
             except KeyboardInterrupt:
                 echo("stopping the web UI and llama-server")
 

@@ -53,6 +53,7 @@ class StepSummary(Record):
     window_output_tokens: int = 0  # tokens streamed inside the window, by any successful request of the run
     output_tokens_per_s: float  # window_output_tokens / window_s
     output_tokens_per_s_per_user: float
+    input_tokens_per_s: float = 0.0  # server-counted prompt tokens of successful measured requests / duration
     ttft_s: Percentiles | None = None
     tpot_s: Percentiles | None = None
     itl_s: Percentiles | None = None
@@ -66,6 +67,10 @@ class StepSummary(Record):
 
 class LoadSummary(StageRecord):
     variant: str
+    target: str  # the target's name (its kind unless named)
+    target_kind: str  # llama-server | llama-cpp-python | external
+    serializes: bool = False  # the server handles one request at a time: concurrent users queue
+    model_name: str | None = None  # the `model` field the users sent
     api: str
     route: str
     prompt_tokens: int
@@ -103,6 +108,7 @@ def summarize_step(
         window_output_tokens=tokens,
         output_tokens_per_s=tokens / window,
         output_tokens_per_s_per_user=tokens / window / step.users,
+        input_tokens_per_s=sum(r.prompt_tokens or 0 for r in ok) / duration,
         ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
         tpot_s=Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None]),
         itl_s=Percentiles.of(np.concatenate([r.itl_s for r in ok]) if ok else []),

@@ -77,7 +77,7 @@ def test_web_ui_runs_a_test_in_chromium_and_stops_cleanly(cache_dir: Path, curre
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 page.goto(f"http://127.0.0.1:{web_port}/", wait_until="networkidle")
                 # --class-picker ticks every user class; keep only the native /completion user.
-                for name in ("NativeCompletionUser", "OpenAIChatUser", "OpenAICompletionUser"):
+                for name in ("NativeCompletionUser", "OpenAIChatUser", "OpenAICompletionUser", "EmbeddingsUser"):
                     row = page.locator("tr", has=page.get_by_role("cell", name=name, exact=True))
                     row.get_by_role("checkbox").set_checked(name == "NativeCompletionUser")
                 page.locator("input[name=userCount]").fill("1")

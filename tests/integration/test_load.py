@@ -87,8 +87,8 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
     run_dir = RunDir(tmp_path)
     write_models(run_dir, {"Q4_1": smollm2})
     summaries = run_load_stage(context(exp, current_build, tmp_path))
-    summary = summaries["Q4_1"]
-    out = run_dir.load("Q4_1")
+    summary = summaries[("llama-server", "Q4_1")]
+    out = run_dir.load("llama-server", "Q4_1")
     requests, steps = read_records(out / "requests.jsonl")
 
     assert_exact_counts(requests, exp.load)
@@ -121,7 +121,7 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
     logs = {name: (out / name).stat().st_size for name in ("server.log", "locust.log", "requests.jsonl")}
     stamp = (out / "summary.json").stat().st_mtime_ns
     again = run_load_stage(context(exp, current_build, tmp_path))
-    assert again["Q4_1"] == summary and (out / "summary.json").stat().st_mtime_ns == stamp
+    assert again[("llama-server", "Q4_1")] == summary and (out / "summary.json").stat().st_mtime_ns == stamp
     assert {name: (out / name).stat().st_size for name in logs} == logs
 
 
@@ -129,7 +129,7 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
 def test_openai_routes_exact_counts(tmp_path: Path, current_build: Build, smollm2: Path, api: str):
     exp = experiment(tmp_path, api=api, steps=[1, 2], requests_per_user=1, **SMALL)
     summary = run_variant(context(exp, current_build, tmp_path / api), "Q4_1", smollm2)
-    requests, _ = read_records(tmp_path / api / "load" / "Q4_1" / "requests.jsonl")
+    requests, _ = read_records(tmp_path / api / "load" / "llama-server" / "Q4_1" / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert {r.route for r in requests} == {"/v1/completions" if api == "openai" else "/v1/chat/completions"}
     assert [s.users for s in summary.steps] == [1, 2] and all(s.requests >= s.users for s in summary.steps)
@@ -140,7 +140,7 @@ def test_openai_routes_exact_counts(tmp_path: Path, current_build: Build, smollm
 def test_two_locust_processes(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path, processes=2, requests_per_user=1, **SMALL)
     summary = run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
-    out = tmp_path / "load" / "Q4_1"
+    out = tmp_path / "load" / "llama-server" / "Q4_1"
     requests, steps = read_records(out / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert len({r.pid for r in requests}) == 2  # both worker processes sent load, the master wrote every record
@@ -176,7 +176,7 @@ def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smo
 
 def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, current_build: Build, smollm2: Path):
     exp = experiment(tmp_path, steps=[1, 2], requests_per_user=3, **SMALL)
-    out = tmp_path / "load" / "Q4_1"
+    out = tmp_path / "load" / "llama-server" / "Q4_1"
     records = out / "requests.jsonl"
     killed: list[int] = []
 
@@ -197,7 +197,7 @@ def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, curren
     killer.join(timeout=5)
     assert killed
     message = str(caught.value)
-    assert "llama-server for Q4_1 died during the load test" in message and str(records) in message
+    assert "Q4_1: llama-server died during the load test" in message and str(records) in message
     requests, _ = read_records(records)
     failed = [r for r in requests if not r.ok]
     assert failed and all(r.error for r in failed)  # the requests cut by the kill are recorded as failures
@@ -210,7 +210,7 @@ def test_ctrl_c_stops_locust_and_the_server(tmp_path: Path, current_build: Build
     model = tmp_path / "model.gguf"  # a private path: every child process of this run mentions tmp_path
     model.symlink_to(smollm2)
     exp = experiment(tmp_path / "run", steps=[1, 2], requests_per_user=3, **SMALL)
-    out = tmp_path / "run" / "load" / "Q4_1"
+    out = tmp_path / "run" / "load" / "llama-server" / "Q4_1"
     code = (
         "import json, sys; from pathlib import Path\n"
         "from harness.config import Experiment; from harness.context import RunContext\n"
@@ -292,14 +292,14 @@ def test_web_ui_serves_steps_and_stops_cleanly(tmp_path: Path, current_build: Bu
     thread.join(timeout=60)
     assert not thread.is_alive() and not errors, errors
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    records, _ = read_records(tmp_path / "load" / "Q4_1" / "webui" / "requests.jsonl")
+    records, _ = read_records(tmp_path / "load" / "llama-server" / "Q4_1" / "webui" / "requests.jsonl")
     assert records and {(r.ok, r.prompt_tokens, r.output_tokens) for r in records} == {(True, 64, 8)}
 
 
 def test_native_on_the_b3661_era_build(tmp_path: Path, legacy_build: Build, smollm2: Path):
     exp = experiment(tmp_path, steps=[1, 2], requests_per_user=1, **SMALL)
     summary = run_variant(context(exp, legacy_build, tmp_path), "Q4_1", smollm2)
-    requests, _ = read_records(tmp_path / "load" / "Q4_1" / "requests.jsonl")
+    requests, _ = read_records(tmp_path / "load" / "llama-server" / "Q4_1" / "requests.jsonl")
     assert_exact_counts(requests, exp.load)
     assert [s.users for s in summary.steps] == [1, 2] and all(s.requests >= s.users for s in summary.steps)
 

@@ -28,6 +28,7 @@ SMALL = [
     "--set", "load.output_tokens=8",
     "--set", "load.steps=[1, 2]",
     "--set", "load.requests_per_user=2",
+    "--set", 'targets=[{kind="llama-server"}]',
 ]  # fmt: skip
 
 
@@ -47,8 +48,12 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert results["missing"] == []
     for v in results["variants"]:
         assert v["quality"]["accuracy"] is not None and v["quality"]["n_questions"] >= 100
-        assert [s["users"] for s in v["speed"]["steps"]] == [1, 2, 4, 8]
-        assert all(s["requests"] > 0 and s["failures"] == 0 for s in v["speed"]["steps"])
+        # Both managed targets measured every step with every request's counts verified (none failed).
+        assert list(v["speeds"]) == ["llama-server", "llama-cpp-python"]
+        for speed in v["speeds"].values():
+            assert [s["users"] for s in speed["steps"]] == [1, 2, 4, 8]
+            assert all(s["requests"] > 0 and s["failures"] == 0 for s in speed["steps"])
+        assert v["speeds"]["llama-cpp-python"]["serializes"] and v["speeds"]["llama-cpp-python"]["api"] == "openai"
         if not v["is_baseline"]:
             q = v["quality"]
             assert q["verdict"] in ("non-inferior", "worse", "inconclusive") and q["kld_mean_sigma"] is not None
@@ -68,6 +73,7 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert results["margin_points"] == 1.0 and results["alpha"] == 0.05
     assert results["baseline_provenance"].startswith("the demo's baseline is SmolLM2-135M-Instruct's Q4_1 GGUF")
     assert 'id="provenance"' in page and 'id="to-decide"' in page
+    assert 'id="targets-table"' in page and 'data-target="llama-cpp-python"' in page
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {k: v["state"] for k, v in manifest["stages"].items()} == {
         "build": "done", "models": "done", "mmlu": "done", "load": "done", "report": "done",
@@ -131,7 +137,7 @@ def test_interrupt_mid_load_then_resume(env, tmp_path: Path):
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were not redone
     final = json.loads(run.results.read_text())
     assert final["missing"] == []
-    assert [[s["users"] for s in v["speed"]["steps"]] for v in final["variants"]] == [[1, 2], [1, 2]]
+    assert [[s["users"] for s in v["speeds"]["llama-server"]["steps"]] for v in final["variants"]] == [[1, 2], [1, 2]]
 
 
 def test_bad_input_to_run(env, tmp_path: Path):

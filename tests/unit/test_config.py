@@ -95,3 +95,43 @@ def test_resolved_experiment_round_trips_through_toml(tmp_path):
     exp = load_experiment(None, environ={}, overrides=["cache_dir='/c'", "mmlu.per_subject=3"])
     again = Experiment.model_validate(tomllib.loads(exp.to_toml()))
     assert again == exp
+
+
+def test_targets_default_to_llama_server_and_take_the_others():
+    assert [(t.kind, t.label) for t in load_experiment(None, environ={}).targets] == [("llama-server", "llama-server")]
+    exp = load_experiment(
+        None,
+        overrides=[
+            'targets=[{kind="llama-server"}, {kind="llama-cpp-python", multi_model=true}, '
+            '{kind="external", name="vllm", url="http://127.0.0.1:8000", model_name="m", api="chat"}]'
+        ],
+        environ={},
+    )
+    server, lcp, ext = exp.targets
+    assert (lcp.label, lcp.multi_model, lcp.route_api("native"), server.route_api("native")) == (
+        "llama-cpp-python", True, "openai", "native",
+    )  # fmt: skip
+    assert (ext.label, ext.url, ext.route_api("native")) == ("vllm", "http://127.0.0.1:8000", "chat")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ('{kind="external"}', "needs url"),
+        ('{kind="external", url="http://10.1.2.3:8000"}', "is not on this machine"),
+        ('{kind="external", url="ftp://127.0.0.1"}', r"not an http\(s\) URL"),
+        ('{kind="llama-server", url="http://127.0.0.1:1"}', "url is only for targets of kind 'external'"),
+        ('{kind="llama-server", multi_model=true}', "multi_model is a llama-cpp-python option"),
+        ('{kind="llama-cpp-python", api="native"}', "has no native /completion route"),
+        ('{kind="vllm"}', "'vllm' is not allowed"),
+    ],
+)
+def test_bad_targets_are_one_clear_error(target: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(None, overrides=[f"targets=[{target}]"], environ={})
+    with pytest.raises(ConfigError, match="target names must be unique; repeated: llama-server"):
+        load_experiment(None, overrides=['targets=[{kind="llama-server"}, {kind="llama-server"}]'], environ={})
+    remote = load_experiment(
+        None, overrides=['targets=[{kind="external", url="http://10.1.2.3:8000", allow_remote=true}]'], environ={}
+    )
+    assert remote.targets[0].url == "http://10.1.2.3:8000"

@@ -10,7 +10,8 @@ import pytest
 from harness.config import LoadConfig, load_experiment
 from harness.errors import ConfigError, LoadTestError
 from harness.loadtest.runner import headless_command, stop_timeout, user_for
-from harness.loadtest.stage import _deadline_s, sizing_for, ssh_tunnel_hint, web_ui_command
+from harness.loadtest.stage import _deadline_s, ssh_tunnel_hint, web_ui_command
+from harness.targets import sizing_for
 from locustfiles._options import DEFAULT_PROMPT_TEXT, LoadOptions, add_arguments
 
 
@@ -64,7 +65,7 @@ def test_headless_command_for_each_api(tmp_path: Path):
 def test_web_ui_command_offers_every_user_and_binds_loopback(tmp_path: Path):
     cmd = web_ui_command(LoadConfig(), "http://127.0.0.1:9", tmp_path, web_host="127.0.0.1", web_port=8089)
     files = cmd[cmd.index("-f") + 1].split(",")
-    assert [Path(f).name for f in files] == ["native.py", "openai_compat.py"]
+    assert [Path(f).name for f in files] == ["embeddings.py", "native.py", "openai_compat.py"]
     assert "--class-picker" in cmd and cmd[cmd.index("--web-host") + 1] == "127.0.0.1"
     assert ssh_tunnel_hint(8089).startswith("ssh -L 8089:127.0.0.1:8089 ")
 

@@ -86,8 +86,9 @@ def test_resources_in_the_window_and_server_counter_rates():
 
 def test_summary_json_round_trip(tmp_path):
     step = summarize_step(STEP, [record(0), record(1)])
-    summary = LoadSummary(variant="Q4_0", api="native", route="/completion", prompt_tokens=128, output_tokens=32,
-                          steps=[step], requests=2, failures=0)  # fmt: skip
+    summary = LoadSummary(variant="Q4_0", target="llama-server", target_kind="llama-server", api="native",
+                          route="/completion", prompt_tokens=128, output_tokens=32, steps=[step], requests=2,
+                          failures=0)  # fmt: skip
     write_record(tmp_path / "summary.json", summary, digest="d")
     again = read_record(tmp_path / "summary.json", LoadSummary)
     assert again == summary.model_copy(update={"inputs_digest": "d"})

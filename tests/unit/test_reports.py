@@ -28,7 +28,7 @@ def test_ships_the_fastest_non_inferior_variant():
 
 def test_says_4_bit_only_when_it_is():
     r = results()
-    r.variants[1].speed = results().variants[3].speed.model_copy(deep=True)  # Q8_0 as fast as Q4_K_M-imat ...
+    r.variants[1].speeds = results().variants[3].model_copy(deep=True).speeds  # Q8_0 as fast as Q4_K_M-imat ...
     for s in r.variants[1].speed.steps:
         s.output_tps *= 2  # ... and then faster
     rec = recommend(r)
@@ -38,7 +38,7 @@ def test_says_4_bit_only_when_it_is():
 
 def test_equal_speed_kld_decides_only_where_the_intervals_do_not_overlap():
     r = results()
-    r.variants[1].speed = r.variants[3].speed.model_copy(deep=True)  # Q8_0 exactly as fast as Q4_K_M-imat
+    r.variants[1].speeds = r.variants[3].model_copy(deep=True).speeds  # Q8_0 exactly as fast as Q4_K_M-imat
     # KLD 0.0005 +/- 0.001 against 0.02 +/- 0.001: apart, the lower one wins although its file is larger.
     assert recommend(r).variant == "Q8_0"
     # With +/- 0.01 the intervals overlap: tied on KLD, the smaller file wins.
@@ -145,7 +145,7 @@ def test_hostile_names_cannot_inject_markup(tmp_path):
 def test_partial_report_says_what_is_missing(tmp_path):
     r = results(missing=["load: Q4_0 (stage interrupted)"])
     for v in r.variants:
-        v.speed = None
+        v.speeds = {}
     page = render_report(r, tmp_path / "report.html").read_text()
     assert 'id="missing"' in page and "load: Q4_0 (stage interrupted)" in page
     assert 'id="chart-throughput"' not in page
@@ -166,3 +166,21 @@ def test_llamasys_report_rerenders_and_compares_runs(tmp_path, capsys):
     assert f"report: {(tmp_path / 'a' / 'report.html').resolve()}" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 8
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_targets_side_by_side_and_an_external_endpoint(tmp_path):
+    from reports.model import EndpointResult, TargetResult
+
+    r = results()
+    r.targets.append(TargetResult(name="llama-cpp-python", kind="llama-cpp-python", api="openai", serializes=True))
+    for v in r.variants:
+        slow = v.speeds["llama-server"].model_copy(deep=True, update={"target": "llama-cpp-python", "serializes": True})
+        v.speeds["llama-cpp-python"] = slow
+    endpoint = r.variants[0].speeds["llama-server"].model_copy(update={"target": "vllm"})
+    r.endpoints.append(EndpointResult(target="vllm", url="http://127.0.0.1:8000", model="m", speed=endpoint))
+    r.recommendation = recommend(r)
+    assert r.recommendation.variant == "Q4_K_M-imat"  # the first target is the one the rule compares
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert 'id="targets-table"' in page and page.count('data-target="llama-cpp-python"') == 4
+    assert "This server handles one request at a time" in page
+    assert "m on vllm (http://127.0.0.1:8000)" in page

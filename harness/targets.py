@@ -1,0 +1,285 @@
+"""The systems the load stage measures, behind one interface (`harness.server.Endpoint`).
+
+- llama-server, started by the harness for one variant (`harness.server.LlamaServer`);
+- llama-cpp-python's OpenAI server (`python -m llama_cpp.server`), installed from the PyPI version whose sdist the
+  llama.cpp build came from, compiled once into a cached environment with the build's backend, started on
+  127.0.0.1 with the variant's GGUF (or every variant, from one `--config_file`), a context that fits a request and
+  the same thread count, and stopped on every exit path. It serves one request at a time; its default
+  `interrupt_requests` would cancel the streaming request whenever another arrives, so it is turned off;
+- an endpoint that is already running (`kind = "external"`): no lifecycle, reached and checked once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.cache import atomic_dir
+from harness.config import Experiment, TargetConfig
+from harness.context import RunContext
+from harness.errors import ConfigError, LoadTestError, ServerError
+from harness.llamacpp import check_toolchain
+from harness.process import spawn, stop
+from harness.records import atomic_write, inputs_digest
+from harness.server import Endpoint, LlamaServer, ServerSizing, check_gguf, free_port
+from harness.tools import error_line, run_logged
+
+logger = logging.getLogger(__name__)
+
+
+def sizing_for(exp: Experiment) -> ServerSizing:
+    """One slot per user of the largest step, each holding a whole request."""
+    return ServerSizing(
+        parallel=max(exp.load.steps),
+        prompt_tokens=exp.load.prompt_tokens,
+        output_tokens=0 if exp.load.api == "embeddings" else exp.load.output_tokens,
+        margin_tokens=exp.server.margin_tokens,
+    )
+
+
+# ---------------------------------------------------------------- llama-cpp-python
+
+
+def llama_cpp_python_version(exp: Experiment, target: TargetConfig) -> str:
+    """The PyPI version to install: the target's, else the one whose sdist the llama.cpp build came from."""
+    if target.version:
+        return target.version
+    if exp.llamacpp.source == "pypi":
+        return exp.llamacpp.ref
+    raise ConfigError(
+        f"targets ({target.label}): llama.cpp comes from {exp.llamacpp.source!r}, so the matching llama-cpp-python "
+        'version is not known; set version = "0.3.36" (a llama-cpp-python release on PyPI) on this target'
+    )
+
+
+def llama_cpp_python_cmake_args(ctx: RunContext) -> list[str]:
+    """CMAKE_ARGS for compiling llama-cpp-python the way the llama.cpp build was compiled (backend, no libcurl)."""
+    if ctx.build.has_gpu:
+        arch = ctx.experiment.llamacpp.cuda_architectures
+        return ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DLLAMA_CURL=OFF"]
+    return ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"]
+
+
+def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
+    """A virtual environment with llama-cpp-python[server]==`version`, compiled from its sdist once and cached
+    under <cache>/thirdparty, keyed by version, CMake arguments, Python and machine: the second call compiles
+    nothing. Built in a temporary directory and renamed whole, so a killed build leaves no half environment."""
+    cmake = llama_cpp_python_cmake_args(ctx)
+    key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2], "os": os.uname().machine})
+    final = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}"
+    if (final / "bin" / "python").exists():
+        return final
+    env = {**os.environ, **check_toolchain(ctx.build.backend)}
+    env["CMAKE_ARGS"] = " ".join(cmake)
+    env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(ctx.experiment.llamacpp.jobs or os.cpu_count() or 1)
+    log = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}.log"
+
+    def fill(venv: Path) -> None:
+        logger.info("load: compiling llama-cpp-python %s (%s) once into %s (log: %s)", version, cmake, final, log)
+        for cmd in (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir",
+             f"llama-cpp-python[server]=={version}"],
+        ):  # fmt: skip
+            run = run_logged(cmd, log_path=log, env=env, tail=40)
+            if not run.ok:
+                raise LoadTestError(f"cannot install llama-cpp-python {version}: {error_line(run.lines)} (log: {log})")
+
+    return atomic_dir(final, fill)
+
+
+class LlamaCppPythonServer(Endpoint):
+    """`python -m llama_cpp.server` for one variant, or for several from one --config_file (model aliases)."""
+
+    kind = "llama-cpp-python"
+    serializes = True  # one Llama object per model, one request at a time: concurrent requests queue
+
+    def __init__(
+        self, ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path, embedding: bool
+    ) -> None:
+        self.ctx = ctx
+        self.target = target
+        self.models = {name: Path(path) for name, path in models.items()}
+        self.log_path = log_path
+        self.embedding = embedding
+        self.port: int | None = None
+        self.props: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServerError("llama-cpp-python's server is not running")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def model_settings(self, alias: str, model: Path) -> dict[str, Any]:
+        """One model's settings (--config_file entry and command-line flags alike)."""
+        exp = self.ctx.experiment
+        sizing = sizing_for(exp)
+        settings: dict[str, Any] = {
+            "model": str(model),
+            "model_alias": alias,
+            # One request at a time: one sequence's context holds a whole request.
+            "n_ctx": sizing.per_slot,
+            "n_batch": min(2048, sizing.per_slot),
+            "n_gpu_layers": exp.server.gpu_layers if self.ctx.build.has_gpu else 0,
+            "embedding": self.embedding,
+        }
+        if exp.server.threads:
+            settings["n_threads"] = settings["n_threads_batch"] = exp.server.threads
+        return settings
+
+    def command(self, python: Path, config_file: Path) -> list[str]:
+        return [str(python), "-m", "llama_cpp.server", "--config_file", str(config_file)]
+
+    def start(self) -> None:
+        for model in self.models.values():
+            check_gguf(model, error=LoadTestError)
+        venv = llama_cpp_python_env(self.ctx, llama_cpp_python_version(self.ctx.experiment, self.target))
+        self.port = free_port("127.0.0.1")
+        config = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            # Its default cancels the streaming request whenever another one arrives (the client sees the stream
+            # cut short): concurrent users must queue instead, as they would in a deployment.
+            "interrupt_requests": False,
+            "models": [self.model_settings(alias, path) for alias, path in self.models.items()],
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        config_file = atomic_write(self.log_path.with_name("llama-cpp-python.json"), json.dumps(config, indent=2))
+        cmd = self.command(venv / "bin" / "python", config_file)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+        self._proc = spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop(self._proc, grace_s=10.0)
+            self._proc = None
+
+    def describe(self) -> dict[str, Any]:
+        exp = self.ctx.experiment
+        return {
+            **super().describe(),
+            "models": {alias: str(path) for alias, path in self.models.items()},
+            "version": llama_cpp_python_version(exp, self.target),
+            "backend": self.ctx.build.backend,
+            "ctx_size": sizing_for(exp).per_slot,
+            "threads": exp.server.threads,
+        }
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.ctx.experiment.server.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                why = error_line(self.log_tail(40), empty="(empty log)")
+                raise ServerError(
+                    f"llama-cpp-python's server exited ({code}) while starting: {why} (log: {self.log_path})"
+                )
+            try:
+                served = {m.get("id") for m in self.get_json("/v1/models", timeout_s=2).get("data", [])}
+            except (urllib.error.URLError, OSError, ValueError):
+                time.sleep(0.2)  # not listening yet
+                continue
+            missing = sorted(set(self.models) - served)
+            if missing:
+                raise ServerError(
+                    f"llama-cpp-python's server does not list model(s) {', '.join(missing)} (log: {self.log_path})"
+                )
+            return
+        raise ServerError(
+            f"llama-cpp-python's server did not answer within {self.ctx.experiment.server.startup_timeout_s:.0f} s "
+            f"(log: {self.log_path})"
+        )
+
+
+# ---------------------------------------------------------------- an endpoint that is already running
+
+
+class ExternalEndpoint(Endpoint):
+    """An already running llama-server or OpenAI-compatible server: reached and checked, never started or stopped."""
+
+    kind = "external"
+
+    def __init__(self, target: TargetConfig) -> None:
+        assert target.url is not None  # TargetConfig requires it for kind "external"
+        self.target = target
+        self._url = target.url.rstrip("/")
+        self.props: dict[str, Any] = {}
+        self.models: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def start(self) -> None:
+        """Check the endpoint answers, and that it serves the model the users will name (when one is named)."""
+        try:
+            listed = self.get_json("/v1/models", timeout_s=10)
+            self.models = [str(m.get("id")) for m in listed.get("data", []) if isinstance(m, dict)]
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise LoadTestError(
+                    f"target {self.target.label}: {self.url}/v1/models answered HTTP {exc.code}"
+                ) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise LoadTestError(f"target {self.target.label}: cannot reach {self.url} ({reason})") from None
+        with_props = self._props()
+        if with_props is not None:
+            self.props = with_props
+        name = self.target.model_name
+        if name and self.models and name not in self.models:
+            raise LoadTestError(
+                f"target {self.target.label}: {self.url} does not serve model {name!r}; it serves: "
+                f"{', '.join(self.models)}"
+            )
+
+    def _props(self) -> dict[str, Any] | None:
+        try:
+            props = self.get_json("/props", timeout_s=5)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return props if isinstance(props, dict) else None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "models": self.models, "llama_server": bool(self.props)}
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def open_endpoint(ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path) -> Endpoint:
+    """The endpoint of `target` for `models` (variant -> GGUF; one, or all for a multi-model server), not started."""
+    embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
+    if target.kind == "external":
+        return ExternalEndpoint(target)
+    if target.kind == "llama-cpp-python":
+        return LlamaCppPythonServer(ctx, target, models, log_path=log_path, embedding=embeddings)
+    if len(models) != 1:
+        raise LoadTestError(f"llama-server serves one model at a time, not {len(models)}")
+    (model,) = models.values()
+    return LlamaServer(
+        ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=ctx.experiment.server,
+        embeddings=embeddings,
+    )  # fmt: skip

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import ConfigError
 from locustfiles._options import MIN_OUTPUT_TOKENS, MIN_PROMPT_TOKENS, LoadOptions
+from locustfiles._slo import Objective
 from locustfiles._steps import check_steps
 
 ENV_PREFIX = "LLAMASYS_"
@@ -253,6 +254,20 @@ class LoadConfig(Section):
     # How often the server's CPU, memory, GPU and /metrics are sampled during the load.
     sample_interval_s: float = Field(default=0.5, gt=0)
     prompt_text: Path | None = None
+    # Capacity: after the steps, search the highest concurrency that meets [slo] (doubling, then bisection), up to
+    # max_users (and no further than the KV cache the server's memory holds); the server is sized for that bound.
+    search: bool = False
+    max_users: int | None = Field(default=None, ge=1, description="the search's bound; None = twice the largest step")
+    search_resolution: int = Field(default=1, ge=1)
+    # Early stop: a step may end once it has min_requests measured requests and its [slo] verdict is certain (the
+    # confidence interval of each quantile on one side of its limit); it ends at max_requests in any case.
+    min_requests: int | None = Field(default=None, ge=1)
+    max_requests: int | None = Field(default=None, ge=1)
+
+    @property
+    def bound(self) -> int:
+        """The most users a step may have: the largest step, or the search's bound."""
+        return max(self.max_users or 2 * max(self.steps), max(self.steps)) if self.search else max(self.steps)
 
     @field_validator("steps")
     @classmethod
@@ -270,6 +285,52 @@ class LoadConfig(Section):
             if per_user is None and duration is None:
                 data = {**data, "requests_per_user": _LOAD.requests_per_user}
         return data
+
+
+class ObjectiveConfig(Section):
+    """One latency objective: a limit on a quantile of a per-request metric."""
+
+    limit: float = Field(gt=0)
+    quantile: float = Field(default=0.9, gt=0, lt=1)
+
+
+def _objective(value: Any) -> Any:
+    # `ttft_s = 2` is a limit at the default quantile; `ttft_s = false` switches a default objective off.
+    if value is False:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"limit": value}
+    return value
+
+
+class SloConfig(Section):
+    """Latency objectives every load step is judged against (a step passes when each quantile is within its limit);
+    they decide goodput and capacity. Defaults suit interactive use: TTFT p90 <= 2 s and TPOT p90 <= 100 ms."""
+
+    ttft_s: ObjectiveConfig | None = Field(default_factory=lambda: ObjectiveConfig(limit=2.0))
+    tpot_ms: ObjectiveConfig | None = Field(default_factory=lambda: ObjectiveConfig(limit=100.0))
+    e2e_s: ObjectiveConfig | None = None
+    # A floor on each user's output tokens/s: the same objective as TPOT <= 1000 / x ms (tokens/s = 1 / TPOT).
+    output_tps_per_user: ObjectiveConfig | None = None
+
+    @field_validator("ttft_s", "tpot_ms", "e2e_s", "output_tps_per_user", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any) -> Any:
+        return _objective(value)
+
+    def objectives(self) -> tuple[Objective, ...]:
+        """The objectives in seconds, as the load test takes them."""
+        out = []
+        if self.ttft_s:
+            out.append(Objective("ttft_s", self.ttft_s.limit, self.ttft_s.quantile))
+        if self.tpot_ms:
+            out.append(Objective("tpot_s", self.tpot_ms.limit / 1000, self.tpot_ms.quantile))
+        if self.output_tps_per_user:
+            rate = self.output_tps_per_user
+            out.append(Objective("tpot_s", 1 / rate.limit, rate.quantile))
+        if self.e2e_s:
+            out.append(Objective("e2e_s", self.e2e_s.limit, self.e2e_s.quantile))
+        return tuple(out)
 
 
 class ServerConfig(Section):
@@ -352,8 +413,15 @@ class Experiment(Section):
     mmlu: MMLUConfig = Field(default_factory=MMLUConfig)
     load: LoadConfig = Field(default_factory=LoadConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    slo: SloConfig = Field(default_factory=SloConfig)
     # The systems the load stage measures, every variant on each (default: the llama-server the harness starts).
     targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig()], min_length=1)
+
+    @model_validator(mode="after")
+    def _objectives_when_needed(self) -> Experiment:
+        if (self.load.search or self.load.min_requests) and not self.slo.objectives():
+            raise ValueError("load.search and load.min_requests judge steps against [slo]: set at least one objective")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Experiment:

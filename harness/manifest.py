@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def hardware_info() -> dict[str, Any]:
     """CPU model, cores, memory; GPU names and memory through NVML when an NVIDIA driver is present."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_logical": psutil.cpu_count(logical=True),
         "cores_physical": psutil.cpu_count(logical=False),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -39,7 +39,7 @@ def hardware_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

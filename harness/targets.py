@@ -36,10 +36,10 @@ from harness.tools import error_line, run_logged
 logger = logging.getLogger(__name__)
 
 
-def sizing_for(exp: Experiment) -> ServerSizing:
-    """One slot per user of the largest step, each holding a whole request."""
+def sizing_for(exp: Experiment, parallel: int | None = None) -> ServerSizing:
+    """One slot per user of the largest step (or of the search's bound), each holding a whole request."""
     return ServerSizing(
-        parallel=max(exp.load.steps),
+        parallel=parallel or exp.load.bound,
         prompt_tokens=exp.load.prompt_tokens,
         output_tokens=0 if exp.load.api == "embeddings" else exp.load.output_tokens,
         margin_tokens=exp.server.margin_tokens,
@@ -269,8 +269,11 @@ class ExternalEndpoint(Endpoint):
 # ---------------------------------------------------------------- choosing
 
 
-def open_endpoint(ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path) -> Endpoint:
-    """The endpoint of `target` for `models` (variant -> GGUF; one, or all for a multi-model server), not started."""
+def open_endpoint(
+    ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path, parallel: int | None = None
+) -> Endpoint:
+    """The endpoint of `target` for `models` (variant -> GGUF; one, or all for a multi-model server), not started;
+    llama-server gets `parallel` slots (default: the load's bound)."""
     embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
     if target.kind == "external":
         return ExternalEndpoint(target)
@@ -280,6 +283,6 @@ def open_endpoint(ctx: RunContext, target: TargetConfig, models: Mapping[str, Pa
         raise LoadTestError(f"llama-server serves one model at a time, not {len(models)}")
     (model,) = models.values()
     return LlamaServer(
-        ctx.build, model, sizing_for(ctx.experiment), log_path=log_path, settings=ctx.experiment.server,
+        ctx.build, model, sizing_for(ctx.experiment, parallel), log_path=log_path, settings=ctx.experiment.server,
         embeddings=embeddings,
     )  # fmt: skip

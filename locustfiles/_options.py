@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from locustfiles._slo import Objective, parse_objectives
 from locustfiles._steps import StepPlan
 
 DEFAULT_PROMPT_TEXT = Path(__file__).with_name("prompt_text.txt")
@@ -35,6 +36,15 @@ class LoadOptions:
     prompt_format: str = "auto"
     model_name: str = ""
     length_options: tuple[str, ...] = LENGTH_OPTIONS
+    # Latency objectives (each step is judged against them; empty: none) and the capacity search they drive.
+    objectives: tuple[Objective, ...] = ()
+    search: bool = False  # after the steps, probe higher (doubling) then bisect to the highest passing concurrency
+    max_users: int | None = None  # the search's bound (the server's slots); None = the largest step
+    search_resolution: int = 1  # stop bisecting when the last pass and the first fail are this close
+    # Early stop: once a step has min_requests measured requests, end it when its pass/fail is certain; end it at
+    # max_requests in any case.
+    min_requests: int | None = None
+    max_requests: int | None = None
 
     @classmethod
     def from_namespace(cls, ns: Any) -> LoadOptions:
@@ -57,6 +67,12 @@ class LoadOptions:
             prompt_format=str(getattr(ns, "prompt_format", d.prompt_format)),
             model_name=str(getattr(ns, "model_name", "") or ""),
             length_options=length_options,
+            objectives=parse_objectives(str(getattr(ns, "slo", "") or "")),
+            search=bool(getattr(ns, "search", False)),
+            max_users=int(getattr(ns, "max_users", 0) or 0) or None,
+            search_resolution=int(getattr(ns, "search_resolution", 1) or 1),
+            min_requests=int(getattr(ns, "min_requests", 0) or 0) or None,
+            max_requests=int(getattr(ns, "max_requests", 0) or 0) or None,
         )
         options.validate()
         return options
@@ -87,6 +103,12 @@ class LoadOptions:
             duration_s=self.step_duration_s,
             ready_timeout_s=self.ready_timeout_s,
             drain_timeout_s=self.request_timeout_s + DRAIN_MARGIN_S,
+            objectives=self.objectives,
+            search=self.search,
+            max_users=self.max_users,
+            search_resolution=self.search_resolution,
+            min_requests=self.min_requests,
+            max_requests=self.max_requests,
         )
 
 
@@ -123,6 +145,23 @@ def add_arguments(parser: Any) -> None:
         help="OpenAI completions: ids (token-id prompt), text, or auto (ids when the server has /tokenize)",
     )
     parser.add_argument("--model-name", type=str, default="", help="OpenAI routes: the `model` field to send")
+    parser.add_argument(
+        "--slo", type=str, default="",
+        help="latency objectives each step is judged against, e.g. ttft_s=2@0.9,tpot_s=0.1@0.9 (seconds@quantile)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--search", action="store_true", default=False,
+        help="StepShape: after the steps, search the highest concurrency that meets --slo (doubling, then bisection)",
+    )  # fmt: skip
+    parser.add_argument("--max-users", type=int, default=0, help="StepShape: the search's bound (0 = largest step)")
+    parser.add_argument("--search-resolution", type=int, default=1, help="StepShape: bisect to this many users")
+    parser.add_argument(
+        "--min-requests", type=int, default=0,
+        help="StepShape: end a step early once it has this many requests and its --slo verdict is certain (0 = never)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-requests", type=int, default=0, help="StepShape: end a step at this many measured requests (0 = no cap)"
+    )
     parser.add_argument(
         "--length-options",
         type=str,

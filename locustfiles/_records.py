@@ -70,6 +70,10 @@ class StepRecord(Record):
     duration_s: float | None = None
     drain_timed_out: bool = False
     error: str | None = None
+    probe: bool = False  # a step of the capacity search, beyond the configured ones
+    early_stop: bool = False  # ended before its requests_per_user/duration: its verdict was already certain
+    slo_passed: bool | None = None  # against the latency objectives (None: no objectives)
+    slo_detail: str | None = None
     kind: Literal["step"] = "step"
 
 

@@ -25,7 +25,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from locustfiles._options import LoadOptions, add_arguments
-from locustfiles._records import RequestRecord
+from locustfiles._records import RequestRecord, StepRecord
 from locustfiles._steps import EXIT_ABORTED, StepController, StepGate
 
 logger = logging.getLogger("llamasys.load")
@@ -34,9 +34,14 @@ MSG_PHASE = "llamasys_phase"  # controller -> gates
 MSG_READY = "llamasys_ready"  # user -> controller: prompts built (or the error that prevented it)
 MSG_RECORD = "llamasys_record"  # user -> sink and controller: one finished request
 MSG_DRAINED = "llamasys_drained"  # gate -> controller: no request in flight after a drain
+MSG_GONE = "llamasys_gone"  # user -> controller: stopped (a probe with fewer users)
 
 _SESSION_ATTR = "llamasys_session"
 T = TypeVar("T")
+
+
+class SloMissed(Exception):
+    """A step missed its latency objectives (shown in Locust's failures)."""
 
 
 class RecordSink:
@@ -100,6 +105,9 @@ class LoadSession:
     def send_record(self, record: RequestRecord) -> None:
         self._send(MSG_RECORD, record.model_dump())
 
+    def send_gone(self, user_id: str) -> None:
+        self._send(MSG_GONE, {"user_id": user_id})
+
     def send_drained(self) -> None:
         self._send(MSG_DRAINED, {"run": self.gate.run, "epoch": self.gate.epoch})
 
@@ -126,6 +134,7 @@ class LoadSession:
                     self._send(MSG_PHASE, payload)
                 elif kind == "step":
                     self.write(payload.model_dump())
+                    self.report_slo(payload)
                     logger.info(
                         "step %d (%d users): %d requests measured, %d outside the window%s",
                         payload.step, payload.users, payload.measured_requests, payload.unmeasured_requests,
@@ -136,6 +145,17 @@ class LoadSession:
                     self.environment.process_exit_code = EXIT_ABORTED
         finally:
             self._flushing = False
+
+    def report_slo(self, step: StepRecord) -> None:
+        """A step's verdict against the latency objectives as a Locust request entry ("SLO", "step k (n users)"):
+        the web UI's statistics and failures show pass or miss per step, with what was missed."""
+        if step.slo_passed is None:
+            return
+        self.environment.events.request.fire(
+            request_type="SLO", name=f"step {step.step} ({step.users} users)", response_time=0, response_length=0,
+            exception=None if step.slo_passed else SloMissed(step.slo_detail or "missed"), context={},
+            start_time=step.started_at, url=None, response=None,
+        )  # fmt: skip
 
     def write(self, data: dict[str, Any]) -> None:
         if self._sink is None:
@@ -167,6 +187,11 @@ class LoadSession:
         self.write(msg.data)
         if self.controller is not None:
             self.controller.on_record(msg.data)
+            self.flush()
+
+    def on_gone(self, environment: Environment, msg: Any, **_: Any) -> None:
+        if self.controller is not None:
+            self.controller.on_gone(msg.data["user_id"])
             self.flush()
 
     def on_drained(self, environment: Environment, msg: Any, **_: Any) -> None:
@@ -206,11 +231,12 @@ def _install(environment: Environment, **_: Any) -> None:
         MSG_READY: session.on_ready,
         MSG_RECORD: session.on_record,
         MSG_DRAINED: session.on_drained,
+        MSG_GONE: session.on_gone,
     }
     # A master has no users and a worker has no shape: each registers what reaches it (a local runner: all).
     wanted = {
         "WorkerRunner": (MSG_PHASE,),
-        "MasterRunner": (MSG_READY, MSG_RECORD, MSG_DRAINED),
+        "MasterRunner": (MSG_READY, MSG_RECORD, MSG_DRAINED, MSG_GONE),
     }.get(type(runner).__name__, tuple(handlers))
     for msg_type in wanted:
         if msg_type not in registered:

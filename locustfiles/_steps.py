@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from locustfiles._records import StepRecord
+from locustfiles._slo import Objective, StepVerdict, add_sample, evaluate
 
 EXIT_ABORTED = 3  # Locust's exit code when the step shape aborts the run
 
@@ -43,9 +44,25 @@ class StepPlan:
     duration_s: float | None = None
     ready_timeout_s: float = 300.0  # users must build their prompts (tokenize, probe) within this
     drain_timeout_s: float = 660.0  # in-flight requests must end within this (the request timeout bounds them)
+    objectives: tuple[Objective, ...] = ()  # each step is judged against them
+    search: bool = False  # after `users`, probe higher (doubling), then bisect to the highest passing concurrency
+    max_users: int | None = None  # the search's bound; None = the largest step
+    search_resolution: int = 1
+    min_requests: int | None = None  # a step may end early from this many measured requests, once decided
+    max_requests: int | None = None  # a step ends at this many measured requests
 
     def __post_init__(self) -> None:
         check_steps(self.users)
+        if self.search and not self.objectives:
+            raise ValueError("the capacity search needs latency objectives (--slo) to judge its steps")
+        if self.max_users is not None and self.max_users < max(self.users):
+            raise ValueError(f"max-users {self.max_users} is below the largest step {max(self.users)}")
+        if self.search_resolution < 1:
+            raise ValueError(f"search-resolution must be at least 1, got {self.search_resolution}")
+        if self.min_requests is not None and not self.objectives:
+            raise ValueError("ending a step early (min-requests) needs latency objectives (--slo) to decide")
+        if self.min_requests and self.max_requests and self.min_requests > self.max_requests:
+            raise ValueError(f"min-requests {self.min_requests} is above max-requests {self.max_requests}")
         if (self.requests_per_user is None) == (self.duration_s is None):
             raise ValueError("a step needs exactly one of requests-per-user and step-duration")
         if self.requests_per_user is not None and self.requests_per_user < 1:
@@ -61,11 +78,62 @@ class StepPlan:
         except ValueError:
             raise ValueError(f"steps must be comma-separated user counts like 1,2,4,8, got {text!r}") from None
 
+    @property
+    def bound(self) -> int:
+        """The most users any step may have (the server is sized for it)."""
+        return self.max_users or max(self.users)
+
     @staticmethod
     def spawn_rate(users: int) -> float:
         # Spawn fast: nobody starts before the whole step is ready, so the ramp's speed does not bias anything,
         # but Locust warns above 100 users/s.
         return float(min(100, max(1, 10 * users)))
+
+
+class CapacitySearch:
+    """Where the next probe goes: double from the highest pass until a step fails or the bound, then bisect
+    between the highest pass and the lowest fail above it until they are `resolution` users apart.
+
+    Fed every finished step's (users, passed); `interval` is the capacity as [last pass, first fail] (0 when even
+    the smallest step failed; first fail None when no step failed up to the bound)."""
+
+    def __init__(self, bound: int, resolution: int = 1) -> None:
+        self.bound = bound
+        self.resolution = resolution
+        self.results: dict[int, bool] = {}
+        self.stopped_by: str | None = None
+
+    def add(self, users: int, passed: bool) -> None:
+        self.results[users] = passed
+
+    @property
+    def first_fail(self) -> int | None:
+        return min((u for u, ok in self.results.items() if not ok), default=None)
+
+    @property
+    def last_pass(self) -> int:
+        fail = self.first_fail
+        return max((u for u, ok in self.results.items() if ok and (fail is None or u < fail)), default=0)
+
+    @property
+    def interval(self) -> tuple[int, int | None]:
+        return self.last_pass, self.first_fail
+
+    def next_users(self) -> int | None:
+        """The next probe, or None when the search is done (and `stopped_by` says why)."""
+        low, high = self.interval
+        if high is None:
+            if low >= self.bound:
+                self.stopped_by = "bound"
+                return None
+            return min(max(2 * low, 1), self.bound)
+        if low == 0 and high <= 1:
+            self.stopped_by = "fails at 1 user"
+            return None
+        if high - low <= self.resolution:
+            self.stopped_by = "resolution"
+            return None
+        return (low + high) // 2
 
 
 class StepController:
@@ -74,6 +142,9 @@ class StepController:
     Inputs are method calls (`tick`, `poll`, `on_ready`, `on_record`, `on_drained`); outputs go to `outbox` as
     (kind, payload) pairs: ("phase", message for every gate), ("step", StepRecord), ("abort", reason).
     `nodes()` names the processes whose gates must confirm a drain ("local" for a single process).
+
+    With latency objectives every step is judged (its record says whether it passed, and may end early once that
+    is certain); with `search`, the configured steps are followed by probes (`CapacitySearch`) up to the bound.
     """
 
     def __init__(
@@ -88,6 +159,11 @@ class StepController:
         self.epoch = 0
         self.phase = "idle"
         self.error: str | None = None
+        self.search = CapacitySearch(plan.bound, plan.search_resolution) if plan.objectives else None
+        self._users = plan.users[0]
+        self._probe = False
+        self._early = False
+        self._samples: dict[str, list[float]] = {}
         self._ready: set[str] = set()
         self._ramp_started = 0.0
         self._window_start = 0.0
@@ -100,7 +176,7 @@ class StepController:
 
     @property
     def users(self) -> int:
-        return self.plan.users[max(self.index, 0)]
+        return self._users
 
     @property
     def finished(self) -> bool:
@@ -148,7 +224,16 @@ class StepController:
             self.abort(f"a user could not prepare its requests: {error}")
             return
         self._ready.add(user_id)
-        if self.phase == "ramp" and len(self._ready) >= self.users:
+        self._maybe_run()
+
+    def on_gone(self, user_id: str) -> None:
+        """A user stopped (Locust removed it when a probe needs fewer users)."""
+        self._ready.discard(user_id)
+        self._maybe_run()
+
+    def _maybe_run(self) -> None:
+        # Exactly `users` live and ready: a step with fewer users than the last waits for the others to stop.
+        if self.phase == "ramp" and len(self._ready) == self.users:
             self._enter_run()
 
     def on_record(self, record: dict[str, Any]) -> None:
@@ -161,14 +246,21 @@ class StepController:
         self._measured += 1
         user = str(record.get("user_id"))
         self._per_user[user] = self._per_user.get(user, 0) + 1
+        add_sample(self._samples, record)
+        if self.phase != "run":
+            return
         need = self.plan.requests_per_user
-        if (
-            self.phase == "run"
-            and need is not None
-            and len(self._per_user) >= self.users
-            and min(self._per_user.values()) >= need
-        ):
+        enough = need is not None and len(self._per_user) >= self.users and min(self._per_user.values()) >= need
+        capped = bool(self.plan.max_requests) and self._measured >= (self.plan.max_requests or 0)
+        if enough or capped:
             self._enter_drain()
+        elif self.plan.min_requests and self._measured >= self.plan.min_requests and self.verdict().certain:
+            self._early = True  # more requests would not change this step's pass or fail
+            self._enter_drain()
+
+    def verdict(self) -> StepVerdict:
+        """This step's objectives against its measured successful requests so far."""
+        return evaluate(self._samples, self.plan.objectives)
 
     def on_drained(self, node: str, message: dict[str, Any]) -> None:
         """A process's gate has no request in flight any more after the drain of `message['epoch']`."""
@@ -189,8 +281,12 @@ class StepController:
 
     # ------------------------------------------------------------------ transitions
 
-    def _enter_ramp(self, index: int) -> None:
+    def _enter_ramp(self, index: int, users: int | None = None, *, probe: bool = False) -> None:
         self.index = index
+        self._users = users if users is not None else self.plan.users[index]
+        self._probe = probe
+        self._early = False
+        self._samples = {}
         self.epoch += 1
         self.phase = "ramp"
         self._ramp_started = self.clock()
@@ -198,8 +294,7 @@ class StepController:
         self._measured = self._unmeasured = 0
         self._acked = set()
         self.outbox.append(("phase", self.phase_message()))
-        if len(self._ready) >= self.users:  # only when a step does not add users (not with increasing steps)
-            self._enter_run()
+        self._maybe_run()  # a step with as many users as the last needs no new one
 
     def _enter_run(self) -> None:
         self.phase = "run"
@@ -213,15 +308,23 @@ class StepController:
 
     def _finish_step(self, *, timed_out: bool) -> None:
         now = self.clock()
-        self.outbox.append(("step", self._step_record(self._window_end, now, timed_out=timed_out)))
+        record = self._step_record(self._window_end, now, timed_out=timed_out)
+        self.outbox.append(("step", record))
+        if self.search is not None and record.slo_passed is not None:
+            self.search.add(record.users, record.slo_passed)
         if self.index + 1 < len(self.plan.users):
             self._enter_ramp(self.index + 1)
+            return
+        probe = self.search.next_users() if self.search is not None and self.plan.search else None
+        if probe is not None:
+            self._enter_ramp(self.index + 1, probe, probe=True)
         else:
             self.phase = "done"
             self.outbox.append(("phase", self.phase_message()))
 
     def _step_record(self, ended_at: float, drained_at: float, *, timed_out: bool, error: str | None = None):
         started = self._window_start if self.phase in ("run", "drain") else self._ramp_started
+        verdict = self.verdict() if self.plan.objectives and error is None else None
         return StepRecord(
             step=self.index,
             users=self.users,
@@ -236,6 +339,10 @@ class StepController:
             duration_s=self.plan.duration_s,
             drain_timed_out=timed_out,
             error=error,
+            probe=self._probe,
+            early_stop=self._early,
+            slo_passed=verdict.passed if verdict else None,
+            slo_detail=verdict.describe() if verdict else None,
         )
 
 

@@ -109,6 +109,10 @@ class StreamingUser(FastHttpUser):
             raise StopUser() from None
         self.session.send_ready(self.user_id)
 
+    def on_stop(self) -> None:
+        # A probe with fewer users than the last step waits until the others have gone.
+        self.session.send_gone(self.user_id)
+
     @task
     def complete(self) -> None:
         gate = self.session.gate

@@ -94,45 +94,81 @@ def latency_chart(results: Results) -> str | None:
     return _html(fig, "chart-latency")
 
 
+def _speed_axis(results: Results) -> tuple[str, dict[str, float]]:
+    """The speed each variant is placed at: its capacity within the objectives when every measured variant has one,
+    else its peak output tokens/s (the first target's measurement, as the recommendation uses)."""
+    speeds = {v.name: v.speed for v in results.variants if v.speed and v.speed.steps}
+    if speeds and all(s.capacity is not None for s in speeds.values()):
+        return "capacity: concurrent users within the objectives", {n: float(s.capacity.low) for n, s in speeds.items()}  # type: ignore[union-attr]
+    return "peak output tokens/s", {n: max(st.output_tps for st in s.steps) for n, s in speeds.items()}
+
+
+def _frontier_figure(points: list[tuple[str, float, float, dict]], *, higher_is_better: bool) -> go.Figure:
+    """Points (name, speed, quality, error bars); a point is on the frontier when no other is at least as fast and
+    at least as good (higher or lower quality, as said) and differs."""
+
+    def better(a: float, b: float) -> bool:
+        return a >= b if higher_is_better else a <= b
+
+    frontier = {
+        name for name, x, y, _ in points
+        if not any(x2 >= x and better(y2, y) and (x2, y2) != (x, y) for _, x2, y2, _ in points)
+    }  # fmt: skip
+    fig = go.Figure()
+    for name, x, y, err in points:
+        on = name in frontier
+        fig.add_scatter(
+            x=[x], y=[y], mode="markers+text", text=[name], textposition="top center", name=name, error_y=err,
+            marker={"size": 14 if on else 9, "symbol": "star" if on else "circle"},
+        )  # fmt: skip
+    line = sorted((x, y) for name, x, y, _ in points if name in frontier)
+    fig.add_scatter(
+        x=[p[0] for p in line], y=[p[1] for p in line], mode="lines", name="frontier",
+        line={"dash": "dot", "color": "grey"},
+    )  # fmt: skip
+    return fig
+
+
 def frontier_chart(results: Results) -> str | None:
-    """MMLU accuracy against peak output tokens/s; the variants no other variant beats on both are the frontier."""
+    """The MMLU change against the baseline (paired interval as bars) against speed; stars are the frontier."""
+    label, speed = _speed_axis(results)
     points = []
     for v in results.variants:
-        if v.quality and v.quality.accuracy is not None and v.speed and v.speed.steps:
-            points.append((v, max(s.output_tps for s in v.speed.steps), v.quality.accuracy))
+        q = v.quality
+        if q is None or v.name not in speed:
+            continue
+        if v.is_baseline and q.accuracy is not None:
+            points.append((v.name, speed[v.name], 0.0, {}))
+        elif q.delta is not None and q.delta_ci_low is not None and q.delta_ci_high is not None:
+            err = {"type": "data", "symmetric": False, "array": [q.delta_ci_high - q.delta],
+                   "arrayminus": [q.delta - q.delta_ci_low]}  # fmt: skip
+            points.append((v.name, speed[v.name], q.delta, err))
     if not points:
         return None
-    frontier = {
-        v.name for v, x, y in points if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for _, x2, y2 in points)
-    }
-    fig = go.Figure()
-    for v, x, y in points:
-        q = v.quality
-        err = {}
-        if q and q.ci_low is not None and q.ci_high is not None:
-            err = {"type": "data", "symmetric": False, "array": [q.ci_high - y], "arrayminus": [y - q.ci_low]}
-        fig.add_scatter(
-            x=[x],
-            y=[y],
-            mode="markers+text",
-            text=[v.name],
-            textposition="top center",
-            name=v.name,
-            error_y=err,
-            marker={"size": 14 if v.name in frontier else 9, "symbol": "star" if v.name in frontier else "circle"},
-        )
-    line = sorted((x, y) for v, x, y in points if v.name in frontier)
-    fig.add_scatter(
-        x=[p[0] for p in line],
-        y=[p[1] for p in line],
-        mode="lines",
-        name="frontier",
-        line={"dash": "dot", "color": "grey"},
-    )
-    fig.update_layout(title="Quality against speed (stars: on the frontier; bars: 95% interval)", **_LAYOUT)
-    fig.update_xaxes(title="peak output tokens/s")
-    fig.update_yaxes(title="MMLU accuracy (%)")
+    fig = _frontier_figure(points, higher_is_better=True)
+    fig.add_hline(y=-results.margin_points, line={"dash": "dash", "color": "#b3261e"}, annotation_text="-margin")
+    fig.update_layout(title="MMLU change against speed (stars: the frontier; bars: paired interval)", **_LAYOUT)
+    fig.update_xaxes(title=label)
+    fig.update_yaxes(title=f"MMLU change against {results.baseline} (points)")
     return _html(fig, "chart-frontier")
+
+
+def kld_frontier_chart(results: Results) -> str | None:
+    """KL divergence from the baseline (log scale, +/- as bars) against speed; lower is better."""
+    label, speed = _speed_axis(results)
+    points = []
+    for v in results.variants:
+        q = v.quality
+        if q is not None and q.kld_mean is not None and q.kld_mean > 0 and v.name in speed:
+            err = {"type": "data", "array": [q.kld_mean_sigma or 0.0]}
+            points.append((v.name, speed[v.name], q.kld_mean, err))
+    if not points:
+        return None
+    fig = _frontier_figure(points, higher_is_better=False)
+    fig.update_layout(title="KL divergence against speed (stars: the frontier)", **_LAYOUT)
+    fig.update_xaxes(title=label)
+    fig.update_yaxes(title=f"mean KLD from {results.baseline}", type="log")
+    return _html(fig, "chart-kld-frontier")
 
 
 def all_charts(results: Results) -> dict[str, str]:
@@ -141,5 +177,6 @@ def all_charts(results: Results) -> dict[str, str]:
         "ttft": ttft_chart(results),
         "latency": latency_chart(results),
         "frontier": frontier_chart(results),
+        "kld_frontier": kld_frontier_chart(results),
     }
     return {k: v for k, v in charts.items() if v}

@@ -27,6 +27,7 @@ from mmlu.dataset import (
 )
 from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
 from reports.model import (
+    CapacityResult,
     EndpointResult,
     Quality,
     Recommendation,
@@ -212,8 +213,9 @@ def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: 
     if summary is None:
         missing.append(f"load: {variant} on {target}")
         return None
-    if [s.users for s in summary.steps] != exp.load.steps:
-        missing.append(f"load: {variant} on {target} (steps {[s.users for s in summary.steps]} of {exp.load.steps})")
+    configured = [s.users for s in summary.steps if not s.probe]
+    if configured != exp.load.steps:
+        missing.append(f"load: {variant} on {target} (steps {configured} of {exp.load.steps})")
     return _speed(summary, run)
 
 
@@ -228,6 +230,14 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
             output_tps=s.output_tokens_per_s,
             output_tps_per_user=s.output_tokens_per_s_per_user,
             input_tps=s.input_tokens_per_s,
+            slo_passed=s.slo_passed,
+            slo_detail=s.slo_detail,
+            good_requests=s.good_requests,
+            goodput_rps=s.goodput_rps,
+            goodput_tps=s.goodput_tps,
+            probe=s.probe,
+            early_stop=s.early_stop,
+            bandwidth_share=s.bandwidth_share,
             ttft_s=_pct(s.ttft_s),
             tpot_s=_pct(s.tpot_s),
             itl_s=_pct(s.itl_s),
@@ -244,11 +254,19 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         path = run.load(summary.target, summary.variant) / rel
         if path.exists():
             files[label] = str(path.relative_to(run.root))
+    decode = summary.decode
     return Speed(
         target=summary.target,
         api=summary.api,
         serializes=summary.serializes,
         steps=steps,
+        objectives=summary.objectives,
+        capacity=CapacityResult(**summary.capacity.model_dump()) if summary.capacity else None,
+        llama_bench_tg_tps=decode.llama_bench_tg_tps if decode else None,
+        bandwidth_gbps=decode.bandwidth.bytes_per_s / 1e9 if decode else None,
+        bandwidth_detail=decode.bandwidth.detail if decode else None,
+        weight_mb_per_token=decode.cost.weight_bytes / 1e6 if decode else None,
+        kv_kb_per_token=decode.cost.kv_bytes_per_token / 1e3 if decode else None,
         cpu_pct_mean=_mean(cpu),
         rss_mb_max=_max(rss, scale=2**20),
         gpu_util_pct_mean=_mean(gpu),

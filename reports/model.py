@@ -70,10 +70,27 @@ class StepResult(Record):
     output_tps: float  # all users together: tokens streamed in the step's window / the window
     output_tps_per_user: float
     input_tps: float = 0.0  # prompt tokens of the step's successful requests / its duration (embeddings' figure)
+    slo_passed: bool | None = None  # met every latency objective (None: no objectives)
+    slo_detail: str | None = None
+    good_requests: int | None = None
+    goodput_rps: float | None = None  # requests that met every objective, per second
+    goodput_tps: float | None = None  # their output tokens per second
+    probe: bool = False  # a step of the capacity search
+    early_stop: bool = False  # ended as soon as its verdict was certain
+    bandwidth_share: float | None = None  # aggregate decode tokens/s / the memory-bandwidth bound
     ttft_s: dict[str, float] = Field(default_factory=dict)  # p50 / p90 / p99
     tpot_s: dict[str, float] = Field(default_factory=dict)
     itl_s: dict[str, float] = Field(default_factory=dict)
     e2e_s: dict[str, float] = Field(default_factory=dict)
+
+
+class CapacityResult(Record):
+    """The highest concurrency that met every objective: [low, high] = [last pass, first fail]."""
+
+    low: int
+    high: int | None  # None: no step failed up to the bound
+    stopped_by: str
+    bound: int
 
 
 class Speed(Record):
@@ -83,6 +100,13 @@ class Speed(Record):
     api: str = ""
     serializes: bool = False  # the server handles one request at a time: concurrent users queue
     steps: list[StepResult] = Field(default_factory=list)
+    objectives: list[str] = Field(default_factory=list)
+    capacity: CapacityResult | None = None
+    llama_bench_tg_tps: float | None = None  # single-stream generation rate of the same model (llama-bench tg)
+    bandwidth_gbps: float | None = None  # memory bandwidth decode is bound by, GB/s
+    bandwidth_detail: str | None = None  # how it was obtained
+    weight_mb_per_token: float | None = None  # weight bytes each decode step reads, MB
+    kv_kb_per_token: float | None = None  # KV cache bytes per token of context, kB
     cpu_pct_mean: float | None = None
     rss_mb_max: float | None = None
     gpu_util_pct_mean: float | None = None

@@ -29,10 +29,14 @@ def is_four_bit(variant: VariantResult) -> bool:
 
 
 def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
-    """What "fastest" compares: output tokens/s at the largest step (capacity once the run measures one)."""
-    if not variant.speed or not variant.speed.steps:
+    """What "fastest" compares: the capacity within the latency objectives when the run measured one, else the
+    output tokens/s at the largest configured step."""
+    speed = variant.speed
+    if not speed or not speed.steps:
         return None
-    largest = max(variant.speed.steps, key=lambda s: s.users)
+    if speed.capacity is not None:
+        return "capacity", float(speed.capacity.low)
+    largest = max((s for s in speed.steps if not s.probe), key=lambda s: s.users)
     return f"output tokens/s at {largest.users} users", largest.output_tps
 
 
@@ -74,7 +78,7 @@ def closest_by_kld(variants: list[VariantResult], alpha: float) -> tuple[Variant
 def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, int] | None:
     if not (variant.speed and baseline.speed and variant.speed.steps):
         return None
-    users = max(s.users for s in variant.speed.steps)
+    users = max(s.users for s in variant.speed.steps if not s.probe)
     mine, theirs = variant.speed.step(users), baseline.speed.step(users)
     if not mine or not theirs or theirs.output_tps <= 0:
         return None
@@ -176,8 +180,15 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
         f"{100 * (1 - results.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}, margin "
         f"{results.margin_points:g})"
     )
+    mine, theirs = best.speed.capacity if best.speed else None, baseline.speed.capacity if baseline.speed else None
     ratio = _ratio_at_largest_step(best, baseline)
-    if ratio is not None:
+    if mine is not None and theirs is not None:
+        users = "user" if mine.low == 1 else "users"
+        headline += (
+            f", and it serves {mine.low} concurrent {users} within the latency objectives against {theirs.low} for "
+            f"{baseline.name}"
+        )
+    elif ratio is not None:
         value, users = ratio
         if value >= 1:
             headline += f", and it serves {value:.2f}x the output tokens/s of {baseline.name} at {users} users"

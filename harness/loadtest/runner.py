@@ -22,6 +22,7 @@ from harness.errors import LoadTestError
 from harness.process import spawn, stop
 from harness.tools import error_line
 from locustfiles import EXIT_ABORTED, LOCUSTFILES, USER_KINDS, RequestRecord, StepRecord, read_records
+from locustfiles._slo import Objective, format_objectives
 
 PROJECT_ROOT = LOCUSTFILES.parent
 
@@ -39,8 +40,16 @@ def stop_timeout(cfg: LoadConfig) -> str:
     return f"{math.ceil(cfg.request_timeout_s)}s"
 
 
-def load_arguments(cfg: LoadConfig, records: Path, *, model_name: str | None = None) -> list[str]:
-    """Our locustfiles' custom arguments for this configuration (and the `model` the users name, if any)."""
+def load_arguments(
+    cfg: LoadConfig,
+    records: Path,
+    *,
+    model_name: str | None = None,
+    objectives: Sequence[Objective] = (),
+    max_users: int | None = None,
+) -> list[str]:
+    """Our locustfiles' custom arguments for this configuration, the `model` the users name (if any), the latency
+    objectives every step is judged against and the search's bound."""
     args = [
         "--prompt-tokens", str(cfg.prompt_tokens),
         "--output-tokens", str(cfg.output_tokens),
@@ -57,6 +66,20 @@ def load_arguments(cfg: LoadConfig, records: Path, *, model_name: str | None = N
         args += ["--prompt-text", str(cfg.prompt_text)]
     if model_name:
         args += ["--model-name", model_name]
+    if objectives:
+        args += ["--slo", format_objectives(objectives)]
+    if cfg.search:
+        args += [
+            "--search",
+            "--max-users",
+            str(max_users or cfg.bound),
+            "--search-resolution",
+            str(cfg.search_resolution),
+        ]
+    if cfg.min_requests:
+        args += ["--min-requests", str(cfg.min_requests)]
+    if cfg.max_requests:
+        args += ["--max-requests", str(cfg.max_requests)]
     return args
 
 
@@ -68,6 +91,8 @@ def headless_command(
     processes: int | None = None,
     api: str | None = None,
     model_name: str | None = None,
+    objectives: Sequence[Objective] = (),
+    max_users: int | None = None,
 ) -> list[str]:
     """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a
     target's own route)."""
@@ -83,7 +108,8 @@ def headless_command(
     n = cfg.processes if processes is None else processes
     if n > 1:
         cmd += ["--processes", str(n)]
-    return cmd + load_arguments(cfg, out_dir / "requests.jsonl", model_name=model_name)
+    records = out_dir / "requests.jsonl"
+    return cmd + load_arguments(cfg, records, model_name=model_name, objectives=objectives, max_users=max_users)
 
 
 def locust_env() -> dict[str, str]:

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
+import os
 import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.bandwidth import decode_cost, kv_memory_bound, llama_bench_generation, memory_bandwidth
 from harness.config import LoadConfig, TargetConfig
 from harness.console import advance, progress_bar
 from harness.context import RunContext, Stage
@@ -31,15 +35,19 @@ from harness.loadtest.runner import (
     user_for,
 )
 from harness.loadtest.sampling import ResourceSampler
-from harness.loadtest.summary import LoadSummary, summarize_step
+from harness.loadtest.summary import Decode, LoadSummary, capacity, summarize_step
+from harness.models.convert import gguf_info
 from harness.process import spawn
 from harness.records import is_fresh, read_record, write_record
 from harness.server import Endpoint, LlamaServer, check_port_free
 from harness.targets import open_endpoint, sizing_for
 from locustfiles import USER_KINDS
 from locustfiles._options import DEFAULT_PROMPT_TEXT
+from locustfiles._slo import Objective
 
-SUMMARY_SCHEMA = 3  # bump when the records or the summary change meaning: finished runs are measured again
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = 4  # bump when the records or the summary change meaning: finished runs are measured again
 EXTERNAL_MODEL = "endpoint"  # the label of an external endpoint's model when the target names none
 
 
@@ -62,6 +70,8 @@ class LoadStage(Stage):
             "target": target.model_dump(mode="json"),
             "api": target.route_api(ctx.experiment.load.api),
             "load": ctx.experiment.load.model_dump(mode="json"),
+            # The objectives judge the steps, end them early and steer the search: they decide what is measured.
+            "slo": ctx.experiment.slo.model_dump(mode="json"),
         }
         if target.kind == "external":
             return inputs
@@ -118,9 +128,10 @@ def run_load_stage(ctx: RunContext) -> dict[tuple[str, str], LoadSummary]:
         if target.multi_model:
             models = {variant: model for variant, (model, _, _) in todo.items() if model is not None}
             log_path = ctx.run.load_target(target.label) / "server.log"
+            plans = {variant: plan_variant(ctx, target, variant, model) for variant, model in models.items()}
             with open_endpoint(ctx, target, models, log_path=log_path) as endpoint:
                 for variant, (_, path, digest) in todo.items():
-                    write_record(path, measure(ctx, target, endpoint, variant), digest=digest)
+                    write_record(path, measure(ctx, target, endpoint, variant, plans.get(variant)), digest=digest)
                     results[(target.label, variant)] = read_record(path, LoadSummary)
             continue
         for variant, (model, path, digest) in todo.items():
@@ -146,21 +157,62 @@ def warm_up(endpoint: Endpoint, cfg: LoadConfig, api: str, model_name: str | Non
     endpoint.warm_up(api, text, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens, model=model_name)
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """What is known before a variant's load: how many users a step may have (and what limits it), and what its
+    decoding reads from memory."""
+
+    bound: int
+    bound_reason: str  # "steps" (no search), "max_users", or "memory" (the KV cache the server's memory holds)
+    decode: Decode | None = None
+
+
+def plan_variant(ctx: RunContext, target: TargetConfig, variant: str, model: Path | None) -> LoadPlan:
+    """The bound and the decode figures of `model` on `target`: its tensor table, this machine's memory bandwidth,
+    llama-bench's single-stream rate (llama-server targets), and the KV cache that fits in free memory."""
+    exp = ctx.experiment
+    cfg = exp.load
+    bound, reason = cfg.bound, "max_users" if cfg.search else "steps"
+    if model is None or target.kind == "external":
+        return LoadPlan(bound, reason)
+    out = ctx.run.load(target.label, variant)
+    cost = decode_cost(gguf_info(model, ctx.build, log=out / "gguf-info.log"))
+    threads = exp.server.threads or os.cpu_count() or 1
+    bandwidth = memory_bandwidth(ctx.cache, threads=threads, gpu=ctx.build.has_gpu)
+    generation = None
+    if target.kind == "llama-server":
+        compute = ctx.compute(exp.server.threads)
+        generation = llama_bench_generation(ctx.tools, model, compute=compute, log_path=out / "llama-bench.log")
+        if cfg.search:
+            per_slot = sizing_for(exp, 1).per_slot
+            fits, where = kv_memory_bound(
+                cost, per_slot_tokens=per_slot, model_bytes=model.stat().st_size, gpu=ctx.build.has_gpu
+            )
+            if fits < bound:
+                bound, reason = max(fits, max(cfg.steps)), f"memory ({where} holds {fits} slots)"
+    return LoadPlan(bound, reason, Decode(cost=cost, bandwidth=bandwidth, llama_bench_tg_tps=generation))
+
+
 def run_variant(
     ctx: RunContext, variant: str, model: Path | None, *, target: TargetConfig | None = None
 ) -> LoadSummary:
     """One variant on one target (default: the experiment's first): its server up (or the endpoint reached), the
     steps run headless, everything stopped, the records summarised."""
     target = target or ctx.experiment.targets[0]
+    plan = plan_variant(ctx, target, variant, model)
     models = {variant: model} if model is not None else {}
     out = ctx.run.load(target.label, variant)
-    with open_endpoint(ctx, target, models, log_path=out / "server.log") as endpoint:
-        return measure(ctx, target, endpoint, variant)
+    with open_endpoint(ctx, target, models, log_path=out / "server.log", parallel=plan.bound) as endpoint:
+        return measure(ctx, target, endpoint, variant, plan)
 
 
-def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: str) -> LoadSummary:
+def measure(
+    ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: str, plan: LoadPlan | None = None
+) -> LoadSummary:
     """The stepped load on a running endpoint: warm-up, Locust headless, server sampling, the per-step summary."""
     cfg = ctx.experiment.load
+    plan = plan or LoadPlan(cfg.bound, "max_users" if cfg.search else "steps")
+    objectives = ctx.experiment.slo.objectives()
     api = target.route_api(cfg.api)
     # The users name the model when the server needs it: the target's name, a multi-model alias, else none.
     model_name = target.model_name or (variant if target.multi_model else None)
@@ -169,8 +221,12 @@ def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: 
     for stale in ("requests.jsonl", "resources.jsonl"):  # a re-run measures afresh, it does not append
         (out / stale).unlink(missing_ok=True)
     records = out / "requests.jsonl"
+    log.info("load: %s on %s (%s), steps %s%s", variant, target.label, api, cfg.steps,
+             f", searching up to {plan.bound} users" if cfg.search else "")  # fmt: skip
     warm_up(endpoint, cfg, api, model_name)
-    cmd = headless_command(cfg, endpoint.url, out, api=api, model_name=model_name)
+    cmd = headless_command(
+        cfg, endpoint.url, out, api=api, model_name=model_name, objectives=objectives, max_users=plan.bound
+    )
     bar = progress_bar(_expected_requests(cfg), f"load {target.label} {variant}", "req")
     try:
         with contextlib.ExitStack() as stack:
@@ -192,7 +248,13 @@ def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: 
     finally:
         bar.close()
     check_complete(result, len(cfg.steps))
-    steps = [summarize_step(step, result.requests, samples) for step in result.steps]
+    context = cfg.prompt_tokens + (0 if api == "embeddings" else cfg.output_tokens / 2)  # mean context in decode
+    steps = [
+        summarize_step(
+            step, result.requests, samples, objectives=objectives, decode=plan.decode, context_tokens=context
+        )
+        for step in result.steps
+    ]
     empty = [s for s in steps if s.requests - s.failures == 0]
     if empty:
         reasons = next(iter(empty[0].failure_reasons), "no request finished inside the step")
@@ -202,6 +264,10 @@ def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: 
         )
     _, user = user_for(api)
     route = next((r.route for r in result.requests), "")
+    found = capacity(steps, bound=plan.bound, searched=cfg.search, bound_reason=plan.bound_reason)
+    if found is not None:
+        log.info("load: %s on %s: capacity %d users within %s (first miss: %s)", variant, target.label, found.low,
+                 ", ".join(o.describe() for o in objectives), found.high)  # fmt: skip
     return LoadSummary(
         variant=variant,
         target=target.label,
@@ -215,6 +281,9 @@ def measure(ctx: RunContext, target: TargetConfig, endpoint: Endpoint, variant: 
         steps=steps,
         requests=len(result.requests),
         failures=sum(not r.ok for r in result.requests),
+        objectives=[o.describe() for o in objectives],
+        capacity=found,
+        decode=plan.decode,
         server=endpoint.describe(),
         locust={"user": user, "processes": cfg.processes, "exit_code": result.exit_code},
         files={
@@ -246,14 +315,23 @@ def _deadline_s(cfg: LoadConfig) -> float:
 # ------------------------------------------------------------------------------------------------ web UI
 
 
-def web_ui_command(cfg: LoadConfig, host: str, out: Path, *, web_host: str, web_port: int) -> list[str]:
-    """Locust's web UI with every user class and the step shape selectable (Locust's class picker)."""
+def web_ui_command(
+    cfg: LoadConfig,
+    host: str,
+    out: Path,
+    *,
+    web_host: str,
+    web_port: int,
+    objectives: Sequence[Objective] = (),
+) -> list[str]:
+    """Locust's web UI with every user class and the step shape selectable (Locust's class picker); with
+    objectives, each step's pass or miss shows in its statistics as an "SLO" row (a miss as a failure)."""
     files = sorted({str(kind.path) for kind in USER_KINDS.values()})
     return [
         sys.executable, "-m", "locust", "-f", ",".join(files),
         "--class-picker", "--host", host, "--web-host", web_host, "--web-port", str(web_port),
         "--stop-timeout", stop_timeout(cfg), "--loglevel", "INFO",
-    ] + load_arguments(cfg, out / "requests.jsonl")  # fmt: skip
+    ] + load_arguments(cfg, out / "requests.jsonl", objectives=objectives)  # fmt: skip
 
 
 def ssh_tunnel_hint(web_port: int) -> str:
@@ -284,7 +362,10 @@ def serve_with_web_ui(
     stop = stop or threading.Event()
     with start_server(ctx, Path(model), out / "server.log", port=port) as server:
         warm_up(server, ctx.experiment.load, ctx.experiment.load.api)
-        cmd = web_ui_command(ctx.experiment.load, server.url, out, web_host=web_host, web_port=web_port)
+        cmd = web_ui_command(
+            ctx.experiment.load, server.url, out, web_host=web_host, web_port=web_port,
+            objectives=ctx.experiment.slo.objectives(),
+        )  # fmt: skip
         with open(out / "locust.log", "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
         proc = spawn(cmd, log_path=out / "locust.log", env=locust_env(), cwd=out)

@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from harness.bandwidth import Bandwidth, DecodeCost, bound_tokens_per_s
 from harness.records import Record, StageRecord
 from locustfiles import RequestRecord, StepRecord
+from locustfiles._slo import Objective, add_sample, evaluate, meets
+from locustfiles._steps import CapacitySearch
 from locustfiles._timing import token_arrivals
 
 LOAD_MODEL = (
@@ -63,6 +66,36 @@ class StepSummary(Record):
     failure_reasons: dict[str, int] = Field(default_factory=dict)
     resources: dict[str, float | None] = Field(default_factory=dict)
     drain_timed_out: bool = False
+    # Against the latency objectives ([slo]); None without objectives.
+    slo_passed: bool | None = None
+    slo_detail: str | None = None
+    good_requests: int | None = None  # measured requests that met every objective
+    goodput_rps: float | None = None  # good requests / duration
+    goodput_tps: float | None = None  # their output tokens / duration
+    probe: bool = False  # a step of the capacity search
+    early_stop: bool = False  # ended as soon as its verdict was certain
+    # Decode against the memory-bandwidth bound (harness.bandwidth): aggregate decode tokens/s (users / TPOT p50),
+    # the bound at this step's users and mean context, and the share of it reached.
+    decode_tps: float | None = None
+    bound_tps: float | None = None
+    bandwidth_share: float | None = None
+
+
+class Capacity(Record):
+    """The highest concurrency whose step met every objective, as an interval: [last pass, first fail]."""
+
+    low: int  # 0: even the smallest step missed
+    high: int | None  # None: no step failed up to the bound
+    stopped_by: str  # why the search ended: "steps" (no search), "resolution", "bound: max_users", "bound: memory"
+    bound: int  # the most users a step could have
+
+
+class Decode(Record):
+    """What decoding reads and how fast the memory delivers it, for this variant on this machine."""
+
+    cost: DecodeCost
+    bandwidth: Bandwidth
+    llama_bench_tg_tps: float | None = None  # llama-bench's single-stream generation rate on the same model
 
 
 class LoadSummary(StageRecord):
@@ -79,15 +112,25 @@ class LoadSummary(StageRecord):
     requests: int  # every recorded request (measured or not)
     failures: int
     load_model: str = LOAD_MODEL
+    objectives: list[str] = Field(default_factory=list)  # the [slo] objectives, described
+    capacity: Capacity | None = None
+    decode: Decode | None = None
     server: dict[str, Any] = Field(default_factory=dict)
     locust: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
 
 
 def summarize_step(
-    step: StepRecord, requests: Iterable[RequestRecord], samples: Sequence[dict[str, Any]] = ()
+    step: StepRecord,
+    requests: Iterable[RequestRecord],
+    samples: Sequence[dict[str, Any]] = (),
+    *,
+    objectives: Sequence[Objective] = (),
+    decode: Decode | None = None,
+    context_tokens: float | None = None,
 ) -> StepSummary:
-    """The summary of one step from every request record of its run (others are ignored)."""
+    """The summary of one step from every request record of its run (others are ignored); judged against
+    `objectives`, and its decode rate set against the bandwidth bound at `context_tokens` when `decode` is known."""
     mine = [r for r in requests if r.run == step.run and r.epoch == step.epoch]
     measured = [r for r in mine if r.measured]
     ok = [r for r in measured if r.ok]
@@ -96,6 +139,22 @@ def summarize_step(
     duration = max(last_end - step.started_at, 1e-9)
     window = max(step.ended_at - step.started_at, 1e-9)
     tokens = window_tokens(step, requests)
+    tpot = Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None])
+    judged: dict[str, Any] = {}
+    if objectives:
+        step_samples: dict[str, list[float]] = {}
+        for r in measured:
+            add_sample(step_samples, r)
+        verdict = evaluate(step_samples, objectives)
+        good = [r for r in ok if meets({"ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "e2e_s": r.e2e_s}, objectives)]
+        judged = {
+            "slo_passed": verdict.passed, "slo_detail": verdict.describe(), "good_requests": len(good),
+            "goodput_rps": len(good) / duration, "goodput_tps": sum(r.output_tokens or 0 for r in good) / duration,
+        }  # fmt: skip
+    if decode is not None and tpot is not None and tpot.p50 > 0 and context_tokens:
+        decode_tps = step.users / tpot.p50
+        bound = bound_tokens_per_s(decode.cost, decode.bandwidth.bytes_per_s, step.users, context_tokens)
+        judged.update(decode_tps=decode_tps, bound_tps=bound, bandwidth_share=decode_tps / bound)
     return StepSummary(
         step=step.step,
         users=step.users,
@@ -110,7 +169,7 @@ def summarize_step(
         output_tokens_per_s_per_user=tokens / window / step.users,
         input_tokens_per_s=sum(r.prompt_tokens or 0 for r in ok) / duration,
         ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
-        tpot_s=Percentiles.of([r.tpot_s for r in ok if r.tpot_s is not None]),
+        tpot_s=tpot,
         itl_s=Percentiles.of(np.concatenate([r.itl_s for r in ok]) if ok else []),
         e2e_s=Percentiles.of([r.e2e_s for r in ok if r.e2e_s is not None]),
         server_prompt_ms=Percentiles.of(_timing(ok, "prompt_ms")),
@@ -118,7 +177,30 @@ def summarize_step(
         failure_reasons=dict(Counter((r.error or "unknown")[:200] for r in failed).most_common(10)),
         resources=summarize_resources(samples, step.started_at, last_end),
         drain_timed_out=step.drain_timed_out,
+        probe=step.probe,
+        early_stop=step.early_stop,
+        **judged,
     )
+
+
+def capacity(steps: Sequence[StepSummary], *, bound: int, searched: bool, bound_reason: str) -> Capacity | None:
+    """The capacity interval the judged steps give (the same rule the search follows); None without objectives."""
+    judged = [s for s in steps if s.slo_passed is not None]
+    if not judged:
+        return None
+    search = CapacitySearch(bound)
+    for s in judged:
+        search.add(s.users, bool(s.slo_passed))
+    low, high = search.interval
+    if not searched:
+        stopped = "steps"
+    elif high is None:
+        stopped = f"bound: {bound_reason}"
+    elif low == 0 and high <= 1:
+        stopped = "fails at 1 user"
+    else:
+        stopped = "resolution"
+    return Capacity(low=low, high=high, stopped_by=stopped, bound=bound)
 
 
 def window_tokens(step: StepRecord, requests: Iterable[RequestRecord]) -> int:

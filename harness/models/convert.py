@@ -38,6 +38,13 @@ class GGUFInfo(Record):
     file_type: int | None
     architecture: str | None
     pre_tokenizer: str | None
+    # What decoding reads (harness.bandwidth): tensor bytes per decode step, and the KV cache's shape.
+    decode_bytes: int | None = None
+    layers: int | None = None
+    kv_heads: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    context_length: int | None = None
 
     @property
     def baseline_type(self) -> str | None:

@@ -29,13 +29,28 @@ def main(path: str) -> int:
     tensor_types: dict[str, int] = {}
     for tensor in reader.tensors:
         tensor_types[tensor.tensor_type.name] = tensor_types.get(tensor.tensor_type.name, 0) + 1
+    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    arch = _scalar(reader, "general.architecture")
+    total = sum(names.values())
+    # Decode reads every tensor once per step, except the token-embedding table, which is a lookup of one row per
+    # token, unless the model has no separate output layer (tied embeddings): then the output product reads it whole.
+    decode = total - names["token_embd.weight"] if "token_embd.weight" in names and "output.weight" in names else total
+    heads = _scalar(reader, f"{arch}.attention.head_count")
+    width = _scalar(reader, f"{arch}.embedding_length")
+    head_size = width // heads if isinstance(width, int) and isinstance(heads, int) and heads else None
     info = {
+        "decode_bytes": decode,
+        "layers": _scalar(reader, f"{arch}.block_count"),
+        "kv_heads": _scalar(reader, f"{arch}.attention.head_count_kv") or heads,
+        "key_length": _scalar(reader, f"{arch}.attention.key_length") or head_size,
+        "value_length": _scalar(reader, f"{arch}.attention.value_length") or head_size,
+        "context_length": _scalar(reader, f"{arch}.context_length"),
         "n_params": sum(int(t.n_elements) for t in reader.tensors),
         "n_tensors": len(reader.tensors),
-        "tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors),
+        "tensor_bytes": total,
         "tensor_types": tensor_types,
         "file_type": _scalar(reader, "general.file_type"),
-        "architecture": _scalar(reader, "general.architecture"),
+        "architecture": arch,
         "pre_tokenizer": _scalar(reader, "tokenizer.ggml.pre"),
     }
     print(json.dumps(info))

@@ -49,7 +49,7 @@ def test_report_renders_offline_without_errors(tmp_path: Path):
     seen = open_in_chromium(report, ARTIFACTS / "report.png")
     assert seen["errors"] == []
     assert all(url.startswith(("file://", "data:", "about:")) for url in seen["requests"]), seen["requests"]
-    assert seen["charts"] == 4
+    assert seen["charts"] == 5  # throughput, TTFT, latency, MMLU change and KLD against speed
     assert "Ship Q4_K_M-imat" in seen["recommendation"]
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 

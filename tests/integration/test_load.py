@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.config import Experiment, LoadConfig, ServerConfig
+from harness.config import Experiment, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig
 from harness.context import RunContext
 from harness.errors import LoadTestError
 from harness.llamacpp import Build
@@ -310,3 +310,32 @@ def test_start_server_sizes_for_the_largest_step(tmp_path: Path, current_build: 
         assert server.props["total_slots"] == 3
         assert server.props["default_generation_settings"]["n_ctx"] >= PROMPT + OUTPUT
     assert "--records" in load_arguments(exp.load, tmp_path / "r.jsonl")
+
+
+def test_capacity_search_on_a_real_server(tmp_path: Path, current_build: Build, smollm2: Path):
+    # Calibrate: one user's TTFT on this machine, then an objective of 3x that: it passes at 1 user and fails at 8,
+    # where 8 prompts are prefilled at once on one thread.
+    calibration = experiment(tmp_path / "calibrate", steps=[1], requests_per_user=2, **SMALL)
+    one_user = run_variant(context(calibration, current_build, tmp_path / "calibrate"), "Q4_1", smollm2)
+    limit = 3 * one_user.steps[0].ttft_s.p90
+    exp = experiment(tmp_path, steps=[1], requests_per_user=2, search=True, max_users=8, **SMALL).model_copy(
+        update={"slo": SloConfig(ttft_s=ObjectiveConfig(limit=limit), tpot_ms=None)}
+    )
+    summary = run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
+
+    judged = [(s.users, s.slo_passed, s.probe) for s in summary.steps]
+    assert judged[0] == (1, True, False) and all(probe for _, _, probe in judged[1:])  # every probe is a step
+    assert any(users <= 8 and not passed for users, passed, _ in judged), judged  # it failed by 8 users
+    low, high = summary.capacity.low, summary.capacity.high
+    # The interval agrees with every probe: all steps up to `low` passed, `high` failed, and they are 1 user apart.
+    assert high is not None and high - low == 1 and summary.capacity.stopped_by == "resolution"
+    assert all(passed for users, passed, _ in judged if users <= low)
+    assert not next(passed for users, passed, _ in judged if users == high)
+    assert summary.capacity.bound == 8 and summary.objectives == [f"TTFT p90 <= {limit:g} s"]
+    # Goodput counts only the requests that met the objective; the server was sized for the bound.
+    for s in summary.steps:
+        assert s.good_requests <= s.requests and s.goodput_rps <= s.request_rate + 1e-9
+    assert summary.server["parallel"] == 8
+    # Decode against the memory-bandwidth bound, and llama-bench's single-stream rate beside it.
+    assert summary.decode.llama_bench_tg_tps > 0 and summary.decode.bandwidth.bytes_per_s > 1e8
+    assert all(0 < s.bandwidth_share < 1.5 for s in summary.steps if s.bandwidth_share is not None)

@@ -29,6 +29,7 @@ SMALL = [
     "--set", "load.steps=[1, 2]",
     "--set", "load.requests_per_user=2",
     "--set", 'targets=[{kind="llama-server"}]',
+    "--set", "load.search=false",
 ]  # fmt: skip
 
 
@@ -51,8 +52,15 @@ def test_demo_end_to_end(env, tmp_path: Path):
         # Both managed targets measured every step with every request's counts verified (none failed).
         assert list(v["speeds"]) == ["llama-server", "llama-cpp-python"]
         for speed in v["speeds"].values():
-            assert [s["users"] for s in speed["steps"]] == [1, 2, 4, 8]
+            configured = [s for s in speed["steps"] if not s["probe"]]
+            assert [s["users"] for s in configured] == [1, 2, 4, 8]
             assert all(s["requests"] > 0 and s["failures"] == 0 for s in speed["steps"])
+            # Judged against demo.toml's objectives: a capacity interval that agrees with every step and probe.
+            low, high = speed["capacity"]["low"], speed["capacity"]["high"]
+            assert all(s["slo_passed"] == (s["users"] <= low) for s in speed["steps"] if s["users"] in (low, high))
+            assert all(s["slo_passed"] for s in speed["steps"] if s["users"] <= low)
+            assert high is None or (high - low == 1 and speed["capacity"]["stopped_by"] == "resolution")
+            assert speed["objectives"] == ["TTFT p90 <= 2 s", "TPOT p90 <= 100 ms"]
         assert v["speeds"]["llama-cpp-python"]["serializes"] and v["speeds"]["llama-cpp-python"]["api"] == "openai"
         if not v["is_baseline"]:
             q = v["quality"]
@@ -74,6 +82,7 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert results["baseline_provenance"].startswith("the demo's baseline is SmolLM2-135M-Instruct's Q4_1 GGUF")
     assert 'id="provenance"' in page and 'id="to-decide"' in page
     assert 'id="targets-table"' in page and 'data-target="llama-cpp-python"' in page
+    assert 'id="capacity-table"' in page and 'id="chart-kld-frontier"' in page
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {k: v["state"] for k, v in manifest["stages"].items()} == {
         "build": "done", "models": "done", "mmlu": "done", "load": "done", "report": "done",

@@ -11,13 +11,14 @@ import threading
 
 import pytest
 
+from locustfiles._slo import Objective
 from locustfiles._steps import StepController, StepGate, StepPlan, Ticket
 
 DT = 0.01
 
 
 class Simulation:
-    def __init__(self, plan: StepPlan, *, request_s: float = 1.0, prepare_s: float = 0.3, nodes=("local",)):
+    def __init__(self, plan: StepPlan, *, request_s=1.0, prepare_s: float = 0.3, nodes=("local",)):
         self.now = 0.0
         self.controller = StepController(plan, clock=lambda: self.now, nodes=lambda: set(nodes), run="run-1")
         self.gates = {node: StepGate(threading.Event()) for node in nodes}
@@ -52,6 +53,11 @@ class Simulation:
                 if target is None:
                     return
                 nodes = list(self.gates)
+                while len(self.users) > target[0]:  # Locust stops the extra users (all wait at the gate)
+                    gone = self.users.pop()
+                    assert "ticket" not in gone, "a user was stopped with a request in flight"
+                    self.controller.on_gone(gone["id"])
+                    self.deliver()
                 while len(self.users) < target[0]:
                     node = nodes[len(self.users) % len(nodes)]
                     user = {"id": f"u{len(self.users)}", "node": node, "ready_at": self.now + self.prepare_s}
@@ -74,10 +80,12 @@ class Simulation:
             if "ticket" in user and self.now >= user["ends"]:
                 ticket: Ticket = user.pop("ticket")
                 measured, ack = gate.end(ticket)
+                sent = user.pop("sent")
                 record = {
                     "user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch if ticket.in_step else None,
                     "step": ticket.step, "users": ticket.users, "measured": measured,
-                    "sent": user.pop("sent"), "ended": self.now, "node": user["node"],
+                    "sent": sent, "ended": self.now, "node": user["node"],
+                    "ok": True, "ttft_s": (self.now - sent) / 2, "e2e_s": self.now - sent,
                 }  # fmt: skip
                 self.records.append(record)
                 self.controller.on_record(record)
@@ -88,7 +96,8 @@ class Simulation:
             if "ticket" not in user and gate.open:
                 ticket = gate.begin()
                 if ticket is not None:
-                    user.update(ticket=ticket, sent=self.now, ends=self.now + self.request_s)
+                    duration = self.request_s(ticket.users or 1) if callable(self.request_s) else self.request_s
+                    user.update(ticket=ticket, sent=self.now, ends=self.now + duration)
 
     def in_flight_between(self, start: float, end: float) -> set[int]:
         return {n for t, n in self.in_flight_log if start < t < end}
@@ -255,3 +264,75 @@ def test_reset_frees_the_gate_and_keeps_the_old_run_stale():
     assert gate.open and gate.signal.is_set()
     gate.on_phase(message("run", epoch=3))
     assert gate.phase == "free"
+
+
+# ---------------------------------------------------------------- objectives, the capacity search, early stop
+
+TTFT_2S = (Objective("ttft_s", 2.0, 0.9),)
+
+
+def slower_with_users(users: int) -> float:
+    """A request takes 0.9 s per concurrent user: TTFT (half of it) is 0.45 s per user, <= 2 s up to 4 users."""
+    return 0.9 * users
+
+
+def test_every_step_is_judged_against_the_objectives():
+    sim = Simulation(StepPlan(users=(1, 2, 8), requests_per_user=2, objectives=TTFT_2S), request_s=slower_with_users)
+    sim.run()
+    assert [(s.users, s.slo_passed) for s in sim.steps] == [(1, True), (2, True), (8, False)]
+    assert "TTFT p90 <= 2 s: 3.6 s (missed)" in sim.steps[2].slo_detail
+    assert not any(s.probe for s in sim.steps)  # no search asked: the configured steps only
+
+
+def test_the_search_doubles_then_bisects_to_the_highest_passing_concurrency():
+    plan = StepPlan(users=(1, 2), requests_per_user=2, objectives=TTFT_2S, search=True, max_users=16)
+    sim = Simulation(plan, request_s=slower_with_users)
+    sim.run()
+    assert not sim.aborted and sim.controller.phase == "done"
+    # Configured 1, 2 pass; doubling probes 4 (pass), 8 (fail); bisection probes 6 (fail), then 5 (fail).
+    assert [(s.users, s.slo_passed, s.probe) for s in sim.steps] == [
+        (1, True, False), (2, True, False), (4, True, True), (8, False, True), (6, False, True), (5, False, True),
+    ]  # fmt: skip
+    assert sim.controller.search.interval == (4, 5) and sim.controller.search.stopped_by == "resolution"
+    # Every probe, fewer users included, ran at exactly its concurrency.
+    for step in sim.steps:
+        for r in (r for r in sim.records if r["epoch"] == step.epoch and r["measured"]):
+            assert sim.in_flight_between(r["sent"], r["ended"]) == {step.users}
+
+
+def test_the_search_stops_at_its_bound_and_when_one_user_fails():
+    fast = Simulation(
+        StepPlan(users=(1,), requests_per_user=1, objectives=TTFT_2S, search=True, max_users=3), request_s=0.5
+    )
+    fast.run()
+    assert [s.users for s in fast.steps] == [1, 2, 3]
+    assert fast.controller.search.interval == (3, None) and fast.controller.search.stopped_by == "bound"
+    slow = Simulation(StepPlan(users=(1,), requests_per_user=1, objectives=TTFT_2S, search=True, max_users=8),
+                      request_s=10.0)  # fmt: skip
+    slow.run()
+    assert [s.users for s in slow.steps] == [1] and slow.controller.search.stopped_by == "fails at 1 user"
+
+
+def test_a_step_ends_early_only_when_its_verdict_is_certain():
+    # 8 users at 7.2 s per request: TTFT 3.6 s, far over 2 s. With 8 measured the interval of p90 is x(5)..inf:
+    # its low end (3.6 s) is over the limit, so the step certainly fails and ends at 8 requests instead of 40.
+    plan = StepPlan(users=(8,), requests_per_user=5, objectives=TTFT_2S, min_requests=8)
+    sim = Simulation(plan, request_s=slower_with_users)
+    sim.run()
+    (step,) = sim.steps
+    assert step.early_stop and step.slo_passed is False and step.measured_requests < 8 * 5
+    # A passing step cannot be certain from a handful of requests (the top of the interval is beyond the sample):
+    # it runs its full requests_per_user.
+    sim = Simulation(StepPlan(users=(2,), requests_per_user=5, objectives=TTFT_2S, min_requests=2), request_s=1.0)
+    sim.run()
+    (step,) = sim.steps
+    assert not step.early_stop and step.slo_passed and step.measured_requests >= 2 * 5
+
+
+def test_plans_that_cannot_be_judged_are_refused():
+    with pytest.raises(ValueError, match="needs latency objectives"):
+        StepPlan(users=(1,), search=True)
+    with pytest.raises(ValueError, match="below the largest step"):
+        StepPlan(users=(1, 8), objectives=TTFT_2S, max_users=4)
+    with pytest.raises(ValueError, match="min-requests"):
+        StepPlan(users=(1,), min_requests=4)

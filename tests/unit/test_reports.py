@@ -184,3 +184,21 @@ def test_targets_side_by_side_and_an_external_endpoint(tmp_path):
     assert 'id="targets-table"' in page and page.count('data-target="llama-cpp-python"') == 4
     assert "This server handles one request at a time" in page
     assert "m on vllm (http://127.0.0.1:8000)" in page
+
+
+def test_capacity_is_the_speed_figure_when_the_run_measured_it():
+    from reports.model import CapacityResult
+
+    r = results()
+    capacities = {"F16": 2, "Q8_0": 6, "Q4_0": 9, "Q4_K_M-imat": 6}
+    for v in r.variants:
+        v.speed.capacity = CapacityResult(low=capacities[v.name], high=capacities[v.name] + 1, stopped_by="resolution",
+                                          bound=16)  # fmt: skip
+    # Q8_0 and Q4_K_M-imat serve 6 users each (Q4_0, 9, is worse): equal capacity, KLD apart -> Q8_0, although
+    # Q4_K_M-imat streams more tokens/s.
+    rec = recommend(r)
+    assert rec.variant == "Q8_0"
+    assert "it serves 6 concurrent users within the latency objectives against 2 for F16" in rec.headline
+    for v in r.variants[1:]:
+        v.quality.kld_mean_sigma = 0.01  # KLD intervals overlap: tied, the smaller file wins
+    assert recommend(r).variant == "Q4_K_M-imat"

@@ -303,8 +303,6 @@ def guidellm_env(cache: Path, version: str = GUIDELLM_VERSION) -> Path:
     from harness.tools import run_logged
 
     final = cache / "thirdparty" / f"guidellm-{version}-venv"
-    if (final / "bin" / "python").exists():
-        return final
     log = final.with_name(final.name + ".log")
     # torch (a dependency of GuideLLM) pinned as the project pins it: unpinned, it resolves to a multi-GB CUDA build.
     constraints = ROOT / "requirements" / "constraints.txt"

@@ -16,6 +16,7 @@ from harness import console
 from harness.config import Experiment, load_experiment
 from harness.errors import ConfigError, HarnessError
 from harness.pipeline import STAGES
+from harness.storage import disk_error, sole_writer
 
 DEMO_EXPERIMENT = Path(__file__).parent / "experiments" / "demo.toml"
 
@@ -140,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
     print(f"llama-server: {max(exp.load.steps)} slots of {exp.load.prompt_tokens} + {exp.load.output_tokens} tokens")
     ctx = RunContext.of(exp, build)
-    serve_with_web_ui(ctx, args.model.absolute(), port=port, web_port=args.web_port, echo=_echo)
+    with sole_writer(ctx.run.root):
+        serve_with_web_ui(ctx, args.model.absolute(), port=port, web_port=args.web_port, echo=_echo)
     return 0
 
 
@@ -197,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"llamasys: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        disk = disk_error(exc)
+        if disk is None:
+            raise
+        print(f"llamasys: error: {disk}", file=sys.stderr)
+        return disk.exit_code
     except KeyboardInterrupt:
         print("llamasys: interrupted; finished work is kept", file=sys.stderr)
         return 130

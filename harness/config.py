@@ -263,6 +263,10 @@ class LoadConfig(Section):
     # confidence interval of each quantile on one side of its limit); it ends at max_requests in any case.
     min_requests: int | None = Field(default=None, ge=1)
     max_requests: int | None = Field(default=None, ge=1)
+    # Stopping (Ctrl-C): in-flight requests get this long to finish, then are aborted and recorded as aborted.
+    drain_grace_s: float = Field(default=10.0, ge=0)
+    # A server that dies mid-step is started again this many times for the steps still to measure.
+    server_restarts: int = Field(default=1, ge=0)
 
     @property
     def bound(self) -> int:

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from harness.cache import atomic_file
 from harness.config import CorpusConfig
 from harness.context import CacheDir
 from harness.errors import ConfigError, HarnessError
-from harness.records import atomic_write, inputs_digest
+from harness.records import inputs_digest
 
 Purpose = Literal["imatrix", "kld"]
 
@@ -57,13 +58,13 @@ def _hf_text(cfg: CorpusConfig, split: str) -> str:
 
 
 def _cached(cache: CacheDir, name: str, produce: Callable[[], str]) -> Path:
-    target = cache.corpus / f"{name}.txt"
-    if target.is_file():
-        return target
-    text = produce()
-    if not text.strip():
-        raise HarnessError(f"corpus {name} is empty")
-    return atomic_write(target, text)
+    def fill(tmp: Path) -> None:
+        text = produce()
+        if not text.strip():
+            raise HarnessError(f"corpus {name} is empty")
+        tmp.write_text(text, encoding="utf-8")
+
+    return atomic_file(cache.corpus / f"{name}.txt", fill)
 
 
 def _read(path: Path) -> str:

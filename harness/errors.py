@@ -57,3 +57,9 @@ class ReportError(HarnessError):
     """The results could not be merged or rendered."""
 
     exit_code = 8
+
+
+class DiskError(HarnessError):
+    """A run or cache directory cannot be written, or the disk has no room for what is about to be written."""
+
+    exit_code = 9

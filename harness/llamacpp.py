@@ -24,7 +24,7 @@ from filelock import FileLock
 from pydantic import Field
 
 from harness import pypi
-from harness.cache import atomic_dir, file_sha256, tree_fingerprint
+from harness.cache import atomic_dir, damage, file_sha256, intact, seal, tree_fingerprint
 from harness.config import LlamaCppConfig
 from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
 from harness.records import Record, read_record, write_record
@@ -340,14 +340,14 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path) -> Build:
     )
     builds = cache_dir / "builds"
     final = builds / key
-    if (final / _BUILD_RECORD).is_file():
+    if final.is_dir() and damage(final) is None:
         return _load_record(final)
-    env = {**os.environ, **check_toolchain(cfg.backend)}
     builds.mkdir(parents=True, exist_ok=True)
     # One lock per key for the whole build; atomic_dir takes its own, differently named lock for the install.
     with FileLock(str(builds / f".{key}.build.lock")):
-        if (final / _BUILD_RECORD).is_file():  # another run finished it while we waited
+        if intact(final):  # another run finished it while we waited (a damaged entry is removed here)
             return _load_record(final)
+        env = {**os.environ, **check_toolchain(cfg.backend)}
         return _build(tree, cfg, configure, key, final, env, jobs=cfg.jobs or os.cpu_count() or 1)
 
 
@@ -371,6 +371,8 @@ def _build(tree, cfg, configure, key, final: Path, env, *, jobs: int) -> Build:
     work.mkdir(parents=True, exist_ok=True)
     if tree.era == "legacy":
         _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
+        if tree.identity.startswith(("pypi:", "git:")):
+            seal(tree.root)  # the cached source entry now holds the pinned build-info: that is what it was made with
     logger.info("building llama.cpp (%s, %s) -> %s\n  log: %s", tree.description, cfg.backend, final, log)
     cmake_configure(tree.root, work / "tree", configure, log_path=log, env=env)
     run = run_logged(

@@ -20,6 +20,7 @@ from harness.llamacpp import ensure_build
 from harness.manifest import Manifest
 from harness.records import write_record
 from harness.rundir import RunDir
+from harness.storage import check_writable, sole_writer
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ def run_pipeline(exp: Experiment, *, stages_to_run: Sequence[str] = STAGES) -> R
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
     exp.baseline  # noqa: B018 - an experiment without a baseline is refused before anything runs
+    with sole_writer(exp.resolved_run_dir()):
+        return _run(exp, stages_to_run)
+
+
+def _run(exp: Experiment, stages_to_run: Sequence[str]) -> RunDir:
+    check_writable(exp.resolved_cache_dir(), "cache directory")
     run = open_run_dir(exp)
     console.log_to_file(run.log)
     manifest = Manifest.open(run.manifest, name=exp.name)
@@ -106,5 +113,6 @@ def rerender(run_dirs: Sequence[Path]) -> Path:
     runs = [RunDir(Path(p)) for p in run_dirs]
     results = [load_results(r.results) for r in runs]
     target = runs[0].report
-    render_report(results[0], target, run_dir=runs[0].root, runs=results if len(results) > 1 else None)
+    with sole_writer(runs[0].root):
+        render_report(results[0], target, run_dir=runs[0].root, runs=results if len(results) > 1 else None)
     return target

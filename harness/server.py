@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -20,7 +20,7 @@ from harness.config import ServerConfig
 from harness.errors import HarnessError, ServerError
 from harness.llamacpp import Build
 from harness.process import stop
-from harness.tools import error_line
+from harness.tools import LOADER_REASON, error_line
 
 GGUF_MAGIC = b"GGUF"
 WARM_UP_OUTPUT_TOKENS = 32
@@ -182,7 +182,50 @@ class Endpoint:
             raise ServerError(f"the warm-up request to {self.kind} ({route}) failed: {exc}") from None
 
 
-class LlamaServer(Endpoint):
+class ManagedEndpoint(Endpoint):
+    """A server process the harness starts and stops: its PID, when it started, how it ended, and the one wait for
+    it to become ready (it may die while loading; the deadline is the experiment's server.startup_timeout_s)."""
+
+    _proc: subprocess.Popen | None = None
+    started_at: float | None = None  # wall clock when its process was started
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has ended, else None."""
+        return self._proc.poll() if self._proc else None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop(self._proc, grace_s=10.0)
+            self._proc = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "started_at": self.started_at, "pid": self.pid}
+
+    def _spawned(self, proc: subprocess.Popen) -> None:
+        self._proc, self.started_at = proc, time.time()
+
+    def _wait_ready(self, ready: Callable[[], bool], *, timeout_s: float, name: str) -> None:
+        """Poll `ready()` (False: not yet; it raises on a definite problem) until it is true, the process exits
+        or `timeout_s` passes."""
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                why = error_line(self.log_tail(40), prefer=LOADER_REASON, empty="(empty log)")
+                raise ServerError(f"{name} exited ({code}) while starting: {why} (log: {self.log_path})")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"{name} did not become ready within {timeout_s:.0f} s (log: {self.log_path})")
+
+
+class LlamaServer(ManagedEndpoint):
     """Context manager around one llama-server: start, wait for /health, verify sizing, stop on every path.
 
     `settings` says where it listens (host, port: None = a free one), its threads and GPU layers, extra arguments
@@ -210,17 +253,12 @@ class LlamaServer(Endpoint):
         self.host = self.settings.host
         self.port: int | None = None
         self.props: dict[str, Any] = {}
-        self._proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         if self.port is None:
             raise ServerError("llama-server is not running")
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -244,44 +282,28 @@ class LlamaServer(Endpoint):
         extra = [*self.settings.extra_args, *(["--embeddings", "--pooling", "mean"] if self.embeddings else [])]
         args = server_args(self.build, self.model, self.sizing, host=self.host, port=self.port, extra_args=extra)
         compute = self.build.compute(threads=self.settings.threads, gpu_layers=self.settings.gpu_layers)
-        self._proc = self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute)
+        self._spawned(self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute))
         try:
-            self._wait_healthy()
+            self._wait_ready(self._healthy, timeout_s=self.settings.startup_timeout_s, name="llama-server")
             self.props = self.get_json("/props")
             self._verify_sizing()
         except BaseException:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop(self._proc, grace_s=10.0)
-            self._proc = None
-
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         return list(self.post_json("/tokenize", {"content": text, "add_special": add_special})["tokens"])
 
-    def _wait_healthy(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.settings.startup_timeout_s
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                why = error_line(self.log_tail(40), empty="(empty log)")
-                raise ServerError(f"llama-server exited ({code}) while starting: {why} (log: {self.log_path})")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503:  # 503 = still loading the model
-                    raise ServerError(f"llama-server /health answered {exc.code}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise ServerError(
-            f"llama-server did not become healthy within {self.settings.startup_timeout_s:.0f} s (log: {self.log_path})"
-        )
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:  # 503 = still loading the model
+                raise ServerError(f"llama-server /health answered {exc.code}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        return False
 
     def _verify_sizing(self) -> None:
         settings = self.props.get("default_generation_settings", {})

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -28,9 +26,9 @@ from harness.config import Experiment, TargetConfig
 from harness.context import RunContext
 from harness.errors import ConfigError, LoadTestError, ServerError
 from harness.llamacpp import check_toolchain
-from harness.process import spawn, stop
+from harness.process import spawn
 from harness.records import atomic_write, inputs_digest
-from harness.server import Endpoint, LlamaServer, ServerSizing, check_gguf, free_port
+from harness.server import Endpoint, LlamaServer, ManagedEndpoint, ServerSizing, check_gguf, free_port
 from harness.tools import error_line, run_logged
 
 logger = logging.getLogger(__name__)
@@ -72,18 +70,17 @@ def llama_cpp_python_cmake_args(ctx: RunContext) -> list[str]:
 def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
     """A virtual environment with llama-cpp-python[server]==`version`, compiled from its sdist once and cached
     under <cache>/thirdparty, keyed by version, CMake arguments, Python and machine: the second call compiles
-    nothing. Built in a temporary directory and renamed whole, so a killed build leaves no half environment."""
+    nothing. Built in a temporary directory and renamed whole, so a killed build leaves no half environment; sealed
+    and checked before each use like every cache entry."""
     cmake = llama_cpp_python_cmake_args(ctx)
     key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2], "os": os.uname().machine})
     final = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}"
-    if (final / "bin" / "python").exists():
-        return final
-    env = {**os.environ, **check_toolchain(ctx.build.backend)}
-    env["CMAKE_ARGS"] = " ".join(cmake)
-    env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(ctx.experiment.llamacpp.jobs or os.cpu_count() or 1)
     log = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}.log"
 
     def fill(venv: Path) -> None:
+        env = {**os.environ, **check_toolchain(ctx.build.backend)}
+        env["CMAKE_ARGS"] = " ".join(cmake)
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(ctx.experiment.llamacpp.jobs or os.cpu_count() or 1)
         logger.info("load: compiling llama-cpp-python %s (%s) once into %s (log: %s)", version, cmake, final, log)
         for cmd in (
             [sys.executable, "-m", "venv", str(venv)],
@@ -97,7 +94,7 @@ def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
     return atomic_dir(final, fill)
 
 
-class LlamaCppPythonServer(Endpoint):
+class LlamaCppPythonServer(ManagedEndpoint):
     """`python -m llama_cpp.server` for one variant, or for several from one --config_file (model aliases)."""
 
     kind = "llama-cpp-python"
@@ -113,17 +110,12 @@ class LlamaCppPythonServer(Endpoint):
         self.embedding = embedding
         self.port: int | None = None
         self.props: dict[str, Any] = {}
-        self._proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         if self.port is None:
             raise ServerError("llama-cpp-python's server is not running")
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def model_settings(self, alias: str, model: Path) -> dict[str, Any]:
         """One model's settings (--config_file entry and command-line flags alike)."""
@@ -163,17 +155,15 @@ class LlamaCppPythonServer(Endpoint):
         cmd = self.command(venv / "bin" / "python", config_file)
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
-        self._proc = spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent)
+        self._spawned(spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent))
         try:
-            self._wait_ready()
+            self._wait_ready(
+                self._lists_models, timeout_s=self.ctx.experiment.server.startup_timeout_s,
+                name="llama-cpp-python's server",
+            )  # fmt: skip
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop(self._proc, grace_s=10.0)
-            self._proc = None
 
     def describe(self) -> dict[str, Any]:
         exp = self.ctx.experiment
@@ -186,31 +176,17 @@ class LlamaCppPythonServer(Endpoint):
             "threads": exp.server.threads,
         }
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.ctx.experiment.server.startup_timeout_s
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                why = error_line(self.log_tail(40), empty="(empty log)")
-                raise ServerError(
-                    f"llama-cpp-python's server exited ({code}) while starting: {why} (log: {self.log_path})"
-                )
-            try:
-                served = {m.get("id") for m in self.get_json("/v1/models", timeout_s=2).get("data", [])}
-            except (urllib.error.URLError, OSError, ValueError):
-                time.sleep(0.2)  # not listening yet
-                continue
-            missing = sorted(set(self.models) - served)
-            if missing:
-                raise ServerError(
-                    f"llama-cpp-python's server does not list model(s) {', '.join(missing)} (log: {self.log_path})"
-                )
-            return
-        raise ServerError(
-            f"llama-cpp-python's server did not answer within {self.ctx.experiment.server.startup_timeout_s:.0f} s "
-            f"(log: {self.log_path})"
-        )
+    def _lists_models(self) -> bool:
+        try:
+            served = {m.get("id") for m in self.get_json("/v1/models", timeout_s=2).get("data", [])}
+        except (urllib.error.URLError, OSError, ValueError):
+            return False  # not listening yet
+        missing = sorted(set(self.models) - served)
+        if missing:
+            raise ServerError(
+                f"llama-cpp-python's server does not list model(s) {', '.join(missing)} (log: {self.log_path})"
+            )
+        return True
 
 
 # ---------------------------------------------------------------- an endpoint that is already running

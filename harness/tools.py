@@ -33,6 +33,9 @@ ERROR_WORDS = re.compile(
     re.IGNORECASE,
 )
 
+# The model loader's own reason ("unknown model architecture: ...") comes before the generic lines after it.
+LOADER_REASON = ("error loading model",)
+
 
 def error_line(lines: Sequence[str], *, prefer: Sequence[str] = (), empty: str = "(no output)") -> str:
     """The output line that best says why a program failed.

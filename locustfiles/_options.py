@@ -45,6 +45,9 @@ class LoadOptions:
     # max_requests in any case.
     min_requests: int | None = None
     max_requests: int | None = None
+    # A resumed run: the steps an earlier attempt measured (not run again), and the id this run's records carry.
+    done_steps: tuple[tuple[int, bool | None], ...] = ()
+    run_id: str = ""
 
     @classmethod
     def from_namespace(cls, ns: Any) -> LoadOptions:
@@ -73,6 +76,8 @@ class LoadOptions:
             search_resolution=int(getattr(ns, "search_resolution", 1) or 1),
             min_requests=int(getattr(ns, "min_requests", 0) or 0) or None,
             max_requests=int(getattr(ns, "max_requests", 0) or 0) or None,
+            done_steps=StepPlan.parse_done(str(getattr(ns, "done_steps", "") or "")),
+            run_id=str(getattr(ns, "run_id", "") or ""),
         )
         options.validate()
         return options
@@ -109,6 +114,7 @@ class LoadOptions:
             search_resolution=self.search_resolution,
             min_requests=self.min_requests,
             max_requests=self.max_requests,
+            done=self.done_steps,
         )
 
 
@@ -161,6 +167,13 @@ def add_arguments(parser: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--max-requests", type=int, default=0, help="StepShape: end a step at this many measured requests (0 = no cap)"
+    )
+    parser.add_argument(
+        "--done-steps", type=str, default="",
+        help="StepShape: steps an earlier attempt measured, not run again (users:pass|miss|done, comma-separated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run-id", type=str, default="", help="the id the first test's records carry (default: a random one)"
     )
     parser.add_argument(
         "--length-options",

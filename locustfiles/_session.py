@@ -76,6 +76,7 @@ class LoadSession:
         self._shared: dict[tuple, Any] = {}
         self._shared_lock = gevent.lock.RLock()
         self._flushing = False
+        self._tests = 0  # tests this process has run (the web UI may run several)
 
     # ---------------------------------------------------------------- options and shared prompt material
 
@@ -117,6 +118,12 @@ class LoadSession:
             runner.send_message(msg_type, data)
 
     # ---------------------------------------------------------------- shape side
+
+    def next_run_id(self) -> str:
+        """The id of a new test's records: --run-id for the first test of this process (the harness names its
+        attempts), a random one (empty: the controller draws it) for any later test of the web UI."""
+        self._tests += 1
+        return self.options.run_id if self._tests == 1 else ""
 
     def attach(self, controller: StepController | None) -> None:
         self.controller = controller

@@ -46,7 +46,7 @@ class StepShape(LoadTestShape):
                 logger.error("load test not started: %s", exc)
                 self.runner.environment.process_exit_code = EXIT_ABORTED
                 return None
-            self.controller = StepController(plan, clock=time.time, nodes=self._nodes)
+            self.controller = StepController(plan, clock=time.time, nodes=self._nodes, run=session.next_run_id())
             session.attach(self.controller)
             gevent.spawn(self._poll, self.controller)
         result = self.controller.tick()

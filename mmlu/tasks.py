@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from harness.cache import atomic_file
 from harness.context import CacheDir
 from harness.errors import MMLUError
-from harness.records import atomic_write
 from mmlu.dataset import Question
 
 Render = Literal["cloze", "qa"]
@@ -154,10 +154,7 @@ def write_task_file(tasks: Sequence[MultipleChoiceTask], cache: CacheDir) -> Pat
     """Write the tasks once to `<cache>/mmlu/<content hash>.bin` and return that path."""
     data = encode_tasks(tasks)
     digest = hashlib.sha256(data).hexdigest()[:20]
-    target = cache.mmlu / f"{digest}.bin"
-    if target.is_file() and target.stat().st_size == len(data):
-        return target
-    return atomic_write(target, data)
+    return atomic_file(cache.mmlu / f"{digest}.bin", lambda tmp: tmp.write_bytes(data))
 
 
 def read_task_file(path: Path) -> list[MultipleChoiceTask]:

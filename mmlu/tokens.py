@@ -13,11 +13,11 @@ a task containing such text may count a few tokens short there; MMLU holds none.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from harness.cache import atomic_file
 from harness.config import ServerConfig
 from harness.context import CacheDir
 from harness.errors import HarnessError, MMLUError
@@ -75,12 +75,17 @@ def count_task_tokens(
     """Tokens needed by every task (cached in `<cache>/mmlu` per task file, model and build)."""
     key = inputs_digest({"tasks": task_file.name, "model": file_identity(model), "build": build.cache_key})
     cached = cache.mmlu / f"{task_file.stem}.tokens-{key}.json"
-    with contextlib.suppress(FileNotFoundError, RecordError):
-        counted = read_record(cached, TaskTokens)
-        if len(counted.required) == len(tasks):
-            return counted
-    counted = _count_with_server(build, model, tasks, log_path=log_path, threads=threads)
-    write_record(cached, counted)
+
+    def count(tmp: Path) -> None:
+        write_record(tmp, _count_with_server(build, model, tasks, log_path=log_path, threads=threads))
+
+    try:
+        counted = read_record(atomic_file(cached, count), TaskTokens)
+    except RecordError:
+        counted = None
+    if counted is None or len(counted.required) != len(tasks):  # written by another version: count again
+        cached.unlink(missing_ok=True)
+        counted = read_record(atomic_file(cached, count), TaskTokens)
     return counted
 
 

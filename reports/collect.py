@@ -27,6 +27,7 @@ from mmlu.dataset import (
 )
 from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
 from reports.model import (
+    AttemptResult,
     CapacityResult,
     EndpointResult,
     Quality,
@@ -214,7 +215,10 @@ def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: 
         missing.append(f"load: {variant} on {target}")
         return None
     configured = [s.users for s in summary.steps if not s.probe]
-    if configured != exp.load.steps:
+    if not summary.complete:
+        measured = ", ".join(str(s.users) for s in summary.steps) or "none"
+        missing.append(f"load: {variant} on {target} (partial: steps measured {measured}; {summary.error})")
+    elif configured != exp.load.steps:
         missing.append(f"load: {variant} on {target} (steps {configured} of {exp.load.steps})")
     return _speed(summary, run)
 
@@ -238,6 +242,7 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
             probe=s.probe,
             early_stop=s.early_stop,
             bandwidth_share=s.bandwidth_share,
+            attempt=s.attempt,
             ttft_s=_pct(s.ttft_s),
             tpot_s=_pct(s.tpot_s),
             itl_s=_pct(s.itl_s),
@@ -272,6 +277,23 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         gpu_util_pct_mean=_mean(gpu),
         gpu_mem_mb_max=_max(gmem, scale=2**20),
         files=files,
+        attempts=[
+            AttemptResult(
+                number=a.number,
+                outcome=a.outcome,
+                started_at=a.started_at,
+                steps=a.steps,
+                error=a.error,
+                server_started_at=a.server.get("started_at"),
+                server_pid=a.server.get("pid"),
+                server_exit_code=a.server_exit_code,
+                server_log_tail=a.server_log_tail,
+                failed_requests=a.failed_requests,
+            )  # fmt: skip
+            for a in summary.attempts
+        ],
+        complete=summary.complete,
+        error=summary.error,
     )
 
 

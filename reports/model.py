@@ -78,6 +78,7 @@ class StepResult(Record):
     probe: bool = False  # a step of the capacity search
     early_stop: bool = False  # ended as soon as its verdict was certain
     bandwidth_share: float | None = None  # aggregate decode tokens/s / the memory-bandwidth bound
+    attempt: int = 1  # which attempt (Speed.attempts) measured it
     ttft_s: dict[str, float] = Field(default_factory=dict)  # p50 / p90 / p99
     tpot_s: dict[str, float] = Field(default_factory=dict)
     itl_s: dict[str, float] = Field(default_factory=dict)
@@ -91,6 +92,21 @@ class CapacityResult(Record):
     high: int | None  # None: no step failed up to the bound
     stopped_by: str
     bound: int
+
+
+class AttemptResult(Record):
+    """One attempt at a variant's load (a resumed run, or a restart after the server died adds one)."""
+
+    number: int
+    outcome: str  # complete | interrupted | server died | failed
+    started_at: float
+    steps: list[int] = Field(default_factory=list)  # users of the steps it measured that the results use
+    error: str | None = None
+    server_started_at: float | None = None
+    server_pid: int | None = None
+    server_exit_code: int | None = None
+    server_log_tail: list[str] = Field(default_factory=list)
+    failed_requests: int = 0
 
 
 class Speed(Record):
@@ -112,6 +128,9 @@ class Speed(Record):
     gpu_util_pct_mean: float | None = None
     gpu_mem_mb_max: float | None = None
     files: dict[str, str] = Field(default_factory=dict)  # label -> path relative to the run directory
+    attempts: list[AttemptResult] = Field(default_factory=list)
+    complete: bool = True  # False: the load stopped before every step; `error` says why
+    error: str | None = None
 
     def step(self, users: int) -> StepResult | None:
         return next((s for s in self.steps if s.users == users), None)

@@ -30,9 +30,9 @@ def is_four_bit(variant: VariantResult) -> bool:
 
 def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
     """What "fastest" compares: the capacity within the latency objectives when the run measured one, else the
-    output tokens/s at the largest configured step."""
+    output tokens/s at the largest configured step; nothing for a partial load (its figures are not comparable)."""
     speed = variant.speed
-    if not speed or not speed.steps:
+    if not speed or not speed.steps or not speed.complete:
         return None
     if speed.capacity is not None:
         return "capacity", float(speed.capacity.low)

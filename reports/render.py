@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -33,8 +34,16 @@ def _ms(value: float | None) -> str:
     return _fmt(value * 1000 if value is not None else None, ".1f")
 
 
+def _timestamp(value: float | None) -> str:
+    """Wall-clock seconds as local date and time (when an attempt or a server started)."""
+    if value is None:
+        return "–"
+    return dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
 _ENV.filters["fmt"] = _fmt
 _ENV.filters["ms"] = _ms
+_ENV.filters["timestamp"] = _timestamp
 
 
 def render_report(

@@ -23,6 +23,7 @@ from harness.process import spawn, stop
 from harness.tools import error_line
 from locustfiles import EXIT_ABORTED, LOCUSTFILES, USER_KINDS, RequestRecord, StepRecord, read_records
 from locustfiles._slo import Objective, format_objectives
+from locustfiles._steps import StepPlan
 
 PROJECT_ROOT = LOCUSTFILES.parent
 
@@ -36,8 +37,10 @@ def user_for(api: str) -> tuple[Path, str]:
 
 
 def stop_timeout(cfg: LoadConfig) -> str:
-    """Locust's --stop-timeout (whole seconds): long enough for an in-flight request to finish."""
-    return f"{math.ceil(cfg.request_timeout_s)}s"
+    """Locust's --stop-timeout (whole seconds): how long in-flight requests may finish when the test is stopped
+    (Ctrl-C, the web UI's stop) before they are aborted and recorded as interrupted. Steps never need it: they
+    drain on their own before the users change."""
+    return f"{math.ceil(cfg.drain_grace_s)}s"
 
 
 def load_arguments(
@@ -47,9 +50,12 @@ def load_arguments(
     model_name: str | None = None,
     objectives: Sequence[Objective] = (),
     max_users: int | None = None,
+    run_id: str = "",
+    done: Sequence[tuple[int, bool | None]] = (),
 ) -> list[str]:
     """Our locustfiles' custom arguments for this configuration, the `model` the users name (if any), the latency
-    objectives every step is judged against and the search's bound."""
+    objectives every step is judged against, the search's bound, and for an attempt of a resumed run its records'
+    id and the steps already measured."""
     args = [
         "--prompt-tokens", str(cfg.prompt_tokens),
         "--output-tokens", str(cfg.output_tokens),
@@ -80,6 +86,10 @@ def load_arguments(
         args += ["--min-requests", str(cfg.min_requests)]
     if cfg.max_requests:
         args += ["--max-requests", str(cfg.max_requests)]
+    if run_id:
+        args += ["--run-id", run_id]
+    if done:
+        args += ["--done-steps", StepPlan.format_done(done)]
     return args
 
 
@@ -93,6 +103,8 @@ def headless_command(
     model_name: str | None = None,
     objectives: Sequence[Objective] = (),
     max_users: int | None = None,
+    run_id: str = "",
+    done: Sequence[tuple[int, bool | None]] = (),
 ) -> list[str]:
     """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a
     target's own route)."""
@@ -109,7 +121,9 @@ def headless_command(
     if n > 1:
         cmd += ["--processes", str(n)]
     records = out_dir / "requests.jsonl"
-    return cmd + load_arguments(cfg, records, model_name=model_name, objectives=objectives, max_users=max_users)
+    return cmd + load_arguments(
+        cfg, records, model_name=model_name, objectives=objectives, max_users=max_users, run_id=run_id, done=done
+    )
 
 
 def locust_env() -> dict[str, str]:
@@ -119,11 +133,17 @@ def locust_env() -> dict[str, str]:
     return env
 
 
+# After its users' grace (--stop-timeout), Locust writes its CSV and HTML reports and exits: seconds at most.
+LOCUST_SHUTDOWN_S = 15.0
+
+
 @contextlib.contextmanager
-def locust_running(proc: subprocess.Popen, *, grace_s: float = 15.0) -> Iterator[subprocess.Popen]:
+def locust_running(proc: subprocess.Popen, *, grace_s: float = LOCUST_SHUTDOWN_S) -> Iterator[subprocess.Popen]:
     """Like harness.process.running, but first asks Locust to stop the way Ctrl-C does (SIGINT to the group we
-    created): a headless Locust running a load shape has no SIGTERM handler yet and would die without writing
-    its CSV and HTML reports. After `grace_s` it is stopped (SIGTERM, then SIGKILL) as any child is."""
+    created): its users get their --stop-timeout to finish in-flight requests (recorded as interrupted if they
+    do not), then it writes its CSV and HTML reports; a headless Locust running a load shape has no SIGTERM handler
+    yet and would die without writing them. After `grace_s` it is stopped (SIGTERM, then SIGKILL) as any child
+    is; a second Ctrl-C while it stops kills it at once."""
     try:
         yield proc
     finally:
@@ -134,6 +154,10 @@ def locust_running(proc: subprocess.Popen, *, grace_s: float = 15.0) -> Iterator
                 proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass  # stop() below escalates
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the second Ctrl-C: no more waiting
+            raise
         finally:
             stop(proc, grace_s=5.0)
 
@@ -155,20 +179,22 @@ def run_headless(
     watch: Callable[[], str | None] = lambda: None,
     on_progress: Callable[[int], None] | None = None,
     poll_s: float = 0.2,
+    stop_grace_s: float = LOCUST_SHUTDOWN_S,
 ) -> LocustResult:
     """Run Locust to its end. `watch()` returning a reason (e.g. the server died) stops the run early and
-    raises LoadTestError with it; so does passing `deadline_s`. Locust is stopped on every path."""
+    raises LoadTestError with it; so does passing `deadline_s`. Locust is stopped on every path, given
+    `stop_grace_s` to let its users finish (their --stop-timeout) and write its reports."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
     proc = spawn(cmd, log_path=log_path, env=locust_env(), cwd=log_path.parent)
     problem: str | None = None
-    with locust_running(proc):
+    with locust_running(proc, grace_s=stop_grace_s):
         started = time.monotonic()
         while proc.poll() is None:
             time.sleep(poll_s)
             if on_progress is not None:
-                on_progress(_count_lines(records))
+                on_progress(count_requests(records))
             problem = watch()
             if problem is None and time.monotonic() - started > deadline_s:
                 problem = f"the load test did not finish within {deadline_s:.0f} s"
@@ -185,21 +211,23 @@ def run_headless(
     return LocustResult(proc.returncode, requests, steps, log_path)
 
 
-def check_complete(result: LocustResult, planned_steps: int) -> None:
-    """Raise with the clearest reason when the run did not measure every planned step."""
+def check_complete(result: LocustResult, *, pending: bool) -> None:
+    """Raise with the clearest reason when the run aborted, or ended with steps still to measure (`pending`)."""
     errors = [s.error for s in result.steps if s.error]
     if errors or result.exit_code == EXIT_ABORTED:
         reason = errors[0] if errors else error_line(_tail(result.log_path), empty="(empty log)")
         raise LoadTestError(f"load test aborted: {reason} (log: {result.log_path})")
-    done = len(result.steps)
-    if done < planned_steps:
+    if pending:
+        done = len(result.steps)
         why = error_line(_tail(result.log_path), empty="(empty log)")
         raise LoadTestError(
-            f"Locust exited ({result.exit_code}) after {done} of {planned_steps} steps: {why} (log: {result.log_path})"
+            f"Locust exited ({result.exit_code}) after {done} step(s) with steps still to measure: {why} "
+            f"(log: {result.log_path})"
         )
 
 
-def _count_lines(path: Path) -> int:
+def count_requests(path: Path) -> int:
+    """How many request records `path` holds so far (0 before it exists), read in chunks."""
     try:
         with open(path, "rb") as fh:
             return sum(chunk.count(b'"kind":"request"') for chunk in iter(lambda: fh.read(1 << 20), b""))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -74,6 +74,7 @@ class StepSummary(Record):
     goodput_tps: float | None = None  # their output tokens / duration
     probe: bool = False  # a step of the capacity search
     early_stop: bool = False  # ended as soon as its verdict was certain
+    attempt: int = 1  # the attempt (LoadSummary.attempts) that measured it
     # Decode against the memory-bandwidth bound (harness.bandwidth): aggregate decode tokens/s (users / TPOT p50),
     # the bound at this step's users and mean context, and the share of it reached.
     decode_tps: float | None = None
@@ -98,6 +99,33 @@ class Decode(Record):
     llama_bench_tg_tps: float | None = None  # llama-bench's single-stream generation rate on the same model
 
 
+class Attempt(Record):
+    """One Locust run of a variant's load on one server process: a resumed or restarted run adds one. Its steps are
+    kept by later attempts only while `steps_digest` (everything that determines a step's measurement: lengths,
+    objectives, target, server settings, build, the model's content) is unchanged."""
+
+    number: int
+    run_id: str  # the `run` its request and step records carry
+    steps_digest: str
+    started_at: float  # wall clock
+    ended_at: float | None = None
+    outcome: Literal["running", "complete", "interrupted", "server died", "failed"] = "running"
+    error: str | None = None
+    build: str | None = None  # the llama.cpp build's cache key (managed servers)
+    model_sha256: str | None = None
+    server: dict[str, Any] = Field(default_factory=dict)  # what served it: kind, PID, start time, sizing
+    server_exit_code: int | None = None  # when the server died
+    server_log_tail: list[str] = Field(default_factory=list)
+    steps: list[int] = Field(default_factory=list)  # users of the steps it measured whole
+    failed_requests: int = 0
+
+
+class Attempts(Record):
+    """load/<target>/<variant>/attempts.json: every attempt at this variant's load, oldest first."""
+
+    attempts: list[Attempt] = Field(default_factory=list)
+
+
 class LoadSummary(StageRecord):
     variant: str
     target: str  # the target's name (its kind unless named)
@@ -118,6 +146,11 @@ class LoadSummary(StageRecord):
     server: dict[str, Any] = Field(default_factory=dict)
     locust: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
+    attempts: list[Attempt] = Field(default_factory=list)
+    # False: the load stopped before every step was measured (interrupted, or the server failed); `steps` holds
+    # the steps that finished, `error` says why the rest are missing.
+    complete: bool = True
+    error: str | None = None
 
 
 def summarize_step(

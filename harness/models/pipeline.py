@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.cache import atomic_dir, file_sha256
+from harness.cache import atomic_dir, damage, file_sha256
 from harness.config import Experiment, VariantConfig
 from harness.context import RunContext, Stage
 from harness.corpus import corpus_text
@@ -41,12 +41,15 @@ from harness.models.quantize import (
 )
 from harness.models.sources import ModelSource, dir_fingerprint, resolve_source
 from harness.records import Record, RecordError, StageRecord, inputs_digest, is_fresh, read_record, write_record
+from harness.storage import check_free_space
 
 log = logging.getLogger(__name__)
 
 # Bump when the stage writes different artefacts for the same inputs: every cache key changes with it.
 PIPELINE_VERSION = 1
 RECORD = "artefact.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SPACE_MARGIN = 256 * 2**20  # logs, records and file-system slack beside a model file
 
 
 class ModelArtifact(Record):
@@ -241,7 +244,7 @@ def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
     digest = ModelsStage().digest(ctx)
     if is_fresh(run.models_json, digest):
         artifacts = load_models_json(run.models_json)
-        if all(a.path.is_file() for a in artifacts.values()):
+        if all(_usable(a.path, ctx.cache.models) for a in artifacts.values()):
             log.info("models: up to date (%d variants, %s)", len(artifacts), run.models_json)
             return artifacts
 
@@ -328,6 +331,8 @@ def make_baseline(ctx: RunContext, source: ModelSource) -> Baseline:
     def convert(tmp: Path) -> CacheEntry:
         convert_log = log_dir / "convert.log"
         outfile = tmp / f"model-{target_type}.gguf"
+        # The GGUF holds the checkpoint's weights at 16 bits: at most the checkpoint's size (f32 halves).
+        check_free_space(tmp, _weights_bytes(source.path) + SPACE_MARGIN, f"the {target_type} GGUF")
         log.info("models: converting %s to %s GGUF (log: %s)", source.description, target_type, convert_log)
         start = time.monotonic()
         fallback = run_converter(
@@ -397,6 +402,8 @@ def make_variant(
     def quantize(tmp: Path) -> CacheEntry:
         tool_log = ctx.run.logs("models") / f"quantize-{variant.name}.log"
         output = tmp / f"model-{variant.type}.gguf"
+        # Every quantized type is at most half a 16-bit baseline (Q8_0: 8.5 bits per weight).
+        check_free_space(tmp, baseline.path.stat().st_size // 2 + SPACE_MARGIN, f"{variant.name} ({variant.type})")
         args = quantize_args(baseline.path, output, variant, imatrix=used_imatrix.path if used_imatrix else None)
         log.info("models: %s quantizing %s (%s) (log: %s)", step, variant.name, variant.type, tool_log)
         compute = ctx.compute(ctx.experiment.model.threads)
@@ -435,6 +442,13 @@ def link_into_run_dir(ctx: RunContext, artifacts: dict[str, ModelArtifact]) -> N
 # ---------------------------------------------------------------- helpers
 
 
+def _usable(path: Path, cached_models: Path) -> bool:
+    """Whether a listed variant can be used as it is: a cache entry still as sealed, or the user's own file."""
+    if path.parent.parent == cached_models:
+        return path.is_file() and damage(path.parent) is None
+    return path.is_file()
+
+
 def _cached(ctx: RunContext, key: str, make: Callable[[Path], CacheEntry]) -> CacheEntry:
     """The record of cache/models/<key>/, made by `make(tmp_dir)` into a temporary directory if missing."""
     final = ctx.cache.models / key
@@ -442,12 +456,17 @@ def _cached(ctx: RunContext, key: str, make: Callable[[Path], CacheEntry]) -> Ca
     def fill(tmp: Path) -> None:
         write_record(tmp / RECORD, make(tmp))
 
-    if not (final / RECORD).is_file():
-        atomic_dir(final, fill)
+    atomic_dir(final, fill)  # checked against its seal; made again if missing or damaged
     try:
         return read_record(final / RECORD, CacheEntry)
     except (FileNotFoundError, RecordError) as exc:
         raise ModelError(f"the model cache entry {final} is damaged ({exc}); delete it and run again") from None
+
+
+def _weights_bytes(checkpoint: Path) -> int:
+    """The size of a checkpoint's weight files."""
+    files = [checkpoint] if checkpoint.is_file() else checkpoint.rglob("*")
+    return sum(f.stat().st_size for f in files if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
 def _converter_environment() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from harness.config import QUANT_TYPES, TENSOR_TYPES, VariantConfig
 from harness.errors import ConfigError, ModelError
 from harness.llamacpp import Era
-from harness.tools import error_line
+from harness.tools import LOADER_REASON, error_line
 
 # Types llama-quantize refuses (or turns into garbage) without an importance matrix: the b3661-era tool lists
 # IQ1_S, IQ1_M, IQ2_S, IQ2_XXS, IQ2_XS and Q2_K_S; current builds also need one for IQ3_XXS tensors (IQ2_M mixes
@@ -113,4 +113,4 @@ def imatrix_error(lines: list[str], *, text: Path, log: Path) -> ModelError:
 
 def _why(lines: list[str]) -> str:
     # A model that does not load ends with generic lines ("failed to init"); the loader's own reason comes earlier.
-    return error_line(lines, prefer=("error loading model",))
+    return error_line(lines, prefer=LOADER_REASON)

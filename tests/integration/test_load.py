@@ -1,16 +1,14 @@
 """The load stage against a real llama-server and real Locust, at scaled-down lengths (128 in / 32 out).
 
 Proves: exact server-reported counts on every request, every step measured, client timings agreeing with the
-server's own, the OpenAI routes, `--processes 2`, a master and a worker on loopback, the server dying mid-step,
-a prompt that cannot fit, and the web UI. Every run is bounded in requests.
+server's own, the OpenAI routes, `--processes 2`, a master and a worker on loopback,
+a prompt that cannot fit, and the web UI (faults: tests/integration/test_faults.py). Every run is bounded in requests.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import sys
 import threading
 import time
@@ -40,7 +38,7 @@ from harness.records import read_record
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing, free_port
 from locustfiles import read_records
-from tests.integration.helpers import processes_mentioning, write_models
+from tests.integration.helpers import write_models
 
 pytestmark = pytest.mark.integration
 
@@ -167,72 +165,11 @@ def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smo
                 # The master tells the worker to quit at the end; only an earlier, failing exit is a problem.
                 watch=lambda: None if worker.poll() in (None, 0) else f"the worker failed ({worker.returncode})",
             )  # fmt: skip
-    check_complete(result, 2)
+    check_complete(result, pending=len(result.steps) < 2)
     assert_exact_counts(result.requests, cfg)
     assert {r.pid for r in result.requests} == {worker.pid}  # the worker's users, recorded by the master
     assert locust_csv_requests(tmp_path / "locust_stats.csv") == len(result.requests)
     assert [(s.users, s.measured_requests >= s.users) for s in result.steps] == [(1, True), (2, True)]
-
-
-def test_server_killed_mid_step_keeps_records_and_says_so(tmp_path: Path, current_build: Build, smollm2: Path):
-    exp = experiment(tmp_path, steps=[1, 2], requests_per_user=3, **SMALL)
-    out = tmp_path / "load" / "llama-server" / "Q4_1"
-    records = out / "requests.jsonl"
-    killed: list[int] = []
-
-    def kill_during_step_2() -> None:
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline and not killed:
-            time.sleep(0.05)
-            if records.exists() and '"users":2' in records.read_text():
-                for proc in psutil.Process().children(recursive=True):
-                    if proc.name() == "llama-server":
-                        proc.send_signal(signal.SIGKILL)
-                        killed.append(proc.pid)
-
-    killer = threading.Thread(target=kill_during_step_2, daemon=True)
-    killer.start()
-    with pytest.raises(LoadTestError) as caught:
-        run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
-    killer.join(timeout=5)
-    assert killed
-    message = str(caught.value)
-    assert "Q4_1: llama-server died during the load test" in message and str(records) in message
-    requests, _ = read_records(records)
-    failed = [r for r in requests if not r.ok]
-    assert failed and all(r.error for r in failed)  # the requests cut by the kill are recorded as failures
-    assert any(r.ok and r.users == 1 for r in requests)  # and what was measured before is kept
-    assert (out / "locust_stats.csv").exists()  # Locust stopped cleanly and wrote its own report
-    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
-
-
-def test_ctrl_c_stops_locust_and_the_server(tmp_path: Path, current_build: Build, smollm2: Path):
-    model = tmp_path / "model.gguf"  # a private path: every child process of this run mentions tmp_path
-    model.symlink_to(smollm2)
-    exp = experiment(tmp_path / "run", steps=[1, 2], requests_per_user=3, **SMALL)
-    out = tmp_path / "run" / "load" / "llama-server" / "Q4_1"
-    code = (
-        "import json, sys; from pathlib import Path\n"
-        "from harness.config import Experiment; from harness.context import RunContext\n"
-        "from harness.llamacpp import Build; from harness.loadtest import run_variant\n"
-        f"exp = Experiment.model_validate_json({exp.model_dump_json()!r})\n"
-        f"build = Build.model_validate_json({current_build.model_dump_json()!r})\n"
-        f"run_variant(RunContext.of(exp, build), 'Q4_1', Path({str(model)!r}))\n"
-    )
-    child = spawn([sys.executable, "-c", code], log_path=tmp_path / "child.log", env=locust_env(), cwd=tmp_path)
-    with running(child, grace_s=30):
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            if (out / "requests.jsonl").exists() and (out / "requests.jsonl").read_text().strip():
-                break
-            time.sleep(0.1)
-        assert {p.name() for p in processes_mentioning(str(tmp_path))} >= {"llama-server"}
-        os.kill(child.pid, signal.SIGINT)
-        child.wait(timeout=60)
-    assert "KeyboardInterrupt" in (tmp_path / "child.log").read_text()
-    assert processes_mentioning(str(tmp_path)) == []  # no llama-server and no Locust left behind
-    assert "Exiting due to CTRL+C" in (out / "locust.log").read_text()  # Locust was asked, not killed,
-    assert (out / "locust_stats.csv").exists() and (out / "locust.html").exists()  # so it wrote its reports
 
 
 def test_prompt_that_cannot_fit_fails_before_any_load(tmp_path: Path, current_build: Build, smollm2: Path):
@@ -248,7 +185,7 @@ def test_prompt_that_cannot_fit_fails_before_any_load(tmp_path: Path, current_bu
         r"but a request needs 288 \(256 prompt \+ 32 output\)"
     )
     with pytest.raises(LoadTestError, match=expected):
-        check_complete(result, 1)
+        check_complete(result, pending=True)
     assert result.requests == []
 
 

@@ -1,36 +1,18 @@
-"""`llamasys run` / `demo` end to end on the real small model: results, report, interrupt + resume, bad input."""
+"""`llamasys run` / `demo` end to end on the real small model: results, report, bad input (interrupts and resume:
+test_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from harness.rundir import RunDir
-from tests.integration.helpers import REPO, error_line, llamasys, processes_mentioning
+from tests.integration.helpers import REPO, error_line, llamasys
 
 pytestmark = pytest.mark.integration
 
 DEMO = REPO / "harness" / "experiments" / "demo.toml"
-# A smaller cut of the demo for the interrupt/resume test: two variants, few questions, two short steps.
-SMALL = [
-    "--set", 'variants=[{name="F16", type="F16"}, {name="Q4_0", type="Q4_0"}]',
-    "--set", 'mmlu.subjects=["anatomy", "astronomy", "virology"]',
-    "--set", "mmlu.per_subject=2",
-    "--set", "mmlu.kld_chunks=2",
-    "--set", "load.prompt_tokens=64",
-    "--set", "load.output_tokens=8",
-    "--set", "load.steps=[1, 2]",
-    "--set", "load.requests_per_user=2",
-    "--set", 'targets=[{kind="llama-server"}]',
-    "--set", "load.search=false",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -94,59 +76,6 @@ def test_demo_end_to_end(env, tmp_path: Path):
     again = llamasys("demo", "--run-dir", str(run_dir), "--no-progress", env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before
-
-
-def _wait_for(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"run ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail("timed out waiting for the run to reach the load stage")
-
-
-def test_interrupt_mid_load_then_resume(env, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    run = RunDir(run_dir)
-    cmd = [sys.executable, "-m", "harness.cli", "run", str(DEMO), "--run-dir", str(run_dir), "--no-progress", *SMALL]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    try:
-
-        def in_load() -> bool:
-            try:
-                stages = json.loads(run.manifest.read_text())["stages"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False
-            return stages.get("load", {}).get("state") == "running" and any((run_dir / "load").rglob("*.jsonl"))
-
-        _wait_for(in_load, 1500, proc)
-        time.sleep(2)  # let some requests run
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-2000:]
-    assert processes_mentioning(str(run_dir)) == []  # no llama-server or locust left behind
-    manifest = json.loads(run.manifest.read_text())
-    states = {k: v["state"] for k, v in manifest["stages"].items()}
-    assert states["models"] == states["mmlu"] == "done" and states["load"] == "interrupted"
-    partial = json.loads(run.results.read_text())
-    assert partial["missing"], "the partial results must say what is missing"
-    assert 'id="missing"' in run.report.read_text()
-    kept = {p: p.stat().st_mtime_ns for p in [run.mmlu("F16"), run.mmlu("Q4_0"), run.kld("Q4_0")]}
-
-    resumed = llamasys("run", str(DEMO), "--run-dir", str(run_dir), "--no-progress", *SMALL, env=env, timeout=1500)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were not redone
-    final = json.loads(run.results.read_text())
-    assert final["missing"] == []
-    assert [[s["users"] for s in v["speeds"]["llama-server"]["steps"]] for v in final["variants"]] == [[1, 2], [1, 2]]
 
 
 def test_bad_input_to_run(env, tmp_path: Path):

@@ -55,8 +55,13 @@ def test_headless_command_for_each_api(tmp_path: Path):
     assert cmd[cmd.index("-f") + 1].endswith("locustfiles/openai_compat.py") and "OpenAIChatUser" in cmd
     pairs = dict(zip(cmd, cmd[1:], strict=False))
     assert pairs["--host"] == "http://127.0.0.1:1234" and pairs["--processes"] == "2"
-    assert (pairs["--steps"], pairs["--step-duration"], pairs["--stop-timeout"]) == ("1,2", "20.0", "600s")
+    # Stopping gives in-flight requests load.drain_grace_s (default 10 s), not the request timeout.
+    assert (pairs["--steps"], pairs["--step-duration"], pairs["--stop-timeout"]) == ("1,2", "20.0", "10s")
     assert pairs["--records"] == str(tmp_path / "requests.jsonl") and "--requests-per-user" not in cmd
+    assert "--run-id" not in cmd and "--done-steps" not in cmd
+    pairs = headless_command(cfg, "http://h", tmp_path, run_id="a2-x", done=[(1, True), (2, None)])
+    resumed = dict(zip(pairs, pairs[1:], strict=False))
+    assert resumed["--run-id"] == "a2-x" and resumed["--done-steps"] == "1:pass,2:done"
     assert "--headless" in cmd and "--processes" in cmd
     with pytest.raises(LoadTestError, match="unknown load api 'grpc'"):
         user_for("grpc")
@@ -75,8 +80,10 @@ def test_server_sized_for_the_largest_step_and_a_bounded_run():
                           environ={})  # fmt: skip
     sizing = sizing_for(exp)
     assert (sizing.parallel, sizing.ctx_size) == (8, 8 * (2560 + 768 + exp.server.margin_tokens))
-    assert stop_timeout(exp.load) == "600s"
-    assert 0 < _deadline_s(exp.load) < 24 * 3600
+    assert stop_timeout(exp.load) == "10s"
+    assert 0 < _deadline_s(exp.load, 8) < 24 * 3600
+    searching = exp.load.model_copy(update={"search": True})
+    assert _deadline_s(searching, 16) > _deadline_s(exp.load, 8)  # room for the probes
 
 
 def test_toml_can_choose_a_duration_without_unsetting_requests(tmp_path: Path):

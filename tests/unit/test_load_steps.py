@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from locustfiles._slo import Objective
-from locustfiles._steps import StepController, StepGate, StepPlan, Ticket
+from locustfiles._steps import StepController, StepGate, StepPlan, Ticket, steps_pending
 
 DT = 0.01
 
@@ -336,3 +336,38 @@ def test_plans_that_cannot_be_judged_are_refused():
         StepPlan(users=(1, 8), objectives=TTFT_2S, max_users=4)
     with pytest.raises(ValueError, match="min-requests"):
         StepPlan(users=(1,), min_requests=4)
+
+
+# ---------------------------------------------------------------- a resumed run: steps an earlier attempt measured
+
+
+def test_a_resumed_run_measures_only_the_steps_still_missing():
+    sim = Simulation(StepPlan(users=(1, 2, 4), requests_per_user=1, done=((1, None), (4, None))))
+    sim.run()
+    assert [(s.users, s.step) for s in sim.steps] == [(2, 1)]  # the configured index is kept
+    assert sim.controller.phase == "done"
+    assert steps_pending(StepPlan(users=(1, 2), done=((1, None),)))
+    assert not steps_pending(StepPlan(users=(1, 2), done=((1, None), (2, None))))
+
+
+def test_a_resumed_search_continues_from_the_verdicts_it_was_given():
+    # The first attempt measured 1, 2 (pass) and the probe 4 (pass), then stopped during the probe at 8.
+    done = ((1, True), (2, True), (4, True))
+    plan = StepPlan(users=(1, 2), requests_per_user=2, objectives=TTFT_2S, search=True, max_users=16, done=done)
+    sim = Simulation(plan, request_s=slower_with_users)
+    sim.run()
+    # The same probes the uninterrupted search runs after 4 (see above): 8, 6, 5, none of them again.
+    assert [(s.users, s.probe) for s in sim.steps] == [(8, True), (6, True), (5, True)]
+    assert sim.controller.search.interval == (4, 5)
+    everything = done + ((8, False), (6, False), (5, False))
+    finished = StepPlan(users=(1, 2), objectives=TTFT_2S, search=True, max_users=16, done=everything)
+    assert not steps_pending(finished)
+    controller = StepController(finished, clock=lambda: 0.0, nodes=lambda: {"local"})
+    assert controller.tick() is None and controller.phase == "done"  # nothing to run: the test ends at once
+
+
+def test_done_steps_round_trip_and_bad_ones_are_refused():
+    done = ((1, True), (2, False), (4, None))
+    assert StepPlan.parse_done(StepPlan.format_done(done)) == done
+    with pytest.raises(ValueError, match="done steps look like"):
+        StepPlan.parse_done("1:maybe")

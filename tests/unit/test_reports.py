@@ -151,6 +151,27 @@ def test_partial_report_says_what_is_missing(tmp_path):
     assert 'id="chart-throughput"' not in page
 
 
+def test_a_partial_load_and_a_restarted_server_are_shown_not_compared(tmp_path):
+    from reports.model import AttemptResult
+    from reports.recommend import speed_figure
+
+    r = results()
+    speed = r.variants[2].speed
+    speed.complete, speed.error = False, "interrupted (Ctrl-C)"
+    assert speed_figure(r.variants[2]) is None  # steps 1..4 of 8 cannot stand beside a whole run
+    restarted = r.variants[1].speed
+    restarted.attempts = [
+        AttemptResult(number=1, outcome="server died", started_at=1.7e9, steps=[1, 2], server_exit_code=-9,
+                      server_log_tail=["srv  update_slots: <last line>"], failed_requests=2),
+        AttemptResult(number=2, outcome="complete", started_at=1.7e9 + 60, steps=[4, 8]),
+    ]  # fmt: skip
+    r.recommendation = recommend(r)
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert page.count('class="bad partial-load"') == 1 and "interrupted (Ctrl-C)" in page
+    assert page.count('class="attempts"') == 1 and "server died (exit code -9)" in page
+    assert "srv  update_slots: &lt;last line&gt;" in page
+
+
 def test_llamasys_report_rerenders_and_compares_runs(tmp_path, capsys):
     from harness.cli import main
 

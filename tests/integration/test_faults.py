@@ -357,6 +357,38 @@ def read_only(path: Path) -> Iterator[None]:
         subprocess.run(undo, check=True)
 
 
+def test_two_runs_on_different_run_dirs_share_one_cache(cache_dir: Path, current_build: Build, tmp_path: Path):
+    # Started together on an empty model cache: one converts and quantizes, the other waits for the entries and
+    # uses them; both finish with the same files listed.
+    cache = private_cache(tmp_path, cache_dir)
+    procs = [
+        start_cli(
+            "models",
+            "-e",
+            str(DEMO),
+            "--run-dir",
+            str(tmp_path / name),
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+            *SMALL,
+            env={},
+        )  # fmt: skip
+        for name in ("one", "two")
+    ]
+    results = []
+    for proc in procs:
+        with stopped_at_the_end(proc):
+            results.append(proc.communicate(timeout=900))
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    errs = [err for _, err in results]
+    assert sum(err.count("converting demo model") for err in errs) == 1, errs
+    assert sum(err.count("quantizing Q4_0") for err in errs) == 1, errs
+    one, two = (json.loads((tmp_path / name / "models" / "models.json").read_text()) for name in ("one", "two"))
+    assert [v["path"] for v in one["variants"]] == [v["path"] for v in two["variants"]]
+    assert not list((cache / "models").glob(".tmp-*"))  # nothing half-made left beside the entries
+
+
 def test_read_only_run_dir_is_one_line_before_any_work(env, tmp_path: Path):
     run_dir = tmp_path / "run"
     with read_only(run_dir):

@@ -134,3 +134,28 @@ def test_an_unchanged_file_is_not_hashed_again(tmp_path, monkeypatch):
     os.utime(entry / "model.gguf", ns=(1, 1))  # touched: checked once more, then remembered
     assert damage(entry) is None and len(hashed) == 1
     assert damage(entry) is None and len(hashed) == 1
+
+
+def test_processes_making_one_entry_at_once_make_it_once(tmp_path):
+    # Runs on different run directories share the cache: four processes ask for the same entry at the same moment;
+    # one fills it (the others wait on its lock), every one gets the whole entry.
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from harness.cache import atomic_dir
+
+        def fill(tmp):
+            with open({str(tmp_path / "fills.log")!r}, "a") as log:
+                log.write("fill\\n")
+            time.sleep(0.5)  # long enough for every other process to arrive while this one fills
+            (tmp / "model.gguf").write_bytes(b"x" * 4096)
+
+        entry = atomic_dir(Path({str(tmp_path / "entry")!r}), fill)
+        print((entry / "model.gguf").stat().st_size)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    sizes = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0] and sizes == ["4096"] * 4
+    assert (tmp_path / "fills.log").read_text() == "fill\n"
+    assert damage(tmp_path / "entry") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "entry.lock", "fills.log"]  # no temporary left

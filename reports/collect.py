@@ -279,17 +279,10 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         files=files,
         attempts=[
             AttemptResult(
-                number=a.number,
-                outcome=a.outcome,
-                started_at=a.started_at,
-                steps=a.steps,
-                error=a.error,
+                **a.model_dump(include=set(AttemptResult.model_fields)),
                 server_started_at=a.server.get("started_at"),
                 server_pid=a.server.get("pid"),
-                server_exit_code=a.server_exit_code,
-                server_log_tail=a.server_log_tail,
-                failed_requests=a.failed_requests,
-            )  # fmt: skip
+            )
             for a in summary.attempts
         ],
         complete=summary.complete,

@@ -251,7 +251,11 @@ def test_ctrl_c_in_the_last_variants_load_then_resume_measures_only_the_rest(env
     # Nothing of step 1 was sent again: every request of the second attempt belongs to step 2 or its warm tail.
     second = [r for r in after if r.run == summary.attempts[1].run_id]
     assert second and {r.users for r in second if r.measured} == {2}
-    assert json.loads(run.results.read_text())["missing"] == []
+    results = json.loads(run.results.read_text())
+    assert results["missing"] == []
+    attempts = next(v for v in results["variants"] if v["name"] == "Q4_0")["speeds"]["llama-server"]["attempts"]
+    assert [(a["outcome"], a["steps"]) for a in attempts] == [("interrupted", [1]), ("complete", [2])]
+    assert all(isinstance(a["server_pid"], int) and a["server_started_at"] > 1e9 for a in attempts)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.config import LoadConfig
 from harness.errors import LoadTestError
@@ -100,14 +101,11 @@ def headless_command(
     *,
     processes: int | None = None,
     api: str | None = None,
-    model_name: str | None = None,
-    objectives: Sequence[Objective] = (),
-    max_users: int | None = None,
-    run_id: str = "",
-    done: Sequence[tuple[int, bool | None]] = (),
+    **arguments: Any,
 ) -> list[str]:
     """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a
-    target's own route)."""
+    target's own route); `arguments` are `load_arguments`' keywords (model name, objectives, bound, run id, done
+    steps)."""
     locustfile, user = user_for(api or cfg.api)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(locustfile), user,
@@ -121,9 +119,7 @@ def headless_command(
     if n > 1:
         cmd += ["--processes", str(n)]
     records = out_dir / "requests.jsonl"
-    return cmd + load_arguments(
-        cfg, records, model_name=model_name, objectives=objectives, max_users=max_users, run_id=run_id, done=done
-    )
+    return cmd + load_arguments(cfg, records, **arguments)
 
 
 def locust_env() -> dict[str, str]:

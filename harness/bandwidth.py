@@ -15,7 +15,6 @@ generation rate on the same model is the reference beside the bound.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from harness.errors import LoadTestError
 from harness.manifest import cpu_model
 from harness.models.convert import GGUFInfo
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
-from harness.tools import Compute, ToolRunner
+from harness.tools import Compute, ToolRunner, llama_bench_rates
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +178,7 @@ def llama_bench_generation(
     )  # fmt: skip
     if not run.ok:
         raise run.error(LoadTestError, "llama-bench")
-    text = "\n".join(run.lines)
-    start = text.find("[")
-    try:
-        rows = json.loads(text[start : text.rfind("]") + 1])
-        return float(next(r["avg_ts"] for r in rows if r.get("n_gen")))
-    except (ValueError, StopIteration, KeyError, TypeError):
-        raise LoadTestError(f"llama-bench printed no generation rate (log: {log_path})") from None
+    rate = llama_bench_rates(run.lines).get("tg")
+    if rate is None:
+        raise LoadTestError(f"llama-bench printed no generation rate (log: {log_path})")
+    return rate

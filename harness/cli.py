@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness import console
+from harness.build import Build
 from harness.config import Experiment, load_experiment
+from harness.cpu import CpuInfo
 from harness.errors import ConfigError, HarnessError
 from harness.pipeline import STAGES
 from harness.storage import disk_error, sole_writer
@@ -57,6 +59,13 @@ def make_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="also copy the binaries and source tree to DIR (then usable as --source prebuilt --path DIR)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="probe the build again on this machine and print the CPU's features, the instruction sets the build "
+        "uses, and each weight type's result and llama-bench rates (the first thing to run when something is "
+        "slow or crashes)",
     )
     p.set_defaults(func=cmd_build)
 
@@ -117,15 +126,48 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     exp = experiment_from_args(args)
     started = time.monotonic()
-    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
+    build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), exp.weight_types, recheck=args.check)
     print(f"llama.cpp build {build.build_number} ({build.commit}), {build.backend}, from {build.source}")
     print(f"binaries: {build.bin_dir}  ({time.monotonic() - started:.1f} s)")
+    if args.check:
+        from harness.cpu import this_cpu
+
+        print(check_report(build, this_cpu(exp.llamacpp.cpu_features)))
     if args.install_to is not None:
         from harness.llamacpp import install_build
 
         installed = install_build(build, args.install_to)
         print(f"installed: {installed.bin_dir} (use --source prebuilt --path {args.install_to.resolve()})")
     return 0
+
+
+def check_report(build: Build, cpu: CpuInfo) -> str:
+    """`llamasys build --check`: the CPU, the instruction sets and why, and every weight type's probe result."""
+    from harness.cpu import advertised
+
+    isa = build.isa
+    origin = "/proc/cpuinfo" if cpu.source == "cpuinfo" else "llamacpp.cpu_features"
+    lines = [f"CPU: {cpu.model} ({cpu.machine}; features from {origin})",
+             f"  advertises, of what ggml uses: {' '.join(e.name for e in advertised(cpu)) or 'none'}"]  # fmt: skip
+    if isa is not None:
+        for name, outcome in isa.probes.items():
+            lines.append(f"  probe {name}: {'runs' if outcome.ok else outcome.detail}")
+        lines.append(f"instruction sets of the build: {isa.summary()}")
+        lines.append(f"  CMake: {' '.join(isa.cmake_args) or '(ggml defaults)'}")
+    else:
+        lines.append("instruction sets of the build: not recorded (a prebuilt build)")
+    if not build.repack:
+        lines.append("  run time: weight repacking off (--no-repack): this CPU cannot run the repacked kernels")
+    if build.check is None:
+        lines.append("check: not run here (a GPU build on a machine without a GPU)")
+        return "\n".join(lines)
+    lines.append(f"check on this machine ({build.check.checked_at}): {'passed' if build.check.ok else 'FAILED'}")
+    lines.append(f"  {'type':<8} {'result':<10} {'pp64 tok/s':>12} {'tg8 tok/s':>10}   (the probe model's rates)")
+    for t in build.check.types.values():
+        pp = f"{t.prompt_tps:,.0f}" if t.prompt_tps else "-"
+        tg = f"{t.generation_tps:,.0f}" if t.generation_tps else "-"
+        lines.append(f"  {t.type:<8} {'ok' if t.ok else 'failed':<10} {pp:>12} {tg:>10}")
+    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

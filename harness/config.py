@@ -73,6 +73,13 @@ class LlamaCppConfig(Section):
     # Recorded in the binaries (`--version`); needed when the tree carries no git metadata.
     build_number: int | None = None
     build_commit: str | None = None
+    # The instruction-set extensions the CPU is taken to advertise, named as /proc/cpuinfo names them (e.g.
+    # ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"]); None = read /proc/cpuinfo. Given here, the build names
+    # exactly these to ggml (GGML_NATIVE=OFF) instead of -march=native.
+    cpu_features: list[str] | None = None
+    # Before compiling, compile and run one tiny probe program per extension (a few seconds, once per CPU) and leave
+    # out those that die; false takes the feature list on trust. The built tools are probed either way.
+    probe_cpu: bool = True
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> LlamaCppConfig:
@@ -80,6 +87,9 @@ class LlamaCppConfig(Section):
             raise ValueError(f"source '{self.source}' needs llamacpp.path")
         if not re.fullmatch(r"[0-9]+(;[0-9]+)*|native|all|all-major", self.cuda_architectures):
             raise ValueError("cuda_architectures must look like '90', '80;86;90', 'native' or 'all'")
+        bad = [f for f in self.cpu_features or () if not re.fullmatch(r"[a-z0-9_.]+", f)]
+        if bad:
+            raise ValueError(f"cpu_features: {bad[0]!r} is not a CPU flag as /proc/cpuinfo spells it (e.g. 'avx2')")
         return self
 
 
@@ -442,6 +452,11 @@ class Experiment(Section):
             if variant.is_baseline:
                 return variant
         raise ConfigError("variants: the experiment needs an unquantized baseline variant (type F16, BF16 or F32)")
+
+    @property
+    def weight_types(self) -> list[str]:
+        """The weight types of the variants, each once: what the build must prove it runs."""
+        return list(dict.fromkeys(v.type for v in self.variants))
 
     def resolved_run_dir(self) -> Path:
         return (self.run_dir if self.run_dir is not None else Path("runs") / self.name).absolute()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from harness.build import Build
 from harness.config import Experiment
-from harness.llamacpp import Build
 from harness.records import inputs_digest
 from harness.rundir import RunDir
 from harness.tools import Compute, ToolRunner
@@ -63,6 +63,16 @@ class CacheDir:
     @property
     def corpus(self) -> Path:
         return self.root / "corpus"
+
+    @property
+    def probe(self) -> Path:
+        """What proves a build runs here: the probe model, its quantized copies and checks per build and CPU."""
+        return self.root / "probe"
+
+    @property
+    def cpu(self) -> Path:
+        """Per CPU: which instruction-set extensions its probe programs ran, and which a built tool could not."""
+        return self.root / "cpu"
 
     @property
     def thirdparty(self) -> Path:

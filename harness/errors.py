@@ -4,9 +4,16 @@ from __future__ import annotations
 
 
 class HarnessError(Exception):
-    """Base of every error the harness reports to the user as one clear line."""
+    """Base of every error the harness reports to the user as one clear line.
+
+    `partial`: some of a stage's units (variants) failed and the others are done; the pipeline goes on with the
+    later stages and reports this error, with its exit code, at the end."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, partial: bool = False) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class ConfigError(HarnessError):

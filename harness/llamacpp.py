@@ -1,7 +1,10 @@
-"""llama.cpp: obtain a source tree (git tag, PyPI sdist, local tree) or prebuilt binaries, build, cache.
+"""llama.cpp: obtain a source tree (git tag, PyPI sdist, local tree) or prebuilt binaries, build, cache, prove.
 
-Builds are keyed by source identity + backend + flags, built in a work directory, installed into the cache
-with one atomic rename under a file lock, and verified by asking the built llama-server for its version.
+The instruction sets a CPU build uses are decided before compiling (harness.cpu: the CPU's extensions, each probed
+by a tiny program). Builds are keyed by source identity + backend + flags (+ the CPU, for a native build), built in
+a work directory, installed into the cache with one atomic rename under a file lock, and accepted only once their
+tools have run on this machine (harness.buildcheck); a build whose tools die of SIGILL is made again without the
+extension they died on, once.
 """
 
 from __future__ import annotations
@@ -12,30 +15,42 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from filelock import FileLock
-from pydantic import Field
 
 from harness import pypi
+from harness.build import TOOLS, Build, BuildCheck, Era, TypeCheck
+from harness.buildcheck import cached_check, check_build, repack_gain
 from harness.cache import atomic_dir, damage, file_sha256, intact, seal, tree_fingerprint
-from harness.config import LlamaCppConfig
+from harness.config import LlamaCppConfig, default_variants
+from harness.context import CacheDir
+from harness.cpu import (
+    PORTABLE_EXTENSIONS,
+    CpuInfo,
+    IsaDecision,
+    c_compiler,
+    cpu_record_path,
+    decide_isa,
+    exclude_extensions,
+    extension_cost,
+    known_cpu,
+    this_cpu,
+    tree_options,
+)
 from harness.errors import BuildError, HarnessError, SourceError, ToolMissingError
-from harness.records import Record, read_record, write_record
-from harness.tools import Compute, LineProgress, ToolRunner, run_logged
+from harness.manifest import gpu_info
+from harness.process import died_by_signal, exit_reason
+from harness.records import read_record, write_record
+from harness.tools import LineProgress, run_logged
 
 logger = logging.getLogger(__name__)
-
-# The six tools every stage needs.
-TOOLS = ("llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-cli", "llama-bench")
-
-Era = Literal["legacy", "current"]
 
 # llama-cpp-python's PyPI sdist carries a complete llama.cpp tree in vendor/llama.cpp, but no git metadata (its
 # .git points nowhere): the build number and commit each version vendors, recorded here.
@@ -61,43 +76,6 @@ class SourceTree:
     commit: str | None
 
 
-class Build(Record):
-    """A finished, verified set of llama.cpp binaries (stored as build.json beside them)."""
-
-    bin_dir: Path
-    backend: str
-    era: Era
-    build_number: int
-    commit: str
-    source: str
-    cache_key: str
-    cmake_args: list[str] = Field(default_factory=list)
-    version_text: str = ""
-    tree: Path | None = None  # the source tree (convert_hf_to_gguf.py, gguf-py); None for prebuilt
-
-    def tool(self, name: str) -> Path:
-        path = self.bin_dir / name
-        if not path.is_file():
-            raise BuildError(f"{name} is missing from {self.bin_dir}")
-        return path
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.backend == "cuda"
-
-    @property
-    def tools(self) -> ToolRunner:
-        """The one way to run this build's tools."""
-        return ToolRunner(self)
-
-    def compute(self, *, threads: int | None, gpu_layers: int = 999) -> Compute:
-        return Compute(threads=threads, gpu_layers=gpu_layers, backend=self.backend)
-
-    def describe(self) -> dict[str, object]:
-        """Identity for manifests and records: build number, commit, backend, source, era, cache key."""
-        return self.model_dump(mode="json", include={"build_number", "commit", "backend", "source", "era", "cache_key"})
-
-
 # ---------------------------------------------------------------- pure helpers (unit-tested)
 
 
@@ -118,8 +96,10 @@ def cmake_configure_args(
     build_number: int,
     commit: str,
     extra: list[str],
+    isa: list[str] | None = None,
 ) -> list[str]:
-    """CMake cache arguments for a static Release build of the tools, per era and backend.
+    """CMake cache arguments for a static Release build of the tools, per era and backend; `isa` is the instruction
+    set decision's arguments (harness.cpu.decide_isa: GGML_NATIVE=ON, or every extension's option ON or OFF).
 
     Static binaries need only libgomp, libssl and libstdc++ beside them; a shared build leaves stubs that need the .so
     files. The web page is not downloaded (LLAMA_USE_PREBUILT_UI=OFF), so the build works offline.
@@ -146,18 +126,20 @@ def cmake_configure_args(
         # A GPU image is built for other machines' GPUs: no -march=native, explicit CUDA architectures.
         args += ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}"]
     else:
-        args += ["-DGGML_NATIVE=ON"]
+        args += list(isa) if isa is not None else ["-DGGML_NATIVE=ON"]
     return args + list(extra)
 
 
-def cache_key(identity: str, backend: str, cuda_architectures: str, configure_args: list[str]) -> str:
-    """Stable key of what produced a build: source identity, backend, and the exact configure arguments."""
+def cache_key(identity: str, backend: str, cuda_architectures: str, configure_args: list[str], *, cpu: str = "") -> str:
+    """Stable key of what produced a build: source identity, backend, the exact configure arguments, and for a
+    native build the CPU it was compiled for (`cpu`, its fingerprint: a cache copied to another CPU builds again)."""
     payload = json.dumps(
         {
             "identity": identity,
             "backend": backend,
             "cuda_architectures": cuda_architectures if backend == "cuda" else None,
             "configure": configure_args,
+            "cpu": cpu or None,
             "tools": TOOLS,
             "platform": sys.platform,
             "machine": os.uname().machine,
@@ -305,6 +287,7 @@ def check_toolchain(backend: str, environ: Mapping[str, str] | None = None) -> d
     compilers = (env.get("CXX", "c++"), "g++", "clang++")
     if not any(shutil.which(c, path=path) for c in compilers):
         raise ToolMissingError("no C++ compiler found; install one (e.g. apt-get install g++)")
+    c_compiler(env)
     extra: dict[str, str] = {}
     if backend == "cuda":
         nvcc = find_nvcc(env)
@@ -317,27 +300,137 @@ def check_toolchain(backend: str, environ: Mapping[str, str] | None = None) -> d
     return extra
 
 
-def ensure_build(cfg: LlamaCppConfig, cache_dir: Path) -> Build:
-    """Return the cached build for `cfg`, building it first if needed (locked, atomic, verified)."""
+def ensure_build(
+    cfg: LlamaCppConfig, cache_dir: Path, weight_types: Sequence[str] | None = None, *, recheck: bool = False
+) -> Build:
+    """The build for `cfg`, proven to run on this machine in every weight type in `weight_types` (default: the
+    default variants'): decided, compiled once (locked, atomic, cached), and checked (harness.buildcheck).
+
+    When a built tool dies of SIGILL, the build is made once more without the extension the instruction belongs to
+    (remembered for this CPU, so the next run builds that one directly); a second failure is an error that names the
+    instruction set and the settings that override the decision. `recheck` runs the check again even if this build
+    passed it on this CPU before (`llamasys build --check`)."""
+    cache = CacheDir(cache_dir)
+    types = list(weight_types) if weight_types else [v.type for v in default_variants()]
+    machine = this_cpu()  # what the check proves the build on: the real CPU, whatever cfg.cpu_features says
     if cfg.source == "prebuilt":
-        return _prebuilt(Path(cfg.path), cfg.backend)  # type: ignore[arg-type]
+        return _checked_prebuilt(_prebuilt(Path(cfg.path), cfg.backend), types, cache, machine, recheck=recheck)  # type: ignore[arg-type]
     tree = obtain_source(cfg, cache_dir)
     if tree.build_number is None or not tree.commit:
         raise SourceError(
             f"the build number or commit of {tree.description} is not known; set llamacpp.build_number and "
             "llamacpp.build_commit (the llama.cpp release tag bNNNN has build number NNNN)"
         )
+    cpu = this_cpu(cfg.cpu_features)
+    for attempt in (1, 2):
+        isa = _decide(cfg, tree, cpu, cache)
+        try:
+            build = _compiled(tree, cfg, isa, cache_dir)
+        except BuildDoesNotRun as died:
+            build, failure = None, died.failure
+        else:
+            known = None if recheck else cached_check(cache, build, machine, types)
+            check = known or _check(build, types, cache, machine)
+            if check is None or check.ok:
+                if isa.turned_off and (known is None or attempt == 2):  # new here, or just made again
+                    logger.warning(fallback_warning(isa, repack_gain(build, cache)))
+                return build.model_copy(update={"check": check})
+            failure = check.failure
+            assert failure is not None
+        off = culprits(isa, failure) if died_by_signal(_code(failure), signal.SIGILL) else set()
+        if attempt == 2 or not off:
+            raise BuildError(rejection(isa, failure))
+        why = f"{failure.tool} on the {failure.type} probe model was killed by SIGILL" + (
+            f" at `{failure.instruction}`" if failure.instruction else ""
+        )
+        exclude_extensions(cpu, cache.root, {name: why for name in sorted(off)})
+        logger.warning("llama.cpp build %s does not run here: %s; building it again without %s",
+                       build.cache_key if build else "", failure.describe(), ", ".join(sorted(off)))  # fmt: skip
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _code(failure: TypeCheck) -> int | None:
+    """The exit code a TypeCheck's reason names (`killed by SIGILL` -> -4), for died_by_signal."""
+    if failure.reason.startswith("killed by SIG"):
+        name = failure.reason.split()[2].rstrip(":")
+        return -int(signal.Signals[name]) if name in signal.Signals.__members__ else None
+    return None
+
+
+def _decide(cfg: LlamaCppConfig, tree: SourceTree, cpu: CpuInfo, cache: CacheDir) -> IsaDecision:
+    """The instruction sets of a CPU build (probed, remembered per CPU); a GPU build keeps ggml's portable CPU part."""
+    if cfg.backend == "cuda":
+        return IsaDecision(machine=cpu.machine, cpu=cpu.model, source="backend", native=False, cmake_args=[])
+    if cfg.probe_cpu and not cpu_record_path(cache.root, cpu).is_file():
+        check_toolchain(cfg.backend)  # the probes need the compiler the build needs: say what is missing first
+    known = known_cpu(cpu, cache.root, probe=cfg.probe_cpu)
+    isa = decide_isa(cpu, known.probes, options=tree_options(tree.root), excluded=known.excluded)
+    if isa.disabled:
+        logger.info("llama.cpp instruction sets: %s", isa.summary())
+    return isa
+
+
+def _check(build: Build, types: Sequence[str], cache: CacheDir, machine: CpuInfo) -> BuildCheck | None:
+    """The post-build check, or None for a GPU build on a machine without a GPU (checked where it is used)."""
+    if build.has_gpu and not gpu_info():
+        logger.info("llama.cpp build %s: not checked here (no GPU); it is checked on the machine that uses it",
+                    build.cache_key)  # fmt: skip
+        return None
+    return check_build(build, types, cache, machine)
+
+
+def culprits(isa: IsaDecision, failure: TypeCheck) -> set[str]:
+    """The extensions to build without after `failure` (a SIGILL): the one its instruction belongs to (and those
+    that need it); when the instruction is not known, every extension beyond the portable ones."""
+    if failure.extension and failure.extension in isa.enabled:
+        return isa.without([failure.extension])
+    return isa.without([n for n in isa.enabled if n not in PORTABLE_EXTENSIONS])
+
+
+def fallback_warning(isa: IsaDecision, repack: tuple[float, float] | None = None) -> str:
+    """The one warning for a build made without extensions the CPU advertises: which, why, and what it costs."""
+    names = list(isa.turned_off)
+    it = "it" if len(names) == 1 else "them"
+    reasons = "; ".join(f"{n}: {why}" for n, why in isa.turned_off.items())
+    text = (
+        f"llama.cpp is built without {', '.join(names)}: this CPU advertises {it} but cannot execute {it} "
+        f"({reasons}). Cost: {extension_cost(names)}."
+    )
+    if repack is not None:
+        on, off = repack
+        text += (
+            f" Weight repacking stays on: it gives Q4_0 prompt processing {on:,.0f} tokens/s against {off:,.0f} "
+            f"without it on this CPU (llama-bench on the probe model), which the run-time switch (--no-repack) "
+            "would lose."
+        )
+    return text + f" The build uses {isa.summary()}; to choose yourself, set llamacpp.cpu_features or cmake_args."
+
+
+def rejection(isa: IsaDecision, failure: TypeCheck) -> str:
+    """The error when a build does not run here and making it again cannot help (or did not)."""
+    head = "the llama.cpp build does not run on this machine"
+    if isa.turned_off:
+        head += f" even without {', '.join(isa.turned_off)}"
+    which = f"the instruction set {failure.extension}" if failure.extension else "what it was compiled for"
+    return (
+        f"{head}: {failure.describe()}. It uses {isa.summary()}. If this CPU cannot run {which}, set "
+        "llamacpp.cpu_features to the extensions it does run (names as /proc/cpuinfo spells them, e.g. "
+        '["sse4_2", "avx", "avx2", "fma", "f16c"]), or pass ggml\'s options in llamacpp.cmake_args '
+        '(e.g. ["-DGGML_NATIVE=OFF", "-DGGML_AVX512=OFF"])'
+    )
+
+
+def _compiled(tree: SourceTree, cfg: LlamaCppConfig, isa: IsaDecision, cache_dir: Path) -> Build:
+    """The cached build of `tree` for `isa`, compiled first if needed (one lock per key, installed atomically)."""
+    assert tree.build_number is not None and tree.commit is not None
     configure = cmake_configure_args(
-        era=tree.era,
-        backend=cfg.backend,
-        cuda_architectures=cfg.cuda_architectures,
-        build_number=tree.build_number,
-        commit=tree.commit,
-        extra=cfg.cmake_args,
-    )
+        era=tree.era, backend=cfg.backend, cuda_architectures=cfg.cuda_architectures, build_number=tree.build_number,
+        commit=tree.commit, extra=cfg.cmake_args, isa=isa.cmake_args,
+    )  # fmt: skip
     key = cache_key(
-        tree.identity + f"#{tree.build_number}:{tree.commit}", cfg.backend, cfg.cuda_architectures, configure
-    )
+        tree.identity + f"#{tree.build_number}:{tree.commit}", cfg.backend, cfg.cuda_architectures, configure,
+        cpu=isa.fingerprint,
+    )  # fmt: skip
     builds = cache_dir / "builds"
     final = builds / key
     if final.is_dir() and damage(final) is None:
@@ -347,8 +440,21 @@ def ensure_build(cfg: LlamaCppConfig, cache_dir: Path) -> Build:
     with FileLock(str(builds / f".{key}.build.lock")):
         if intact(final):  # another run finished it while we waited (a damaged entry is removed here)
             return _load_record(final)
-        env = {**os.environ, **check_toolchain(cfg.backend)}
-        return _build(tree, cfg, configure, key, final, env, jobs=cfg.jobs or os.cpu_count() or 1)
+        env = {**os.environ, **check_toolchain(cfg.backend), **compiler_cache_env(cache_dir)}
+        return _build(tree, cfg, configure, key, final, env, isa=isa, jobs=cfg.jobs or os.cpu_count() or 1)
+
+
+def compiler_cache_env(cache_dir: Path) -> dict[str, str]:
+    """ccache settings, when ccache is installed (ggml's CMake then uses it by itself): its cache beside ours, and
+    paths under the cache rewritten relative, so that two builds of one tree that differ only in ggml's CPU flags
+    (a build made again without an extension) compile only what those flags change."""
+    if shutil.which("ccache") is None:
+        return {}
+    env = {"CCACHE_BASEDIR": str(cache_dir.resolve())}
+    env.setdefault("CCACHE_DIR", os.environ.get("CCACHE_DIR") or str(cache_dir.resolve() / "ccache"))
+    if "CCACHE_MAXSIZE" not in os.environ:
+        env["CCACHE_MAXSIZE"] = "2G"
+    return env
 
 
 def cmake_configure(
@@ -365,7 +471,7 @@ def cmake_configure(
         raise BuildError(f"cmake configure failed (exit {run.code}); see {log_path}\n" + "\n".join(run.lines[-15:]))
 
 
-def _build(tree, cfg, configure, key, final: Path, env, *, jobs: int) -> Build:
+def _build(tree, cfg, configure, key, final: Path, env, *, isa: IsaDecision, jobs: int) -> Build:
     work = final.parent / f".work-{key}"  # kept on failure so a retry compiles incrementally
     log = work / "build.log"
     work.mkdir(parents=True, exist_ok=True)
@@ -373,7 +479,9 @@ def _build(tree, cfg, configure, key, final: Path, env, *, jobs: int) -> Build:
         _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
         if tree.identity.startswith(("pypi:", "git:")):
             seal(tree.root)  # the cached source entry now holds the pinned build-info: that is what it was made with
-    logger.info("building llama.cpp (%s, %s) -> %s\n  log: %s", tree.description, cfg.backend, final, log)
+    logger.info(
+        "building llama.cpp (%s, %s; %s) -> %s\n  log: %s", tree.description, cfg.backend, isa.summary(), final, log
+    )
     cmake_configure(tree.root, work / "tree", configure, log_path=log, env=env)
     run = run_logged(
         ["cmake", "--build", work / "tree", "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
@@ -391,14 +499,18 @@ def _build(tree, cfg, configure, key, final: Path, env, *, jobs: int) -> Build:
             if not built.is_file():
                 raise BuildError(f"the build did not produce {name} (looked in {built.parent})")
             shutil.copy2(built, bin_dir / name)
-        version_text = _run_version(bin_dir / "llama-server")
+        code, version_text = _run_version(bin_dir / "llama-server")
+        if code is not None and code < 0:
+            failure = TypeCheck(type="-", ok=False, tool="llama-server --version", reason=exit_reason(code),
+                                command=f"{bin_dir / 'llama-server'} --version", log=str(log))  # fmt: skip
+            raise BuildDoesNotRun(failure)
         number, commit = parse_version_output(version_text)
         if number != tree.build_number:
             raise BuildError(f"built llama-server reports build {number}, expected {tree.build_number}")
         record = Build(
             bin_dir=final / "bin", backend=cfg.backend, era=tree.era, build_number=number, commit=commit,
             source=tree.description, cache_key=key, cmake_args=configure, version_text=version_text.strip(),
-            tree=tree.root,
+            tree=tree.root, isa=isa,
         )  # fmt: skip
         shutil.copy2(log, tmp / "build.log")
         write_record(tmp / _BUILD_RECORD, record)
@@ -420,12 +532,21 @@ def _inject_legacy_build_info(root: Path, number: int, commit: str) -> None:
         generated.unlink()  # regenerated by the build with the pinned identity
 
 
-def _run_version(server: Path) -> str:
+def _run_version(server: Path) -> tuple[int | None, str]:
+    """`llama-server --version`: its exit code and output."""
     try:
         proc = subprocess.run([str(server), "--version"], capture_output=True, text=True, timeout=60)
     except OSError as exc:
         raise BuildError(f"cannot run {server}: {exc.strerror}") from None
-    return proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+class BuildDoesNotRun(BuildError):
+    """A freshly compiled tool died before the check could run it (its --version): treated as a failed check."""
+
+    def __init__(self, failure: TypeCheck) -> None:
+        super().__init__(failure.describe())
+        self.failure = failure
 
 
 def _load_record(final: Path) -> Build:
@@ -450,7 +571,9 @@ def install_build(build: Build, dest: Path) -> Build:
         if build.tree is not None:
             ignore = shutil.ignore_patterns(".git", "build", "build-*", "*.o")
             shutil.copytree(build.tree, tmp / "src", ignore=ignore, symlinks=True)
-        record = build.model_copy(update={"bin_dir": dest / "bin", "tree": dest / "src" if build.tree else None})
+        record = build.model_copy(
+            update={"bin_dir": dest / "bin", "tree": dest / "src" if build.tree else None, "check": None}
+        )
         write_record(tmp / _BUILD_RECORD, record)
 
     if dest.exists() and any(dest.iterdir()):
@@ -472,10 +595,41 @@ def _prebuilt(path: Path, backend: str) -> Build:
         raise SourceError(f"{path} has no llama-server binary")
     if missing:
         logger.warning("%s lacks %s; stages needing them will fail", path, ", ".join(missing))
-    text = _run_version(path / "llama-server")
+    code, text = _run_version(path / "llama-server")
+    if code is not None and code < 0:
+        raise BuildError(f"{path / 'llama-server'} --version was {exit_reason(code)}; these binaries do not run here")
     number, commit = parse_version_output(text)
     era: Era = "current" if number >= 5000 else "legacy"
+    # Keyed by where the binaries are and what they are (sizes, times): the check is remembered per key and CPU.
+    key = "prebuilt-" + hashlib.sha256(f"{path}\0{tree_fingerprint(path)}".encode()).hexdigest()[:12]
     return Build(
         bin_dir=path, backend=backend, era=era, build_number=number, commit=commit, source=f"prebuilt {path}",
-        cache_key="prebuilt", version_text=text.strip(),
+        cache_key=key, version_text=text.strip(),
     )  # fmt: skip
+
+
+def _checked_prebuilt(build: Build, types: Sequence[str], cache: CacheDir, machine: CpuInfo, *, recheck: bool) -> Build:
+    """A prebuilt directory cannot be compiled again: when its tools die of SIGILL, the run-time switch is tried
+    (no weight repacking and no extra buffer types, which is where AMX lives) and kept if the check then passes."""
+    check = (None if recheck else cached_check(cache, build, machine, types)) or _check(build, types, cache, machine)
+    if check is None or check.ok:
+        return build.model_copy(update={"check": check})
+    failure = check.failure
+    assert failure is not None
+    if not died_by_signal(_code(failure), signal.SIGILL) or not build.tools.no_repack_args("llama-server"):
+        raise BuildError(rejection(build.isa or _unknown_isa(machine), failure))
+    plain = build.model_copy(update={"repack": False})
+    second = _check(plain, types, cache, machine)
+    if second is not None and not second.ok:
+        raise BuildError(rejection(build.isa or _unknown_isa(machine), failure) + "; --no-repack did not help")
+    logger.warning(
+        "llama.cpp at %s: %s; every tool runs with weight repacking and extra buffer types off (--no-repack), which "
+        "avoids it and costs speed on the quantized types (see `llamasys build --check`); build llama.cpp here "
+        "instead (llamacpp.source = 'pypi', 'git' or 'local') to keep repacking",
+        build.bin_dir, failure.describe(),
+    )  # fmt: skip
+    return plain.model_copy(update={"check": second})
+
+
+def _unknown_isa(cpu: CpuInfo) -> IsaDecision:
+    return IsaDecision(machine=cpu.machine, cpu=cpu.model, source="setting", native=False)

@@ -21,7 +21,7 @@ from pydantic import Field
 from harness.records import Record, RecordError, read_record, write_record
 
 if TYPE_CHECKING:
-    from harness.llamacpp import Build
+    from harness.build import Build
 
 
 def hardware_info() -> dict[str, Any]:
@@ -124,7 +124,7 @@ class Manifest:
         write_record(self.path, self.record)
 
     def set_build(self, build: Build) -> None:
-        self.record.llamacpp = build.describe()
+        self.record.llamacpp = build.provenance()
         self.save()
 
     def state(self, stage: str) -> str | None:

@@ -72,17 +72,26 @@ def _run(exp: Experiment, stages_to_run: Sequence[str]) -> RunDir:
     run = open_run_dir(exp)
     console.log_to_file(run.log)
     manifest = Manifest.open(run.manifest, name=exp.name)
+    deferred: list[HarnessError] = []  # stages where some variants failed: the others, and later stages, go on
     try:
         with manifest.stage("build"):
-            build = ensure_build(exp.llamacpp, exp.resolved_cache_dir())
+            build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), exp.weight_types)
             manifest.set_build(build)
         log.info("llama.cpp build %s (%s, %s): %s", build.build_number, build.commit, build.backend, build.bin_dir)
         ctx = RunContext.of(exp, build, run)
         for stage in stages():
             if stage.name in stages_to_run and stage.enabled(ctx):
-                with manifest.stage(stage.name):
-                    stage.run(ctx)
+                try:
+                    with manifest.stage(stage.name):
+                        stage.run(ctx)
+                except HarnessError as exc:
+                    if not exc.partial:
+                        raise
+                    deferred.append(exc)
+                    continue
                 log.info("%s: done", stage.name)
+        if deferred:
+            raise deferred[0]
     finally:
         if "report" in stages_to_run:
             _render(exp, run, manifest)

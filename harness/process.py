@@ -16,6 +16,39 @@ from harness.errors import HarnessError
 
 _PR_SET_PDEATHSIG = 1
 
+# What a signal that ends a tool most likely means, for the one line the user reads.
+_SIGNAL_MEANINGS = {
+    signal.SIGILL: "an instruction this CPU cannot execute",
+    signal.SIGKILL: "out of memory? (the kernel's OOM killer sends it), or killed by another process",
+    signal.SIGSEGV: "an invalid memory access (the tool crashed)",
+    signal.SIGBUS: "a bad memory access (a file it maps truncated or on a failing disk?)",
+    signal.SIGABRT: "the tool aborted (a failed assertion or an uncaught exception)",
+    signal.SIGFPE: "an arithmetic error (division by zero)",
+    signal.SIGTERM: "asked to stop",
+    signal.SIGINT: "interrupted (Ctrl-C)",
+}
+
+
+def exit_reason(code: int | None) -> str:
+    """How a process ended, for people: `exit 1`, or `killed by SIGILL: an instruction this CPU cannot execute`.
+
+    Python reports death by signal N as -N; a shell reports it as 128 + N, which is taken as a signal above 128."""
+    if code is None:
+        return "still running"
+    number = -code if code < 0 else code - 128 if 128 < code < 128 + 65 else None
+    if number is None:
+        return f"exit {code}"
+    try:
+        sig = signal.Signals(number)
+    except ValueError:
+        return f"killed by signal {number}"
+    meaning = _SIGNAL_MEANINGS.get(sig) or signal.strsignal(sig) or ""
+    return f"killed by {sig.name}: {meaning}" if meaning else f"killed by {sig.name}"
+
+
+def died_by_signal(code: int | None, sig: signal.Signals) -> bool:
+    return code is not None and (code == -sig or code == 128 + sig)
+
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     # Linux: the kernel sends SIGKILL to the child if the process that started it dies, even by SIGKILL,

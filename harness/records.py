@@ -37,6 +37,15 @@ class StageRecord(Record):
     inputs_digest: str | None = None
 
 
+class UnitFailure(Record):
+    """One unit of a stage (a variant) that failed while the others went on: what failed and why, for the report."""
+
+    unit: str
+    what: str  # "MMLU", "KL divergence"
+    error: str
+    at: str
+
+
 R = TypeVar("R", bound=BaseModel)
 
 

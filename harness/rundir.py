@@ -51,6 +51,10 @@ class RunDir:
     def kld(self, variant: str) -> Path:
         return self.root / "kld" / f"{variant}.json"
 
+    def failure(self, output: Path) -> Path:
+        """Where a variant's failed measurement is recorded, beside the output it did not write (Q4_0.failed.json)."""
+        return output.with_name(f"{output.stem}.failed.json")
+
     def logs(self, stage: str) -> Path:
         """Where a stage's tools write their logs: models/logs, mmlu/logs, kld/logs."""
         return self.root / stage / "logs"

@@ -9,17 +9,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import psutil
 
+from harness.build import Build
 from harness.config import ServerConfig
 from harness.errors import HarnessError, ServerError
-from harness.llamacpp import Build
-from harness.process import stop
+from harness.process import exit_reason, stop
 from harness.tools import LOADER_REASON, error_line
 
 GGUF_MAGIC = b"GGUF"
@@ -188,6 +188,7 @@ class ManagedEndpoint(Endpoint):
 
     _proc: subprocess.Popen | None = None
     started_at: float | None = None  # wall clock when its process was started
+    exit_code: int | None = None  # how it ended by itself (a crash), once it has; None while running or stopped by us
 
     @property
     def pid(self) -> int | None:
@@ -200,7 +201,9 @@ class ManagedEndpoint(Endpoint):
 
     def stop(self) -> None:
         if self._proc is not None:
+            code = self._proc.poll()  # how it ended by itself, before we stop it
             stop(self._proc, grace_s=10.0)
+            self.exit_code = code if code is not None else self.exit_code
             self._proc = None
 
     def describe(self) -> dict[str, Any]:
@@ -217,6 +220,9 @@ class ManagedEndpoint(Endpoint):
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
+                self.exit_code = code
+                if code < 0:  # a signal: the log's last line says nothing of it
+                    raise ServerError(f"{name} was {exit_reason(code)} while starting (log: {self.log_path})")
                 why = error_line(self.log_tail(40), prefer=LOADER_REASON, empty="(empty log)")
                 raise ServerError(f"{name} exited ({code}) while starting: {why} (log: {self.log_path})")
             if ready():
@@ -243,8 +249,11 @@ class LlamaServer(ManagedEndpoint):
         log_path: Path,
         settings: ServerConfig | None = None,
         embeddings: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.embeddings = embeddings  # started for /v1/embeddings: --embeddings with mean pooling
+        self.env = env  # variables added to its environment (the build check preloads its SIGILL reporter)
+        self.command: list[str] = []
         self.build = build
         self.model = Path(model)
         self.sizing = sizing
@@ -282,7 +291,10 @@ class LlamaServer(ManagedEndpoint):
         extra = [*self.settings.extra_args, *(["--embeddings", "--pooling", "mean"] if self.embeddings else [])]
         args = server_args(self.build, self.model, self.sizing, host=self.host, port=self.port, extra_args=extra)
         compute = self.build.compute(threads=self.settings.threads, gpu_layers=self.settings.gpu_layers)
-        self._spawned(self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute))
+        self.command = self.build.tools.command("llama-server", args, compute)
+        self._spawned(
+            self.build.tools.start("llama-server", args, log_path=self.log_path, compute=compute, env=self.env)
+        )
         try:
             self._wait_ready(self._healthy, timeout_s=self.settings.startup_timeout_s, name="llama-server")
             self.props = self.get_json("/props")

@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.buildcheck import probe_models
 from harness.cache import atomic_dir
 from harness.config import Experiment, TargetConfig
 from harness.context import RunContext
+from harness.cpu import this_cpu
 from harness.errors import ConfigError, LoadTestError, ServerError
 from harness.llamacpp import check_toolchain
 from harness.process import spawn
@@ -60,11 +62,13 @@ def llama_cpp_python_version(exp: Experiment, target: TargetConfig) -> str:
 
 
 def llama_cpp_python_cmake_args(ctx: RunContext) -> list[str]:
-    """CMAKE_ARGS for compiling llama-cpp-python the way the llama.cpp build was compiled (backend, no libcurl)."""
+    """CMAKE_ARGS for compiling llama-cpp-python the way the llama.cpp build was compiled: its backend, and on a CPU
+    its instruction-set decision (native, or each extension named when this CPU cannot run one it advertises)."""
     if ctx.build.has_gpu:
         arch = ctx.experiment.llamacpp.cuda_architectures
         return ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DLLAMA_CURL=OFF"]
-    return ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"]
+    isa = ctx.build.isa.cmake_args if ctx.build.isa and ctx.build.isa.cmake_args else ["-DGGML_NATIVE=ON"]
+    return [*isa, "-DLLAMA_CURL=OFF"]
 
 
 def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
@@ -73,7 +77,9 @@ def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
     nothing. Built in a temporary directory and renamed whole, so a killed build leaves no half environment; sealed
     and checked before each use like every cache entry."""
     cmake = llama_cpp_python_cmake_args(ctx)
-    key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2], "os": os.uname().machine})
+    native_for = this_cpu().fingerprint() if "-DGGML_NATIVE=ON" in cmake else None  # a native build is for one CPU
+    key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2], "os": os.uname().machine,
+                         "cpu": native_for})  # fmt: skip
     final = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}"
     log = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}.log"
 
@@ -91,7 +97,41 @@ def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
             if not run.ok:
                 raise LoadTestError(f"cannot install llama-cpp-python {version}: {error_line(run.lines)} (log: {log})")
 
-    return atomic_dir(final, fill)
+    atomic_dir(final, fill)
+    check_llama_cpp_python(ctx, final, log_path=log)
+    return final
+
+
+# Loads each probe model and evaluates a 64-token batch, as the server does with a prompt.
+_PROBE_SCRIPT = """
+import sys
+from llama_cpp import Llama
+for path in sys.argv[1:]:
+    llm = Llama(model_path=path, n_ctx=128, n_batch=128, n_threads=None, verbose=False)
+    llm.eval(list(range(3, 67)))
+    print("llamasys: ok", path, flush=True)
+"""
+
+
+def check_llama_cpp_python(ctx: RunContext, venv: Path, *, log_path: Path) -> None:
+    """Prove the environment's llama.cpp runs here, on the build's probe models in the experiment's weight types
+    (once per environment and CPU): a library compiled for instructions this CPU lacks dies here, by name, not in
+    the middle of a load test."""
+    cpu = this_cpu()
+    done = venv.with_name(f"{venv.name}.check-{cpu.fingerprint()}.json")
+    if done.is_file():
+        return
+    models = probe_models(ctx.build, ctx.experiment.weight_types, ctx.cache)
+    cmd = [str(venv / "bin" / "python"), "-c", _PROBE_SCRIPT, *(str(m) for m in models.values())]
+    run = run_logged(cmd, log_path=log_path, tail=40)
+    if not run.ok:
+        what = f"llama-cpp-python's llama.cpp on the probe models ({', '.join(models)})"
+        raise (
+            run.error(LoadTestError, what)
+            if run.signalled
+            else LoadTestError(f"{what} failed (exit {run.code}): {error_line(run.lines)} (log: {log_path})")
+        )
+    atomic_write(done, json.dumps({"types": list(models), "cpu": cpu.model, "seconds": round(run.seconds, 2)}))
 
 
 class LlamaCppPythonServer(ManagedEndpoint):

@@ -8,6 +8,7 @@ the log, and hands back a `ToolRun` whose failure becomes one error quoting the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from harness.console import advance, progress_bar
 from harness.errors import HarnessError
-from harness.process import running, spawn
+from harness.process import exit_reason, running, spawn
 
 if TYPE_CHECKING:
-    from harness.llamacpp import Build
+    from harness.build import Build
 
 # Words with which llama.cpp's tools, CMake and Python say why they stopped.
 ERROR_WORDS = re.compile(
@@ -51,6 +52,24 @@ def error_line(lines: Sequence[str], *, prefer: Sequence[str] = (), empty: str =
         if ERROR_WORDS.search(line):
             return line.strip()
     return lines[-1].strip() if lines else empty
+
+
+def llama_bench_rates(lines: Sequence[str]) -> dict[str, float]:
+    """`llama-bench -o json` output -> {"pp": tokens/s, "tg": tokens/s} for the tests it ran (both eras print a JSON
+    list of rows with n_prompt, n_gen and avg_ts; log lines may come before and after it)."""
+    text = "\n".join(lines)
+    start, end = text.find("["), text.rfind("]")
+    try:
+        rows = json.loads(text[start : end + 1]) if start >= 0 and end > start else []
+    except ValueError:
+        return {}
+    rates: dict[str, float] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and "avg_ts" in row:
+            kind = "tg" if row.get("n_gen") else "pp" if row.get("n_prompt") else None
+            if kind:
+                rates[kind] = float(row["avg_ts"])
+    return rates
 
 
 @dataclass(frozen=True)
@@ -101,10 +120,18 @@ class ToolRun:
     def why(self, *, prefer: Sequence[str] = ()) -> str:
         return error_line(self.lines, prefer=prefer)
 
+    @property
+    def signalled(self) -> bool:
+        """Killed by a signal (Python reports signal N as exit code -N)."""
+        return self.code < 0
+
     def error(
         self, error: type[HarnessError], what: str, *, prefer: Sequence[str] = (), why: str | None = None
     ) -> HarnessError:
-        """`what failed (exit N): <the tool's own line> (log: ...)` as the caller's error type."""
+        """`what failed (exit N): <the tool's own line> (log: ...)` as the caller's error type; a tool killed by a
+        signal is named by the signal and its meaning, with the command (its last log line says nothing of it)."""
+        if self.signalled:
+            return error(f"{what} was {exit_reason(self.code)}; command: {' '.join(self.cmd)} (log: {self.log_path})")
         return error(f"{what} failed (exit {self.code}): {why or self.why(prefer=prefer)} (log: {self.log_path})")
 
 
@@ -161,8 +188,18 @@ class ToolRunner:
         return self.build.tool(tool)
 
     def command(self, tool: str, args: Sequence[str | os.PathLike[str]], compute: Compute | None = None) -> list[str]:
-        """`tool args... [compute flags]`: the compute flags (threads, GPU layers) always go last."""
-        return [str(self.path(tool)), *(str(a) for a in args), *(compute.args(tool) if compute else [])]
+        """`tool args... [runtime flags] [compute flags]`: the compute flags (threads, GPU layers) always go last; a
+        build that must not repack weights tells every tool that takes it so."""
+        runtime = [] if self.build.repack else self.no_repack_args(tool)
+        return [str(self.path(tool)), *(str(a) for a in args), *runtime, *(compute.args(tool) if compute else [])]
+
+    def no_repack_args(self, tool: str) -> list[str]:
+        """The flags that turn weight repacking (and the extra buffer types: AMX) off, as `tool` spells them."""
+        if self.supports(tool, "--no-repack"):
+            return ["--no-repack"]
+        if self.supports(tool, "--repack"):
+            return ["--repack", "0"]  # llama-bench
+        return []
 
     def help_text(self, tool: str) -> str:
         """`tool --help` (both streams), asked once per binary."""
@@ -194,18 +231,28 @@ class ToolRunner:
         progress: LineProgress | None = None,
         on_line: Callable[[str], None] | None = None,
         tail: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> ToolRun:
         """Run `tool` to completion in its log's directory (b3661-era tools write llama.log into their working
-        directory: it stays beside our log)."""
+        directory: it stays beside our log); `env` adds variables to this process's environment."""
         cmd = self.command(tool, args, compute)
-        return run_logged(cmd, log_path=log_path, progress=progress, on_line=on_line, cwd=log_path.parent, tail=tail)
+        return run_logged(
+            cmd, log_path=log_path, progress=progress, on_line=on_line, cwd=log_path.parent, tail=tail,
+            env={**os.environ, **env} if env else None,
+        )  # fmt: skip
 
     def start(
-        self, tool: str, args: Sequence[str | os.PathLike[str]], *, log_path: Path, compute: Compute | None = None
+        self,
+        tool: str,
+        args: Sequence[str | os.PathLike[str]],
+        *,
+        log_path: Path,
+        compute: Compute | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen:
         """Start a long-running tool (llama-server) with its output appended to `log_path`; the caller stops it."""
         cmd = self.command(tool, args, compute)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
-        return spawn(cmd, log_path=log_path, cwd=log_path.parent)
+        return spawn(cmd, log_path=log_path, cwd=log_path.parent, env={**os.environ, **env} if env else None)

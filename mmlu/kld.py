@@ -146,7 +146,7 @@ def _chunk_position(line: str) -> int | None:
 
 
 def _failure(run: ToolRun, what: str) -> MMLUError:
-    return MMLUError(f"llama-perplexity {what} failed (exit {run.code}): {run.why()} (log: {run.log_path})")
+    return run.error(MMLUError, f"llama-perplexity {what}")  # type: ignore[return-value]
 
 
 def base_logits(

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.build import Era
 from harness.errors import MMLUError
-from harness.llamacpp import Era
 from harness.records import Record
 from harness.tools import Compute, LineProgress, ToolRunner
 
@@ -255,6 +255,10 @@ def run_multiple_choice(
         progress=LineProgress(n_tasks, desc, "q", _task_position),
     )  # fmt: skip
     output = parse_multiple_choice_output("\n".join(run.lines))
+    if run.signalled:
+        raise run.error(
+            MMLUError, f"llama-perplexity --multiple-choice (after {len(output.running)} of {n_tasks} tasks)"
+        )
     if not run.ok or output.final is None or len(output.running) != n_tasks:
         why = output.problems[-1] if output.problems else run.why()
         raise MMLUError(

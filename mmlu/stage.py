@@ -6,6 +6,7 @@ inputs (model file identity, task file hash, build, settings); a variant whose o
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 from harness.config import MMLUConfig
 from harness.context import RunContext, Stage
 from harness.corpus import corpus_text
-from harness.errors import MMLUError
-from harness.records import inputs_digest, is_fresh, read_record, write_record
+from harness.errors import HarnessError, MMLUError
+from harness.records import UnitFailure, inputs_digest, is_fresh, read_record, write_record
 from harness.rundir import RunDir
 from mmlu.dataset import Selection, load_selection
 from mmlu.kld import base_logits, run_kld
@@ -86,6 +87,7 @@ def run_quality_stage(ctx: RunContext) -> QualityResults:
         if not path.is_file():
             raise MMLUError(f"model file of variant {name} not found: {path}")
     stage = QualityStage()
+    failures: list[str] = []
     selection, tasks, task_file = _selection(ctx)
     digests = {name: stage.digest(ctx, name) for name in models}
     stale = [name for name in models if not is_fresh(run.mmlu(name), digests[name])]
@@ -101,10 +103,14 @@ def run_quality_stage(ctx: RunContext) -> QualityResults:
         )  # fmt: skip
         for name in stale:
             log.info("MMLU: %s on %d questions (%s)", name, len(tasks), selection.source)
-            correct, output, wall = run_multiple_choice(
-                ctx.tools, models[name], task_file, len(tasks), plan, log_path=run.logs("mmlu") / f"{name}.log",
-                compute=ctx.compute(cfg.threads), desc=f"MMLU {name}",
-            )  # fmt: skip
+            try:
+                correct, output, wall = run_multiple_choice(
+                    ctx.tools, models[name], task_file, len(tasks), plan, log_path=run.logs("mmlu") / f"{name}.log",
+                    compute=ctx.compute(cfg.threads), desc=f"MMLU {name}",
+                )  # fmt: skip
+            except MMLUError as exc:
+                failures.append(_failed(run, run.mmlu(name), name, "MMLU", exc))
+                continue
             result = score(
                 name, selection.questions, correct, model=str(models[name]), task_file=task_file.name,
                 tool_final=output.final, tool_final_sigma=output.final_sigma,  # type: ignore[arg-type]
@@ -114,8 +120,23 @@ def run_quality_stage(ctx: RunContext) -> QualityResults:
                 build=build.describe(),
             )  # fmt: skip
             write_record(run.mmlu(name), result, digest=digests[name])
-    kld = _kld_stage(ctx, models) if cfg.kld else {}
+            run.failure(run.mmlu(name)).unlink(missing_ok=True)
+    kld = _kld_stage(ctx, models, failures) if cfg.kld else {}
+    if failures:
+        more = f" (and {len(failures) - 1} more; see llamasys.log)" if len(failures) > 1 else ""
+        raise MMLUError(f"{failures[0]}{more}", partial=True)
     return load_quality_results(run, list(models), baseline=baseline, cfg=cfg, kld=kld)
+
+
+def _failed(run: RunDir, output: Path, variant: str, what: str, exc: HarnessError) -> str:
+    """Record one variant's failed measurement (the report shows it) and say it; the other variants go on."""
+    write_record(run.failure(output), UnitFailure(unit=variant, what=what, error=str(exc), at=_now()))
+    log.error("%s: %s failed: %s", what, variant, exc)
+    return f"{what} failed for {variant}: {exc}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _kld_digest(ctx: RunContext, model: Path, baseline: Path, corpus: Path) -> str:
@@ -130,7 +151,7 @@ def _kld_digest(ctx: RunContext, model: Path, baseline: Path, corpus: Path) -> s
     })  # fmt: skip
 
 
-def _kld_stage(ctx: RunContext, models: Mapping[str, Path]) -> dict[str, KLDResult]:
+def _kld_stage(ctx: RunContext, models: Mapping[str, Path], failures: list[str]) -> dict[str, KLDResult]:
     cfg, run, baseline = ctx.experiment.mmlu, ctx.run, ctx.baseline
     others = [name for name in models if name != baseline]
     if not others:
@@ -141,21 +162,30 @@ def _kld_stage(ctx: RunContext, models: Mapping[str, Path]) -> dict[str, KLDResu
     if stale:
         log.info("KLD: baseline %s log-probabilities over %s", baseline, corpus.name)
         compute = ctx.compute(cfg.threads)
-        base_file, _ppl = base_logits(
-            ctx.tools, models[baseline], corpus, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks, cache=ctx.cache,
-            log_path=run.logs("kld") / f"{baseline}-base.log", compute=compute,
-        )  # fmt: skip
-        for name in stale:
-            stats = run_kld(
-                ctx.tools, models[name], base_file, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
-                log_path=run.logs("kld") / f"{name}.log", compute=compute, desc=f"KLD {name}",
+        try:
+            base_file, _ppl = base_logits(
+                ctx.tools, models[baseline], corpus, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks, cache=ctx.cache,
+                log_path=run.logs("kld") / f"{baseline}-base.log", compute=compute,
             )  # fmt: skip
+        except MMLUError as exc:  # no baseline logits: no variant can be compared
+            failures += [_failed(run, run.kld(name), name, "KL divergence", exc) for name in stale]
+            stale = []
+        for name in stale:
+            try:
+                stats = run_kld(
+                    ctx.tools, models[name], base_file, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
+                    log_path=run.logs("kld") / f"{name}.log", compute=compute, desc=f"KLD {name}",
+                )  # fmt: skip
+            except MMLUError as exc:
+                failures.append(_failed(run, run.kld(name), name, "KL divergence", exc))
+                continue
             result = KLDResult(
                 variant=name, baseline=baseline, model=str(models[name]), corpus=str(corpus), ctx_size=cfg.ctx_size,
                 stats=stats,
             )  # fmt: skip
             write_record(run.kld(name), result, digest=digests[name])
-    return {name: read_record(run.kld(name), KLDResult) for name in others}
+            run.failure(run.kld(name)).unlink(missing_ok=True)
+    return {name: read_record(run.kld(name), KLDResult) for name in others if run.kld(name).is_file()}
 
 
 def load_quality_results(

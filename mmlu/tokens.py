@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from harness.build import Build
 from harness.cache import atomic_file
 from harness.config import ServerConfig
 from harness.context import CacheDir
 from harness.errors import HarnessError, MMLUError
-from harness.llamacpp import Build
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
 from harness.server import LlamaServer, ServerSizing
 from mmlu.tasks import MultipleChoiceTask

@@ -17,7 +17,7 @@ from harness.loadtest.stage import EXTERNAL_MODEL
 from harness.loadtest.summary import LoadSummary
 from harness.manifest import ManifestRecord
 from harness.models import load_models_json, load_models_record
-from harness.records import RecordError, read_record
+from harness.records import RecordError, UnitFailure, read_record
 from harness.rundir import RunDir
 from mmlu.dataset import (
     MMLU_LARGEST_TEST_SUBJECT,
@@ -72,9 +72,11 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             if result.quality.questions_needed:
                 result.quality.decide_command = decide_command(exp, run, result.quality.questions_needed)
             if mmlu[name] is None:
-                missing.append(f"MMLU: {name}")
+                result.quality.mmlu_failure = _failure(run, run.mmlu(name))
+                missing.append(f"MMLU: {name}" + _failed_because(result.quality.mmlu_failure))
             if exp.mmlu.kld and not cfg.is_baseline and kld[name] is None:
-                missing.append(f"KL divergence: {name}")
+                result.quality.kld_failure = _failure(run, run.kld(name))
+                missing.append(f"KL divergence: {name}" + _failed_because(result.quality.kld_failure))
         if exp.load.enabled:
             for target in (t for t in exp.targets if t.kind != "external"):
                 speed = _speed_of(exp, run, target.label, name, missing)
@@ -92,7 +94,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         name=exp.name,
         model=_model_label(exp),
         baseline=baseline,
-        llamacpp=dict(manifest.llamacpp),
+        llamacpp={k: v for k, v in manifest.llamacpp.items() if k not in ("isa", "check", "isa_summary")},
+        isa_summary=manifest.llamacpp.get("isa_summary"),
+        build_check=list(((manifest.llamacpp.get("check") or {}).get("types") or {}).values()),
         hardware=dict(manifest.hardware),
         experiment_toml=exp.to_toml(),
         variants=variants,
@@ -119,6 +123,16 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         recommend(results) if results.variants else Recommendation(variant=None, headline="No variants.")
     )
     return results
+
+
+def _failure(run: RunDir, output: Path) -> str | None:
+    """Why a variant's measurement failed, when it did (the stage recorded it beside the missing output)."""
+    failure = _read(run.failure(output), UnitFailure)
+    return failure.error if failure else None
+
+
+def _failed_because(error: str | None) -> str:
+    return f" (failed: {error})" if error else ""
 
 
 def _model_label(exp: Experiment) -> str:

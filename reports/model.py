@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from harness.process import exit_reason
 from harness.records import Record
 
 SCHEMA_VERSION = 3
@@ -57,6 +58,8 @@ class Quality(Record):
     rms_dp_sigma: float | None = None
     ppl_ratio: float | None = None
     ppl_ratio_sigma: float | None = None
+    mmlu_failure: str | None = None  # why the variant's MMLU run failed, when it did
+    kld_failure: str | None = None
 
 
 class StepResult(Record):
@@ -107,6 +110,11 @@ class AttemptResult(Record):
     server_exit_code: int | None = None
     server_log_tail: list[str] = Field(default_factory=list)
     failed_requests: int = 0
+
+    @property
+    def server_exit(self) -> str | None:
+        """How the server ended (`killed by SIGILL: ...`), when it died."""
+        return None if self.server_exit_code is None else exit_reason(self.server_exit_code)
 
 
 class Speed(Record):
@@ -181,6 +189,8 @@ class Results(Record):
     model: str
     baseline: str
     llamacpp: dict[str, Any]  # build number, commit, backend, source
+    isa_summary: str | None = None  # the instruction sets the build uses, and why any are off
+    build_check: list[dict[str, Any]] = Field(default_factory=list)  # the post-build probe, per weight type
     hardware: dict[str, Any]
     experiment_toml: str
     variants: list[VariantResult]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.build import Build
 from harness.config import LlamaCppConfig
 from harness.context import CacheDir
-from harness.llamacpp import Build, ensure_build
+from harness.llamacpp import ensure_build
 from harness.models import smollm2_gguf
 
 

@@ -43,7 +43,7 @@ from harness.loadtest.runner import (
 from harness.loadtest.sampling import ResourceSampler
 from harness.loadtest.summary import Attempt, Attempts, Decode, LoadSummary, capacity, summarize_step
 from harness.models.convert import gguf_info
-from harness.process import spawn
+from harness.process import exit_reason, spawn
 from harness.records import RecordError, inputs_digest, is_fresh, read_record, write_record
 from harness.server import Endpoint, LlamaServer, check_port_free
 from harness.targets import open_endpoint, sizing_for
@@ -182,7 +182,7 @@ def run_load_stage(ctx: RunContext) -> dict[tuple[str, str], LoadSummary]:
                 results[(target.label, variant)] = read_record(path, LoadSummary)
     if failures:
         more = f" (and {len(failures) - 1} more; see llamasys.log)" if len(failures) > 1 else ""
-        raise LoadTestError(f"load failed for {failures[0]}{more}")
+        raise LoadTestError(f"load failed for {failures[0]}{more}", partial=True)
     return results
 
 
@@ -384,7 +384,7 @@ class VariantLoad:
             if code is not None:  # the server process is gone: a crash, not a load problem
                 outcome = "server died"
                 attempt.server_exit_code, attempt.server_log_tail = code, endpoint.log_tail(12)
-                raise ServerDied(f"{endpoint.kind} died during the load test (exit code {code}; "
+                raise ServerDied(f"{endpoint.kind} died during the load test ({exit_reason(code)}; "
                                  f"log: {endpoint.log_path})") from None  # fmt: skip
             raise
         finally:

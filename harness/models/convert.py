@@ -14,8 +14,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from harness.build import Build
 from harness.errors import ConfigError, ModelError
-from harness.llamacpp import Build
 from harness.records import Record
 from harness.tools import error_line, run_logged
 
@@ -196,6 +196,8 @@ def run_converter(
 
     env = converter_env(tree, os.environ)
     run = run_logged(cmd, log_path=log, env=env, on_line=keep_warnings, tail=60)
+    if run.signalled:
+        raise run.error(ModelError, "convert_hf_to_gguf.py")
     if not run.ok or not outfile.is_file():
         raise conversion_error(run.lines, model_dir=model_dir, log=log)
     problem = unusable_output(warnings, model_dir=model_dir, log=log)

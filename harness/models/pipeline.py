@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from harness.build import Build
 from harness.cache import atomic_dir, damage, file_sha256
 from harness.config import Experiment, VariantConfig
 from harness.context import RunContext, Stage
 from harness.corpus import corpus_text
 from harness.errors import ModelError
-from harness.llamacpp import Build
 from harness.models.convert import (
     GGUFInfo,
     check_pretokenizer,
@@ -368,6 +368,8 @@ def make_imatrix(ctx: RunContext, baseline: Baseline, text: Path) -> Imatrix:
         tool_log = log_dir / "imatrix.log"
         log.info("models: importance matrix over %d chunks of %s (log: %s)", exp.imatrix.chunks, text.name, tool_log)
         run = ctx.tools.run("llama-imatrix", args, log_path=tool_log, compute=ctx.compute(exp.model.threads), tail=40)
+        if run.signalled:
+            raise run.error(ModelError, "llama-imatrix")
         if not run.ok or not output.is_file():
             raise imatrix_error(run.lines, text=text, log=tool_log)
         log.info("models: importance matrix written in %.1f s", run.seconds)
@@ -408,6 +410,8 @@ def make_variant(
         log.info("models: %s quantizing %s (%s) (log: %s)", step, variant.name, variant.type, tool_log)
         compute = ctx.compute(ctx.experiment.model.threads)
         run = ctx.tools.run("llama-quantize", args, log_path=tool_log, compute=compute, tail=40)
+        if run.signalled:
+            raise run.error(ModelError, f"variant {variant.name}: llama-quantize")
         if not run.ok or not output.is_file():
             raise quantize_error(run.lines, variant, log=tool_log)
         log.info("models: %s %s written in %.1f s (%s)", step, variant.name, run.seconds, _mb(output))

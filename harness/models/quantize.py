@@ -9,9 +9,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from harness.build import Era
 from harness.config import QUANT_TYPES, TENSOR_TYPES, VariantConfig
 from harness.errors import ConfigError, ModelError
-from harness.llamacpp import Era
 from harness.tools import LOADER_REASON, error_line
 
 # Types llama-quantize refuses (or turns into garbage) without an importance matrix: the b3661-era tool lists

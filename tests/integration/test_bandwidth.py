@@ -8,8 +8,8 @@ import pytest
 from gguf import GGUFReader
 
 from harness.bandwidth import bound_tokens_per_s, decode_cost, memory_bandwidth
+from harness.build import Build
 from harness.context import CacheDir
-from harness.llamacpp import Build
 from harness.models.convert import gguf_info
 
 pytestmark = pytest.mark.integration

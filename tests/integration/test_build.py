@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.build import TOOLS, Build
 from harness.errors import BuildError
 from harness.llamacpp import (
-    TOOLS,
-    Build,
     check_toolchain,
     cmake_configure,
     cmake_configure_args,
@@ -106,3 +105,124 @@ def test_cuda_configure_accepts_our_flags(current_build: Build, tmp_path: Path):
     assert "GGML_CUDA:BOOL=ON" in cache
     assert re.search(r"CMAKE_CUDA_ARCHITECTURES:\w+=90\n", cache)
     assert re.search(r"CMAKE_CUDA_COMPILER:\w+=.*nvcc", cache)
+
+
+# ---------------------------------------------------------------- builds that run where they are used
+
+
+def test_the_build_is_proven_on_this_machine_in_every_default_weight_type(any_build: Build):
+    check = any_build.check
+    assert check is not None and check.ok, check
+    assert list(check.types) == ["F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"]
+    for result in check.types.values():
+        assert result.prompt_tps and result.prompt_tps > 0 and result.generation_tps and result.generation_tps > 0
+    for tool in ("llama-perplexity", "llama-bench", "llama-server"):
+        log = Path(check_path_of(any_build)).parent / "logs" / f"Q4_0-{tool}.log"
+        assert log.is_file() and log.stat().st_size > 0, log
+    assert any_build.isa is not None and any_build.isa.enabled
+    assert any_build.provenance()["isa_summary"] == any_build.isa.summary()
+
+
+def check_path_of(build: Build) -> Path:
+    from harness.buildcheck import check_path
+    from harness.context import CacheDir
+    from harness.cpu import this_cpu
+
+    return check_path(CacheDir(build.bin_dir.parents[2]), build, this_cpu())
+
+
+def test_a_probe_program_that_dies_leaves_its_extension_out():
+    # Independent of this CPU: an extension whose probe executes the architecture's always-undefined instruction
+    # (x86 ud2, ARM udf) is what a CPU that advertises an extension it cannot run looks like to the probe.
+    from harness.cpu import CpuInfo, Extension, c_compiler, decide_isa, extensions_for, probe_extensions, this_cpu
+
+    machine = this_cpu().machine
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"no undefined-instruction probe written for {machine}")
+    x86 = machine == "x86_64"
+    table = {e.name: e for e in extensions_for(machine)}
+    target, plain = (table["avx2"], table["avx"]) if x86 else (table["dotprod"], table["fp16"])
+    undefined = "ud2" if x86 else "udf #0"
+    probe = f'__asm__ volatile("{undefined}");'
+    impossible = Extension(target.name, target.flags, target.options, target.cflags, probe)
+    outcomes = probe_extensions([impossible, plain], compiler=c_compiler())
+    assert not outcomes[target.name].ok and "killed by SIGILL" in outcomes[target.name].detail
+    assert outcomes[plain.name].ok  # what every CPU of this architecture runs passes
+    cpu = CpuInfo(machine, "test", frozenset(target.flags) | frozenset(plain.flags))
+    options = {o for e in table.values() for o in e.options if o.startswith("GGML_")} | {"GGML_CPU_ARM_ARCH"}
+    isa = decide_isa(cpu, outcomes, options=options)
+    assert target.name in isa.turned_off and plain.name in isa.enabled and not isa.native
+    if x86:
+        assert "-DGGML_AVX2=OFF" in isa.cmake_args and "-DGGML_AVX=ON" in isa.cmake_args
+
+
+# Tried in this order: the extensions whose code is all over ggml's CPU kernels, so a build with them dies at once.
+_FORCEABLE = ("avx512", "amx_tile", "avx_vnni", "avx2", "fma", "f16c")
+
+
+def _one_this_cpu_cannot_run():
+    from harness.cpu import c_compiler, extensions_for, probe_extensions, this_cpu
+
+    cpu = this_cpu()
+    table = {e.name: e for e in extensions_for(cpu.machine)}
+    candidates = [table[n] for n in _FORCEABLE if n in table]
+    outcomes = probe_extensions(candidates, compiler=c_compiler())
+    for ext in candidates:
+        # Forceable alone: whatever it needs, this CPU runs.
+        if "SIGILL" in outcomes[ext.name].detail and all(outcomes.get(r, None) is None or outcomes[r].ok
+                                                          for r in ext.requires):  # fmt: skip
+            return cpu, ext
+    pytest.skip(f"this CPU ({cpu.model}) runs every extension tried ({', '.join(_FORCEABLE)})")
+
+
+def test_a_build_forced_to_use_an_extension_this_cpu_lacks_is_caught_and_rebuilt(
+    current_build: Build, cache_dir: Path, tmp_path: Path, caplog
+):
+    # The machine's own flags plus one extension its probe program cannot run, taken on trust (no probe before
+    # compiling): the build compiles it in, the post-build check sees a tool die of SIGILL at one of its
+    # instructions, and the build is made once more without it. ccache (when installed) keeps the second compile to
+    # ggml's CPU backend.
+    from harness.config import LlamaCppConfig
+    from harness.cpu import cpu_record_path, known_cpu, this_cpu
+    from harness.llamacpp import ensure_build
+
+    cpu, ext = _one_this_cpu_cannot_run()
+    features = sorted(cpu.flags | set(ext.flags))
+    cfg = LlamaCppConfig(source="pypi", ref="0.3.36", cpu_features=features, probe_cpu=False)
+    # What is known of CPUs starts empty; compiled builds, sources and the compiler cache are the shared ones, so a
+    # second run of this test compiles nothing (the build that dies is cached too: only passed checks are kept).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for shared in ("builds", "sources", "downloads", "ccache", "probe"):
+        (cache_dir / shared).mkdir(exist_ok=True)
+        (cache / shared).symlink_to(cache_dir / shared)
+    cache_dir = cache
+    with caplog.at_level("INFO", logger="harness"):
+        build = ensure_build(cfg, cache_dir, ["F16", "Q4_0"])
+    text = caplog.text
+    assert "does not run here" in text and f"building it again without {ext.name}" in text
+    assert f"llama.cpp is built without {ext.name}" in text
+    assert build.check is not None and build.check.ok and set(build.check.types) == {"F16", "Q4_0"}
+    assert build.isa is not None and ext.name in build.isa.turned_off and ext.name not in build.isa.enabled
+    assert "SIGILL" in build.isa.turned_off[ext.name]
+    forced = this_cpu(features)
+    assert ext.name in known_cpu(forced, cache_dir, probe=False).excluded
+    assert cpu_record_path(cache_dir, forced) != cpu_record_path(cache_dir, this_cpu())  # the real CPU's is untouched
+    # Remembered: the next run goes straight to the build that works, compiling and checking nothing.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="harness"):
+        again = ensure_build(cfg, cache_dir, ["F16", "Q4_0"])
+    assert again.bin_dir == build.bin_dir and "building llama.cpp" not in caplog.text
+    assert "build check" not in caplog.text
+
+
+def test_build_check_prints_the_cpu_the_isa_and_every_type(current_build: Build, cache_dir: Path):
+    result = llamasys("build", "--check", "--no-progress", env={"LLAMASYS_CACHE_DIR": str(cache_dir)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "CPU: " in out and "advertises, of what ggml uses:" in out
+    assert f"instruction sets of the build: {current_build.isa.summary()}" in out
+    assert "check on this machine" in out and "passed" in out
+    for weight_type in ("F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"):
+        assert re.search(rf"^  {weight_type}\s+ok\s+[\d,]+\s+[\d,]+$", out, re.MULTILINE), out
+    assert "build check: passed" in result.stderr  # --check runs the probe again, it does not read the record

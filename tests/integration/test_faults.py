@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.build import Build
 from harness.config import Experiment, LoadConfig, ServerConfig
 from harness.context import RunContext
 from harness.errors import LoadTestError
-from harness.llamacpp import Build
 from harness.loadtest import LoadSummary, run_load_stage, run_variant
 from harness.loadtest.summary import Attempts
 from harness.process import running, spawn
@@ -52,7 +52,8 @@ SMALL = [
 ]  # fmt: skip
 LOAD = {"prompt_tokens": 64, "output_tokens": 16, "steps": [1, 2], "requests_per_user": 2,
         "request_timeout_s": 120.0, "ready_timeout_s": 120.0, "sample_interval_s": 0.25}  # fmt: skip
-SHARED = ("builds", "sources", "downloads", "datasets", "mmlu", "kld", "corpus", "hardware", "thirdparty")
+SHARED = ("builds", "sources", "downloads", "datasets", "mmlu", "kld", "corpus", "hardware", "thirdparty", "cpu",
+          "probe")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,41 @@ def test_ctrl_c_during_mmlu_keeps_the_models(env, tmp_path: Path):
     assert json.loads(run.results.read_text())["missing"]  # the partial report says what is missing
 
 
+def test_a_tool_killed_in_one_variants_mmlu_leaves_the_others_and_the_load_then_exits_6(env, tmp_path: Path):
+    # Q4_0's llama-perplexity --multiple-choice is killed as the kernel's OOM killer would (SIGKILL): F16 is
+    # scored, the load stage still measures both variants, the report shows the failure, and the run ends with
+    # the MMLU error's exit code, naming the signal and the command.
+    run = RunDir(tmp_path / "run")
+    proc = start_cli("run", str(DEMO), "--run-dir", str(run.root), "--no-progress", *SMALL, env=env)
+    with stopped_at_the_end(proc):
+
+        def q4_0_scoring() -> list[psutil.Process]:
+            return [p for p in descendants(proc) if "--multiple-choice" in _cmdline(p) and "Q4_0" in _cmdline(p)]
+
+        wait_until(lambda: bool(q4_0_scoring()), proc, 900, "Q4_0's MMLU run")
+        for victim in q4_0_scoring():
+            victim.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 6, err[-3000:]
+    line = error_line(err)
+    assert "MMLU failed for Q4_0" in line and "killed by SIGKILL: out of memory?" in line and "command: " in line
+    states = {k: v["state"] for k, v in json.loads(run.manifest.read_text())["stages"].items()}
+    assert states == {"build": "done", "models": "done", "mmlu": "failed", "load": "done", "report": "done"}
+    results = json.loads(run.results.read_text())
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["F16"]["quality"]["accuracy"] is not None
+    assert "SIGKILL" in by_name["Q4_0"]["quality"]["mmlu_failure"]
+    assert all(by_name[n]["speeds"]["llama-server"]["steps"] for n in ("F16", "Q4_0"))
+    assert 'data-failure="mmlu"' in run.report.read_text()
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_ctrl_c_in_the_last_variants_load_then_resume_measures_only_the_rest(env, tmp_path: Path):
     """The issue's "done when": interrupted during the last variant's load, the run again re-measures only the
     steps that had not finished (the kept records keep their timestamps), and the partial report showed them."""
@@ -271,7 +307,7 @@ def a_variant_mid_request(
     code = (
         "from pathlib import Path\n"
         "from harness.config import Experiment; from harness.context import RunContext\n"
-        "from harness.llamacpp import Build; from harness.loadtest import run_variant\n"
+        "from harness.build import Build; from harness.loadtest import run_variant\n"
         f"exp = Experiment.model_validate_json({exp.model_dump_json()!r})\n"
         f"build = Build.model_validate_json({build.model_dump_json()!r})\n"
         f"run_variant(RunContext.of(exp, build), 'Q4_1', Path({str(model)!r}))\n"

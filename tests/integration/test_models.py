@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from harness.build import Build
 from harness.config import (
     CorpusConfig,
     Experiment,
@@ -32,7 +33,6 @@ from harness.config import (
 )
 from harness.context import CacheDir, RunContext
 from harness.errors import ConfigError, ModelError
-from harness.llamacpp import Build
 from harness.models import ModelArtifact, load_models_json, prepare_models
 from harness.models.convert import gguf_info
 from harness.models.sources import demo_checkpoint, smollm2_gguf
@@ -283,7 +283,7 @@ HUB_SCRIPT = textwrap.dedent(
     from harness.config import Experiment, ModelConfig, VariantConfig
     from harness.context import RunContext
     from harness.errors import HarnessError
-    from harness.llamacpp import Build
+    from harness.build import Build
     from harness.models import prepare_models
     from harness.rundir import RunDir
 

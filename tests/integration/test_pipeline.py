@@ -3,6 +3,7 @@ test_faults.py)."""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -70,6 +71,14 @@ def test_demo_end_to_end(env, tmp_path: Path):
         "build": "done", "models": "done", "mmlu": "done", "load": "done", "report": "done",
     }  # fmt: skip
     assert manifest["llamacpp"]["build_number"] == 11312 and manifest["hardware"]["cores_logical"] >= 1
+    # Which instruction sets the build uses and why, and the proof that it ran here in the demo's weight types.
+    llamacpp = manifest["llamacpp"]
+    assert llamacpp["isa"]["enabled"] and llamacpp["isa_summary"].startswith(("native", "explicit"))
+    assert set(llamacpp["check"]["types"]) == {"F16", "Q4_0", "Q4_K_M"}
+    assert all(t["ok"] and t["prompt_tps"] > 0 for t in llamacpp["check"]["types"].values())
+    assert results["isa_summary"] == llamacpp["isa_summary"]
+    assert f'id="isa">{html.escape(llamacpp["isa_summary"])}' in page
+    assert 'id="build-check"' in page
 
     # A finished run re-runs without redoing anything: every stage output stays as it was.
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.json") if p.parent.name in ("mmlu", "kld", "load")}

@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.build import Build
 from harness.config import ServerConfig
 from harness.errors import ServerError
-from harness.llamacpp import Build
 from harness.server import LlamaServer, ServerSizing
 from tests.integration.helpers import REPO, error_line, llamasys, processes_mentioning
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.build import Build
 from harness.config import Experiment, LoadConfig, ServerConfig, TargetConfig
 from harness.context import RunContext
 from harness.errors import LoadTestError
-from harness.llamacpp import Build
 from harness.loadtest import run_load_stage, run_variant
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing, free_port

@@ -95,7 +95,7 @@ def _bin_with(tmp_path: Path, *names: str) -> str:
 
 
 def test_cuda_without_nvcc_is_a_clear_error(tmp_path):
-    env = {"PATH": _bin_with(tmp_path, "cmake", "g++"), "CUDA_HOME": str(tmp_path / "no-cuda")}
+    env = {"PATH": _bin_with(tmp_path, "cmake", "g++", "gcc"), "CUDA_HOME": str(tmp_path / "no-cuda")}
     assert check_toolchain("cpu", env) == {}
     with pytest.raises(ToolMissingError, match="backend 'cuda' needs the CUDA toolkit, but nvcc was not found"):
         check_toolchain("cuda", env)
@@ -105,7 +105,7 @@ def test_cuda_finds_nvcc_through_cuda_home(tmp_path):
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\n")
-    env = {"PATH": _bin_with(tmp_path, "cmake", "g++"), "CUDA_HOME": str(tmp_path / "cuda")}
+    env = {"PATH": _bin_with(tmp_path, "cmake", "g++", "gcc"), "CUDA_HOME": str(tmp_path / "cuda")}
     assert check_toolchain("cuda", env) == {"CUDACXX": str(nvcc)}
 
 
@@ -117,3 +117,9 @@ def test_missing_cmake_is_a_clear_error(tmp_path):
 def test_prebuilt_needs_a_path():
     with pytest.raises(ValueError):
         LlamaCppConfig(source="prebuilt")
+
+
+def test_missing_c_compiler_is_a_clear_error(tmp_path):
+    # ggml is C as well as C++, and the instruction-set probes are C programs.
+    with pytest.raises(ToolMissingError, match="no C compiler found"):
+        check_toolchain("cpu", {"PATH": _bin_with(tmp_path, "cmake", "g++")})

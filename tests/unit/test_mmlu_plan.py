@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from harness.build import Build
 from harness.errors import MMLUError
-from harness.llamacpp import Build
 from mmlu.multiple_choice import multiple_choice_args, original_study_plan, plan_multiple_choice
 from mmlu.tokens import required_tokens
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.build import TOOLS, Build
 from harness.config import VariantConfig, default_variants
 from harness.errors import ConfigError, ModelError
-from harness.llamacpp import TOOLS, Build
 from harness.models import hf_to_gguf_wrapper as wrapper
 from harness.models.convert import (
     WRAPPER,

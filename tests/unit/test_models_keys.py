@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.build import Build
 from harness.config import Experiment, VariantConfig
 from harness.errors import ModelError
-from harness.llamacpp import Build
 from harness.models import ModelArtifact
 from harness.models.pipeline import (
     conversion_key,

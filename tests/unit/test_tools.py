@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness import console
+from harness.build import TOOLS, Build
 from harness.errors import MMLUError
-from harness.llamacpp import TOOLS, Build
 from harness.tools import Compute, LineProgress, error_line, run_logged
 
 

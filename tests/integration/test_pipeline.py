@@ -74,7 +74,7 @@ def test_demo_end_to_end(env, tmp_path: Path):
     # Which instruction sets the build uses and why, and the proof that it ran here in the demo's weight types.
     llamacpp = manifest["llamacpp"]
     assert llamacpp["isa"]["enabled"] and llamacpp["isa_summary"].startswith(("native", "explicit"))
-    assert set(llamacpp["check"]["types"]) == {"F16", "Q4_0", "Q4_K_M"}
+    assert set(llamacpp["check"]["types"]) >= {"F16", "Q4_0", "Q4_K_M"}  # a check of more types covers them
     assert all(t["ok"] and t["prompt_tps"] > 0 for t in llamacpp["check"]["types"].values())
     assert results["isa_summary"] == llamacpp["isa_summary"]
     assert f'id="isa">{html.escape(llamacpp["isa_summary"])}' in page

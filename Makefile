@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-SOURCES := $(shell find harness mmlu reports locustfiles -type f -not -path '*/__pycache__/*' 2>/dev/null)
+SOURCES := $(shell find bench harness mmlu reports locustfiles -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

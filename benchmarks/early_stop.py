@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness.cache import CacheDir  # noqa: E402
 from harness.config import Experiment, LlamaCppConfig, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig  # noqa: E402
-from harness.context import CacheDir, RunContext  # noqa: E402
+from harness.context import RunContext  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
 from harness.loadtest import run_variant  # noqa: E402
-from harness.models import smollm2_gguf  # noqa: E402
+from harness.models.sources import smollm2_gguf  # noqa: E402
 from harness.rundir import RunDir  # noqa: E402
 
 

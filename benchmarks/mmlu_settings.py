@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.cache import CacheDir  # noqa: E402
 from harness.config import LlamaCppConfig, MMLUConfig  # noqa: E402
-from harness.context import CacheDir  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
-from harness.models import smollm2_gguf  # noqa: E402
+from harness.models.sources import smollm2_gguf  # noqa: E402
 from mmlu.dataset import load_selection  # noqa: E402
 from mmlu.multiple_choice import original_study_plan, plan_multiple_choice, run_multiple_choice  # noqa: E402
 from mmlu.tasks import render_tasks, write_task_file  # noqa: E402

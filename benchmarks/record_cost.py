@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_serializer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from locustfiles._records import RequestRecord  # noqa: E402
+from bench.records import RequestRecord  # noqa: E402
 
 
 class PydanticRequestRecord(BaseModel):

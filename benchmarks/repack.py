@@ -20,12 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.buildcheck import probe_models  # noqa: E402
+from harness.cache import CacheDir  # noqa: E402
 from harness.config import LlamaCppConfig  # noqa: E402
-from harness.context import CacheDir  # noqa: E402
 from harness.cpu import this_cpu  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
-from harness.models import smollm2_gguf  # noqa: E402
+from harness.models.sources import smollm2_gguf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

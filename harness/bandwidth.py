@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from harness.context import CacheDir
+from harness.cache import CacheDir
 from harness.errors import LoadTestError
 from harness.manifest import cpu_model
 from harness.models.convert import GGUFInfo

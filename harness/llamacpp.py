@@ -28,14 +28,12 @@ from filelock import FileLock
 from harness import pypi
 from harness.build import TOOLS, Build, BuildCheck, Era, TypeCheck
 from harness.buildcheck import cached_check, check_build, repack_gain
-from harness.cache import atomic_dir, damage, file_sha256, intact, seal, tree_fingerprint
+from harness.cache import CacheDir, atomic_dir, damage, file_sha256, intact, seal, tree_fingerprint
 from harness.config import LlamaCppConfig, default_variants
-from harness.context import CacheDir
 from harness.cpu import (
     PORTABLE_EXTENSIONS,
     CpuInfo,
     IsaDecision,
-    c_compiler,
     cpu_record_path,
     decide_isa,
     exclude_extensions,
@@ -48,6 +46,7 @@ from harness.errors import BuildError, HarnessError, SourceError, ToolMissingErr
 from harness.manifest import gpu_info
 from harness.process import died_by_signal, exit_reason
 from harness.records import read_record, write_record
+from harness.toolchain import check_toolchain
 from harness.tools import LineProgress, run_logged
 
 logger = logging.getLogger(__name__)
@@ -266,38 +265,6 @@ def _local_source(root: Path) -> SourceTree:
 
 
 # ---------------------------------------------------------------- building
-
-
-def find_nvcc(environ: Mapping[str, str] | None = None) -> Path | None:
-    """nvcc from $CUDACXX, then PATH, then $CUDA_HOME/bin (default /usr/local/cuda), as CMake looks for it."""
-    env = os.environ if environ is None else environ
-    cuda_home = env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda"
-    for candidate in (env.get("CUDACXX"), shutil.which("nvcc", path=env.get("PATH", "")), f"{cuda_home}/bin/nvcc"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-def check_toolchain(backend: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The programs a build needs, or a clear error naming the missing one. Returns extra environment."""
-    env = os.environ if environ is None else environ
-    path = env.get("PATH", "")
-    if shutil.which("cmake", path=path) is None:
-        raise ToolMissingError("cmake is not installed; install it (e.g. apt-get install cmake) to build llama.cpp")
-    compilers = (env.get("CXX", "c++"), "g++", "clang++")
-    if not any(shutil.which(c, path=path) for c in compilers):
-        raise ToolMissingError("no C++ compiler found; install one (e.g. apt-get install g++)")
-    c_compiler(env)
-    extra: dict[str, str] = {}
-    if backend == "cuda":
-        nvcc = find_nvcc(env)
-        if nvcc is None:
-            raise ToolMissingError(
-                "backend 'cuda' needs the CUDA toolkit, but nvcc was not found (looked at $CUDACXX, PATH and "
-                "$CUDA_HOME/bin); install the toolkit or use llamacpp.backend = 'cpu'"
-            )
-        extra["CUDACXX"] = str(nvcc)
-    return extra
 
 
 def ensure_build(

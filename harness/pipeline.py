@@ -14,27 +14,28 @@ from pathlib import Path
 
 from harness import console
 from harness.config import Experiment
-from harness.context import RunContext, Stage
+from harness.context import RunContext
 from harness.errors import ConfigError, HarnessError
 from harness.llamacpp import ensure_build
 from harness.manifest import Manifest
 from harness.records import write_record
 from harness.rundir import RunDir
+from harness.stage import Stage
 from harness.storage import check_writable, sole_writer
 
 log = logging.getLogger(__name__)
 
 # Every stage in order: "build" makes the context the others run with, "report" always ends a run.
-STAGES = ("build", "models", "mmlu", "load", "report")
+STAGES = ("build", "models", "mmlu", "kld", "load", "report")
 
 
 def stages() -> list[Stage]:
     """The stages between the build and the report, in order (imported here: MMLU pulls in scipy and datasets)."""
     from harness.loadtest import LoadStage
-    from harness.models import ModelsStage
-    from mmlu import QualityStage
+    from harness.models.pipeline import ModelsStage
+    from mmlu import KLDStage, QualityStage
 
-    return [ModelsStage(), QualityStage(), LoadStage()]
+    return [ModelsStage(), QualityStage(), KLDStage(), LoadStage()]
 
 
 def open_run_dir(exp: Experiment) -> RunDir:
@@ -73,6 +74,7 @@ def _run(exp: Experiment, stages_to_run: Sequence[str]) -> RunDir:
     console.log_to_file(run.log)
     manifest = Manifest.open(run.manifest, name=exp.name)
     deferred: list[HarnessError] = []  # stages where some variants failed: the others, and later stages, go on
+    outputs: dict[str, dict] = {}  # what each stage returned: its units' records
     try:
         with manifest.stage("build"):
             build = ensure_build(exp.llamacpp, exp.resolved_cache_dir(), exp.weight_types)
@@ -83,13 +85,13 @@ def _run(exp: Experiment, stages_to_run: Sequence[str]) -> RunDir:
             if stage.name in stages_to_run and stage.enabled(ctx):
                 try:
                     with manifest.stage(stage.name):
-                        stage.run(ctx)
+                        outputs[stage.name] = stage.run(ctx)
                 except HarnessError as exc:
                     if not exc.partial:
                         raise
                     deferred.append(exc)
                     continue
-                log.info("%s: done", stage.name)
+                log.info("%s: done (%d outputs)", stage.name, len(outputs[stage.name]))
         if deferred:
             raise deferred[0]
     finally:

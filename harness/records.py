@@ -16,19 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from bench.records import Record
 from harness.errors import HarnessError
 
 
 class RecordError(HarnessError):
     """A record file exists but is not one this version can read (damaged, or written by another schema)."""
-
-
-class Record(BaseModel):
-    """Base of every stored record. Unknown keys are ignored, so a newer field never breaks reading an older file."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 class StageRecord(Record):

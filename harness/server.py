@@ -15,15 +15,30 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field
 
 from harness.build import Build
-from harness.config import ServerConfig
 from harness.errors import HarnessError, ServerError
 from harness.process import exit_reason, stop
 from harness.tools import LOADER_REASON, error_line
 
 GGUF_MAGIC = b"GGUF"
 WARM_UP_OUTPUT_TOKENS = 32
+
+
+class ServerConfig(BaseModel):
+    """How llama-server is started for the load stage and `llamasys serve` (the experiment's [server] section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535, description="None = a free port")
+    # Headroom per slot beyond prompt + output (BOS, template tokens, rounding).
+    margin_tokens: int = Field(default=64, ge=0)
+    gpu_layers: int = Field(default=999, ge=0, description="layers offloaded when the backend has a GPU")
+    threads: int | None = Field(default=None, ge=1)
+    startup_timeout_s: float = Field(default=180.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)

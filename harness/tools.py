@@ -18,14 +18,20 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from harness.console import advance, progress_bar
 from harness.errors import HarnessError
 from harness.process import exit_reason, running, spawn
 
-if TYPE_CHECKING:
-    from harness.build import Build
+
+class Binaries(Protocol):
+    """What the runner needs of a build (harness.build.Build): where each tool is, and whether to repack."""
+
+    repack: bool
+
+    def tool(self, name: str) -> Path: ...
+
 
 # Words with which llama.cpp's tools, CMake and Python say why they stopped.
 ERROR_WORDS = re.compile(
@@ -182,7 +188,7 @@ _HELP: dict[str, str] = {}
 class ToolRunner:
     """How every stage runs the tools of one llama.cpp build."""
 
-    build: Build
+    build: Binaries
 
     def path(self, tool: str) -> Path:
         return self.build.tool(tool)

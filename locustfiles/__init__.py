@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from locustfiles._records import RequestRecord, StepRecord, read_records
+from bench.records import RequestRecord, StepRecord, read_records
 from locustfiles._steps import EXIT_ABORTED
 
 LOCUSTFILES = Path(__file__).resolve().parent

@@ -24,8 +24,8 @@ from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from locustfiles._options import LoadOptions, add_arguments
-from locustfiles._records import RequestRecord, StepRecord
+from bench.plan import LoadPlan, add_arguments
+from bench.records import RequestRecord, StepRecord
 from locustfiles._steps import EXIT_ABORTED, StepController, StepGate
 
 logger = logging.getLogger("llamasys.load")
@@ -35,6 +35,7 @@ MSG_READY = "llamasys_ready"  # user -> controller: prompts built (or the error 
 MSG_RECORD = "llamasys_record"  # user -> sink and controller: one finished request
 MSG_DRAINED = "llamasys_drained"  # gate -> controller: no request in flight after a drain
 MSG_GONE = "llamasys_gone"  # user -> controller: stopped (a probe with fewer users)
+MSG_SENT = "llamasys_sent"  # user -> controller: a request of the level was sent (in flight until its record)
 
 _SESSION_ATTR = "llamasys_session"
 T = TypeVar("T")
@@ -72,7 +73,7 @@ class LoadSession:
         self.gate = StepGate(gevent.event.Event())
         self.controller: StepController | None = None
         self._sink: RecordSink | None = None
-        self._options: LoadOptions | None = None
+        self._options: LoadPlan | None = None
         self._shared: dict[tuple, Any] = {}
         self._shared_lock = gevent.lock.RLock()
         self._flushing = False
@@ -81,12 +82,13 @@ class LoadSession:
     # ---------------------------------------------------------------- options and shared prompt material
 
     @property
-    def options(self) -> LoadOptions:
+    def options(self) -> LoadPlan:
+        """The load plan: --plan FILE whole, or built from the custom arguments (the web UI may edit them)."""
         if self._options is None:
-            self._options = LoadOptions.from_namespace(self.environment.parsed_options)
+            self._options = LoadPlan.from_options(self.environment.parsed_options)
         return self._options
 
-    def refresh_options(self) -> LoadOptions:
+    def refresh_options(self) -> LoadPlan:
         """Re-read the options: the web UI may have changed them since the last test."""
         self._options = None
         return self.options
@@ -105,6 +107,9 @@ class LoadSession:
 
     def send_record(self, record: RequestRecord) -> None:
         self._send(MSG_RECORD, record.model_dump())
+
+    def send_sent(self, run: str, epoch: int) -> None:
+        self._send(MSG_SENT, {"run": run, "epoch": epoch})
 
     def send_gone(self, user_id: str) -> None:
         self._send(MSG_GONE, {"user_id": user_id})
@@ -196,6 +201,11 @@ class LoadSession:
             self.controller.on_record(msg.data)
             self.flush()
 
+    def on_sent(self, environment: Environment, msg: Any, **_: Any) -> None:
+        if self.controller is not None:
+            self.controller.on_sent(msg.data)
+            self.flush()
+
     def on_gone(self, environment: Environment, msg: Any, **_: Any) -> None:
         if self.controller is not None:
             self.controller.on_gone(msg.data["user_id"])
@@ -232,6 +242,8 @@ def _install(environment: Environment, **_: Any) -> None:
             session.refresh_options()
         except ValueError as exc:
             raise SystemExit(f"llamasys load options: {exc}") from None
+    if isinstance(runner, WorkerRunner):
+        session.gate.node = runner.client_id  # the controller shares an open-loop level out by node id
     registered = runner.custom_messages
     handlers = {
         MSG_PHASE: session.on_phase,
@@ -239,11 +251,12 @@ def _install(environment: Environment, **_: Any) -> None:
         MSG_RECORD: session.on_record,
         MSG_DRAINED: session.on_drained,
         MSG_GONE: session.on_gone,
+        MSG_SENT: session.on_sent,
     }
     # A master has no users and a worker has no shape: each registers what reaches it (a local runner: all).
     wanted = {
         "WorkerRunner": (MSG_PHASE,),
-        "MasterRunner": (MSG_READY, MSG_RECORD, MSG_DRAINED, MSG_GONE),
+        "MasterRunner": (MSG_READY, MSG_RECORD, MSG_DRAINED, MSG_GONE, MSG_SENT),
     }.get(type(runner).__name__, tuple(handlers))
     for msg_type in wanted:
         if msg_type not in registered:

@@ -41,7 +41,7 @@ class StepShape(LoadTestShape):
         # session detaches it then). Not on reset_time(): a master calls that from inside the first tick.
         if self.controller is None or session.controller is not self.controller:
             try:
-                plan = session.refresh_options().plan()
+                plan = session.refresh_options()
             except ValueError as exc:
                 logger.error("load test not started: %s", exc)
                 self.runner.environment.process_exit_code = EXIT_ABORTED

@@ -13,195 +13,44 @@ an injected clock and wait primitive, so they are tested without Locust, gevent 
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from locustfiles._records import StepRecord
-from locustfiles._slo import Objective, StepVerdict, add_sample, evaluate
+from bench.arrivals import LATE_S, Arrival, arrival_from
+from bench.plan import LoadPlan
+from bench.records import StepRecord
+from bench.slo import StepVerdict, add_sample, evaluate
 
 EXIT_ABORTED = 3  # Locust's exit code when the step shape aborts the run
 
 # Phases in the order they happen within one epoch; a message for an earlier (epoch, phase) is stale.
-PHASES = ("ramp", "run", "drain", "done")
+PHASES = ("ramp", "run", "settle", "drain", "done")
 
 
-def check_steps(users: tuple[int, ...] | list[int]) -> None:
-    """The one rule for concurrency steps: distinct positive user counts in increasing order."""
-    if not users or any(u < 1 for u in users) or list(users) != sorted(set(users)):
-        raise ValueError(
-            f"steps must be distinct positive user counts in increasing order, e.g. [1, 2, 4, 8]; got {list(users)}"
-        )
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Concurrency steps and how long each one measures: `requests_per_user` or `duration_s` (exactly one)."""
-
-    users: tuple[int, ...] = (1, 2, 4, 8)
-    requests_per_user: int | None = 3
-    duration_s: float | None = None
-    ready_timeout_s: float = 300.0  # users must build their prompts (tokenize, probe) within this
-    drain_timeout_s: float = 660.0  # in-flight requests must end within this (the request timeout bounds them)
-    objectives: tuple[Objective, ...] = ()  # each step is judged against them
-    search: bool = False  # after `users`, probe higher (doubling), then bisect to the highest passing concurrency
-    max_users: int | None = None  # the search's bound; None = the largest step
-    search_resolution: int = 1
-    min_requests: int | None = None  # a step may end early from this many measured requests, once decided
-    max_requests: int | None = None  # a step ends at this many measured requests
-    # Steps an earlier attempt measured (a resumed run): (users, passed or None without objectives). They are not
-    # run again; their verdicts steer the search as if just measured.
-    done: tuple[tuple[int, bool | None], ...] = ()
-
-    def __post_init__(self) -> None:
-        check_steps(self.users)
-        if any(users < 1 for users, _ in self.done):
-            raise ValueError(f"done steps must be positive user counts, got {[u for u, _ in self.done]}")
-        if self.search and not self.objectives:
-            raise ValueError("the capacity search needs latency objectives (--slo) to judge its steps")
-        if self.max_users is not None and self.max_users < max(self.users):
-            raise ValueError(f"max-users {self.max_users} is below the largest step {max(self.users)}")
-        if self.search_resolution < 1:
-            raise ValueError(f"search-resolution must be at least 1, got {self.search_resolution}")
-        if self.min_requests is not None and not self.objectives:
-            raise ValueError("ending a step early (min-requests) needs latency objectives (--slo) to decide")
-        if self.min_requests and self.max_requests and self.min_requests > self.max_requests:
-            raise ValueError(f"min-requests {self.min_requests} is above max-requests {self.max_requests}")
-        if (self.requests_per_user is None) == (self.duration_s is None):
-            raise ValueError("a step needs exactly one of requests-per-user and step-duration")
-        if self.requests_per_user is not None and self.requests_per_user < 1:
-            raise ValueError(f"requests-per-user must be at least 1, got {self.requests_per_user}")
-        if self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError(f"step-duration must be positive, got {self.duration_s}")
-
-    @staticmethod
-    def parse_done(text: str) -> tuple[tuple[int, bool | None], ...]:
-        """'1:pass,2:miss,4:done' -> ((1, True), (2, False), (4, None)); the inverse of `format_done`."""
-        verdicts = {"pass": True, "miss": False, "done": None}
-        done = []
-        for part in text.replace(" ", "").split(","):
-            if not part:
-                continue
-            users, _, verdict = part.partition(":")
-            if not users.isdigit() or verdict not in verdicts:
-                raise ValueError(f"done steps look like 1:pass,2:miss,4:done; got {part!r}")
-            done.append((int(users), verdicts[verdict]))
-        return tuple(done)
-
-    @staticmethod
-    def format_done(done: Collection[tuple[int, bool | None]]) -> str:
-        return ",".join(f"{u}:{'done' if v is None else 'pass' if v else 'miss'}" for u, v in done)
-
-    @staticmethod
-    def parse_users(text: str) -> tuple[int, ...]:
-        """'1,2,4,8' -> (1, 2, 4, 8)."""
-        try:
-            return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-        except ValueError:
-            raise ValueError(f"steps must be comma-separated user counts like 1,2,4,8, got {text!r}") from None
-
-    @property
-    def bound(self) -> int:
-        """The most users any step may have (the server is sized for it)."""
-        return self.max_users or max(self.users)
-
-    @staticmethod
-    def spawn_rate(users: int) -> float:
-        # Spawn fast: nobody starts before the whole step is ready, so the ramp's speed does not bias anything,
-        # but Locust warns above 100 users/s.
-        return float(min(100, max(1, 10 * users)))
-
-
-class CapacitySearch:
-    """Where the next probe goes: double from the highest pass until a step fails or the bound, then bisect
-    between the highest pass and the lowest fail above it until they are `resolution` users apart.
-
-    Fed every finished step's (users, passed); `interval` is the capacity as [last pass, first fail] (0 when even
-    the smallest step failed; first fail None when no step failed up to the bound)."""
-
-    def __init__(self, bound: int, resolution: int = 1) -> None:
-        self.bound = bound
-        self.resolution = resolution
-        self.results: dict[int, bool] = {}
-        self.stopped_by: str | None = None
-
-    def add(self, users: int, passed: bool) -> None:
-        self.results[users] = passed
-
-    @property
-    def first_fail(self) -> int | None:
-        return min((u for u, ok in self.results.items() if not ok), default=None)
-
-    @property
-    def last_pass(self) -> int:
-        fail = self.first_fail
-        return max((u for u, ok in self.results.items() if ok and (fail is None or u < fail)), default=0)
-
-    @property
-    def interval(self) -> tuple[int, int | None]:
-        return self.last_pass, self.first_fail
-
-    def next_users(self) -> int | None:
-        """The next probe, or None when the search is done (and `stopped_by` says why)."""
-        low, high = self.interval
-        if high is None:
-            if low >= self.bound:
-                self.stopped_by = "bound"
-                return None
-            return min(max(2 * low, 1), self.bound)
-        if low == 0 and high <= 1:
-            self.stopped_by = "fails at 1 user"
-            return None
-        if high - low <= self.resolution:
-            self.stopped_by = "resolution"
-            return None
-        return (low + high) // 2
-
-
-def step_sequence(plan: StepPlan, search: CapacitySearch | None) -> Iterator[tuple[int, int, bool]]:
-    """The steps to run, in order, as (index, users, probe): the configured steps, then (with `plan.search`) the
-    search's probes. The caller adds each measured step's verdict to `search` before asking for the next. Steps
-    in `plan.done` are skipped, their verdicts added to `search` as if just measured, so a resumed run continues
-    the same search where it stopped."""
-    known = dict(plan.done)
-    index = 0
-    for users in plan.users:
-        if users in known:
-            if search is not None and known[users] is not None:
-                search.add(users, bool(known[users]))
-        else:
-            yield index, users, False
-        index += 1
-    if search is None or not plan.search:
-        return
-    while (probe := search.next_users()) is not None:
-        if known.get(probe) is not None:
-            search.add(probe, bool(known[probe]))
-        else:
-            yield index, probe, True
-        index += 1
-
-
-def steps_pending(plan: StepPlan) -> bool:
-    """Whether `plan` has any step left to run after its `done` steps."""
-    search = CapacitySearch(plan.bound, plan.search_resolution) if plan.objectives else None
-    return next(step_sequence(plan, search), None) is not None
+def spawn_rate(users: int) -> float:
+    # Spawn fast: nobody starts before the whole step is ready, so the ramp's speed does not bias anything, but
+    # Locust warns above 100 users/s.
+    return float(min(100, max(1, 10 * users)))
 
 
 class StepController:
-    """Runs a `StepPlan`: decides the user count, opens and drains steps, and emits one `StepRecord` per step.
+    """Runs a `LoadPlan`: decides the user count, opens and drains levels, and emits one `StepRecord` per level.
 
     Inputs are method calls (`tick`, `poll`, `on_ready`, `on_record`, `on_drained`); outputs go to `outbox` as
     (kind, payload) pairs: ("phase", message for every gate), ("step", StepRecord), ("abort", reason).
     `nodes()` names the processes whose gates must confirm a drain ("local" for a single process).
 
-    With latency objectives every step is judged (its record says whether it passed, and may end early once that
-    is certain); with `search`, the configured steps are followed by probes (`CapacitySearch`) up to the bound.
+    A closed-loop level of k users runs k Locust users; an open-loop level (a rate) runs the arrival process's
+    `max_in_flight` users, and each process's gate hands them arrivals on its share of the schedule. With latency
+    objectives every level is judged (its record says whether it passed, and may end early once that is certain);
+    with `search`, the configured levels are followed by probes up to the bound.
     """
 
     def __init__(
-        self, plan: StepPlan, *, clock: Callable[[], float], nodes: Callable[[], Collection[str]], run: str = ""
+        self, plan: LoadPlan, *, clock: Callable[[], float], nodes: Callable[[], Collection[str]], run: str = ""
     ) -> None:
         self.plan = plan
         self.clock = clock
@@ -212,9 +61,9 @@ class StepController:
         self.epoch = 0
         self.phase = "idle"
         self.error: str | None = None
-        self.search = CapacitySearch(plan.bound, plan.search_resolution) if plan.objectives else None
-        self._sequence = step_sequence(plan, self.search)
-        self._users = plan.users[0]
+        self.search = plan.new_search()
+        self._sequence = plan.levels(self.search)
+        self._level: float = plan.steps[0]
         self._probe = False
         self._early = False
         self._samples: dict[str, list[float]] = {}
@@ -226,18 +75,38 @@ class StepController:
         self._per_user: dict[str, int] = {}
         self._measured = 0
         self._unmeasured = 0
+        self._sent = 0  # requests sent in this level (its measured set once they finish)
+        self._after_window = 0  # of them, those that finished after the window ended
+        self._late = 0
+        self._dropped = 0
         self._acked: set[str] = set()
+        self._seed = random.Random(self.run).randrange(2**31) if plan.arrival.open_loop else 0
+
+    @property
+    def level(self) -> float:
+        """This level: users (closed loop) or the offered rate in requests/s (open loop)."""
+        return self._level
 
     @property
     def users(self) -> int:
-        return self._users
+        """Locust users this level runs: the users, or the open loop's bound on requests in flight."""
+        return self.plan.concurrency if self.plan.open_loop else int(self._level)
 
     @property
     def finished(self) -> bool:
         return self.phase in ("done", "aborted")
 
     def phase_message(self) -> dict[str, Any]:
-        return {"run": self.run, "epoch": self.epoch, "step": self.index, "users": self.users, "phase": self.phase}
+        message = {"run": self.run, "epoch": self.epoch, "step": self.index, "users": self.users, "phase": self.phase}
+        if self.plan.open_loop:
+            nodes = sorted(self.nodes()) or ["local"]
+            quota = self.plan.requests_per_step
+            message["open"] = {
+                "arrival": self.plan.arrival.model_dump(mode="json"), "rate": self._level, "seed": self._seed,
+                "share": {node: i for i, node in enumerate(nodes)}, "nodes": len(nodes),
+                "quota": quota if self.plan.step_duration_s is None else None,
+            }  # fmt: skip
+        return message
 
     # ------------------------------------------------------------------ inputs
 
@@ -245,29 +114,32 @@ class StepController:
         """Locust's shape tick: the user count to run now, or None to end the test."""
         if self.phase == "idle":
             self._next_step()
-        elif self.phase in ("ramp", "run", "drain"):
+        elif self.phase in ("ramp", "run", "settle", "drain"):
             # Repeated every tick for workers that connected late; gates ignore what they already know.
             self.outbox.append(("phase", self.phase_message()))
         self.poll()
         if self.finished:
             return None
-        return self.users, StepPlan.spawn_rate(self.users)
+        return self.users, spawn_rate(self.users)
 
     def poll(self) -> None:
-        """Time-driven transitions: ready timeout, the end of a timed step, drain completion or timeout."""
+        """Time-driven transitions: ready timeout, the end of a timed level, drain completion or timeout."""
         now = self.clock()
         if self.phase == "ramp" and now - self._ramp_started > self.plan.ready_timeout_s:
             self.abort(
                 f"only {len(self._ready)} of {self.users} users were ready "
-                f"{self.plan.ready_timeout_s:.0f} s after step {self.index} ({self.users} users) began"
+                f"{self.plan.ready_timeout_s:.0f} s after step {self.index} ({self._describe()}) began"
             )
-        elif self.phase == "run" and self.plan.duration_s is not None:
-            if now - self._window_start >= self.plan.duration_s:
+        elif self.phase == "run" and self.plan.step_duration_s is not None:
+            if now - self._window_start >= self.plan.step_duration_s:
+                self._end_window()
+        elif self.phase == "settle":
+            if self._measured >= self._sent or now - self._window_end > self.plan.drain_s:
                 self._enter_drain()
         elif self.phase == "drain":
             if self._acked >= set(self.nodes()):
                 self._finish_step(timed_out=False)
-            elif now - self._drain_started > self.plan.drain_timeout_s:
+            elif now - self._drain_started > self.plan.drain_s:
                 self._finish_step(timed_out=True)
 
     def on_ready(self, user_id: str, error: str | None = None) -> None:
@@ -290,6 +162,12 @@ class StepController:
         if self.phase == "ramp" and len(self._ready) == self.users:
             self._enter_run()
 
+    def on_sent(self, message: dict[str, Any]) -> None:
+        """A request of this level was sent: until its record arrives it is in flight, and counts against any claim
+        the early stop makes (a slow request cannot be left out by finishing late)."""
+        if message.get("run") == self.run and message.get("epoch") == self.epoch:
+            self._sent += 1
+
     def on_record(self, record: dict[str, Any]) -> None:
         """A request finished (its record arrived here)."""
         if record.get("run") != self.run or record.get("epoch") != self.epoch:
@@ -297,24 +175,41 @@ class StepController:
         if not record.get("measured"):
             self._unmeasured += 1
             return
+        if self.phase in ("settle", "drain"):
+            self._measured += 1  # a request of the window that finished after it: counted (and settling on)
+            self._after_window += 1
+            self._count(record)
+            self.poll()
+            return
         self._measured += 1
+        self._count(record)
+        if self.phase != "run":
+            return
+        if self.plan.open_loop:
+            need = self.plan.requests_per_step if self.plan.step_duration_s is None else None
+            enough = need is not None and self._measured >= need
+        else:
+            need = self.plan.requests_per_user if self.plan.step_duration_s is None else None
+            enough = need is not None and len(self._per_user) >= self.users and min(self._per_user.values()) >= need
+        capped = bool(self.plan.max_requests) and self._measured >= (self.plan.max_requests or 0)
+        if enough or capped:
+            self._end_window()
+        elif self.plan.min_requests and self._measured >= self.plan.min_requests and self.verdict().certain:
+            self._early = True  # the anytime-valid test has decided: the claim holds whenever it stops
+            self._end_window()
+
+    def _count(self, record: dict[str, Any]) -> None:
+        self._late += (record.get("queue_s") or 0.0) > LATE_S
+        self._dropped += bool(record.get("dropped"))
         user = str(record.get("user_id"))
         self._per_user[user] = self._per_user.get(user, 0) + 1
         add_sample(self._samples, record)
-        if self.phase != "run":
-            return
-        need = self.plan.requests_per_user
-        enough = need is not None and len(self._per_user) >= self.users and min(self._per_user.values()) >= need
-        capped = bool(self.plan.max_requests) and self._measured >= (self.plan.max_requests or 0)
-        if enough or capped:
-            self._enter_drain()
-        elif self.plan.min_requests and self._measured >= self.plan.min_requests and self.verdict().certain:
-            self._early = True  # more requests would not change this step's pass or fail
-            self._enter_drain()
 
     def verdict(self) -> StepVerdict:
-        """This step's objectives against its measured successful requests so far."""
-        return evaluate(self._samples, self.plan.objectives)
+        """This level's objectives against its measured requests so far; what the anytime-valid test has decided,
+        with the requests still in flight counted against each claim."""
+        sent = max(self._sent, self._measured)
+        return evaluate(self._samples, self.plan.objectives, sent=sent, in_flight=sent - self._measured)
 
     def on_drained(self, node: str, message: dict[str, Any]) -> None:
         """A process's gate has no request in flight any more after the drain of `message['epoch']`."""
@@ -335,9 +230,12 @@ class StepController:
 
     # ------------------------------------------------------------------ transitions
 
-    def _enter_ramp(self, index: int, users: int, *, probe: bool = False) -> None:
+    def _describe(self) -> str:
+        return self.plan.arrival.describe_level(self._level)
+
+    def _enter_ramp(self, index: int, level: float, *, probe: bool = False) -> None:
         self.index = index
-        self._users = users
+        self._level = level
         self._probe = probe
         self._early = False
         self._samples = {}
@@ -345,7 +243,7 @@ class StepController:
         self.phase = "ramp"
         self._ramp_started = self.clock()
         self._per_user = {}
-        self._measured = self._unmeasured = 0
+        self._measured = self._unmeasured = self._late = self._dropped = self._sent = self._after_window = 0
         self._acked = set()
         self.outbox.append(("phase", self.phase_message()))
         self._maybe_run()  # a step with as many users as the last needs no new one
@@ -355,9 +253,21 @@ class StepController:
         self._window_start = self.clock()
         self.outbox.append(("phase", self.phase_message()))
 
+    def _end_window(self) -> None:
+        """The level has measured enough. Closed loop: settle first: every user keeps sending (unmeasured filler
+        that holds the concurrency at the level) until every request sent inside the window has finished, so each
+        measured request ran entirely at the level and the slow ones are not left out; then drain. Open loop: the
+        arrivals stop and the in-flight requests drain (they are measured wherever they finish)."""
+        self._window_end = self.clock()
+        if self.plan.open_loop or self._measured >= self._sent:
+            self._enter_drain()
+            return
+        self.phase = "settle"
+        self.outbox.append(("phase", self.phase_message()))
+
     def _enter_drain(self) -> None:
         self.phase = "drain"
-        self._window_end = self._drain_started = self.clock()
+        self._drain_started = self.clock()
         self.outbox.append(("phase", self.phase_message()))
 
     def _finish_step(self, *, timed_out: bool) -> None:
@@ -365,7 +275,7 @@ class StepController:
         record = self._step_record(self._window_end, now, timed_out=timed_out)
         self.outbox.append(("step", record))
         if self.search is not None and record.slo_passed is not None:
-            self.search.add(record.users, record.slo_passed)
+            self.search.add(record.level, record.slo_passed)
         self._next_step()
 
     def _next_step(self) -> None:
@@ -374,15 +284,18 @@ class StepController:
             self.phase = "done"
             self.outbox.append(("phase", self.phase_message()))
             return
-        index, users, probe = step
-        self._enter_ramp(index, users, probe=probe)
+        index, level, probe = step
+        self._enter_ramp(index, level, probe=probe)
 
     def _step_record(self, ended_at: float, drained_at: float, *, timed_out: bool, error: str | None = None):
-        started = self._window_start if self.phase in ("run", "drain") else self._ramp_started
+        started = self._window_start if self.phase in ("run", "settle", "drain") else self._ramp_started
         verdict = self.verdict() if self.plan.objectives and error is None else None
+        open_loop = self.plan.open_loop
         return StepRecord(
             step=self.index,
             users=self.users,
+            rate=self._level if open_loop else None,
+            arrival=self.plan.arrival.kind,
             epoch=self.epoch,
             run=self.run,
             started_at=started,
@@ -390,13 +303,19 @@ class StepController:
             drained_at=drained_at,
             measured_requests=self._measured,
             unmeasured_requests=self._unmeasured,
-            requests_per_user=self.plan.requests_per_user,
-            duration_s=self.plan.duration_s,
+            after_window_requests=self._after_window,
+            late_requests=self._late,
+            dropped_requests=self._dropped,
+            requests_per_user=None if open_loop else self.plan.requests_per_user,
+            requests_per_step=self.plan.requests_per_step if open_loop else None,
+            duration_s=self.plan.step_duration_s,
             drain_timed_out=timed_out,
             error=error,
             probe=self._probe,
             early_stop=self._early,
-            slo_passed=verdict.passed if verdict else None,
+            # A decided verdict (the early stop's claim) stands; otherwise the estimate over every measured request.
+            slo_passed=(verdict.decided == "within" if verdict.decided else verdict.passed) if verdict else None,
+            slo_decided=verdict.decided if verdict else None,
             slo_detail=verdict.describe() if verdict else None,
         )
 
@@ -411,41 +330,81 @@ class Signal(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """Handed to a request when it is sent; decides at its end whether it counted for its step."""
+    """Handed to a request when it is sent; decides at its end whether it counted for its step.
+
+    Open loop: `scheduled_at` is its arrival time (its latency is counted from it), `queue_s` how long it waited
+    for a free user, and `dropped` that it waited longer than the arrival process allows (it is not sent)."""
 
     run: str
     epoch: int
     step: int | None
     users: int | None
     in_step: bool
+    rate: float | None = None
+    scheduled_at: float | None = None
+    queue_s: float = 0.0
+    dropped: bool = False
+
+
+class ArrivalSchedule:
+    """One process's share of an open-loop level: arrival times from `start`, at most `quota` of them."""
+
+    def __init__(self, arrival: Arrival, rate: float, *, start: float, seed: int, quota: int | None) -> None:
+        self.arrival = arrival
+        self.rate = rate
+        self._gaps: Iterator[float] = arrival.intervals(rate, random.Random(seed))
+        self.next_at = start + next(self._gaps)
+        self.left = quota
+
+    def take(self, now: float) -> tuple[float, bool] | None:
+        """The next arrival if it is due at `now`: (its time, dropped); None when none is due (or none is left)."""
+        if self.left == 0 or now < self.next_at:
+            return None
+        due = self.next_at
+        self.next_at += next(self._gaps)
+        if self.left is not None:
+            self.left -= 1
+        return due, now - due > self.arrival.max_wait_s  # type: ignore[attr-defined]
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left == 0
 
 
 class StepGate:
     """Per process with users: whether a user may send now, and which step a finished request counts for.
 
     Free-running (no step shape, e.g. a plain `locust -u 4` run) until the first phase message arrives, and
-    again after a test stops.
+    again after a test stops. In an open-loop level, a user may send only when its process's next arrival is due
+    (`begin` returns None until then; `next_arrival` says when).
     """
 
-    def __init__(self, signal: Signal) -> None:
+    def __init__(self, signal: Signal, *, clock: Callable[[], float] | None = None, node: str = "local") -> None:
+        import time
+
         self.signal = signal
+        self.clock = clock or time.time
+        self.node = node
         self.run = ""
         self.epoch = 0
         self.phase = "free"
         self.step: int | None = None
         self.users: int | None = None
         self.in_flight = 0
+        self.schedule: ArrivalSchedule | None = None
         self._acked: tuple[str, int] | None = None
         self.signal.set()
 
     @property
     def open(self) -> bool:
-        return self.phase in ("free", "run")
+        """Users may send: free-running, in a level's window, or settling (unmeasured filler at the level)."""
+        return self.phase in ("free", "run", "settle")
 
     def reset(self) -> None:
         """Back to free-running (the test stopped); the run id stays, so late messages of it stay stale."""
         self.phase = "free"
         self.step = self.users = None
+        self.schedule = None
         self.signal.set()
 
     def on_phase(self, message: dict[str, Any]) -> bool:
@@ -460,27 +419,61 @@ class StepGate:
             return False  # a message of a run that has stopped
         self.run, self.epoch, self.phase = run, epoch, phase
         self.step, self.users = message.get("step"), message.get("users")
-        if phase == "run":
+        self.schedule = self._schedule(message.get("open")) if phase == "run" else None
+        if phase in ("run", "settle"):
             self.signal.set()
         else:
             self.signal.clear()
         return self._should_ack()
 
+    def _schedule(self, spec: dict[str, Any] | None) -> ArrivalSchedule | None:
+        if not spec:
+            return None
+        share, nodes = spec["share"].get(self.node, 0), max(1, int(spec["nodes"]))
+        quota = spec.get("quota")
+        mine = None if quota is None else quota // nodes + (1 if share < quota % nodes else 0)
+        return ArrivalSchedule(
+            arrival_from(spec["arrival"]), float(spec["rate"]) / nodes, start=self.clock(),
+            seed=int(spec["seed"]) * 1009 + share, quota=mine,
+        )  # fmt: skip
+
     def wait_open(self, timeout: float | None = None) -> bool:
         return self.signal.wait(timeout)
 
+    def next_arrival(self) -> float | None:
+        """When this process's next open-loop arrival is due (None: not an open-loop level, or none left)."""
+        if self.schedule is None or self.schedule.exhausted:
+            return None
+        return self.schedule.next_at
+
     def begin(self) -> Ticket | None:
-        """Register a request about to be sent; None when the gate is closed (the user must wait)."""
+        """Register a request about to be sent; None when the gate is closed or, in an open-loop level, when no
+        arrival is due yet (the user waits for `next_arrival`) or this process's arrivals are all out."""
         if not self.open:
             return None
-        self.in_flight += 1
         in_step = self.phase == "run"
+        if self.schedule is not None:
+            now = self.clock()
+            taken = self.schedule.take(now)
+            if taken is None:
+                if self.schedule.exhausted:
+                    self.signal.clear()  # this process's arrivals are all out: its users wait for the next level
+                return None
+            due, dropped = taken
+            self.in_flight += 0 if dropped else 1
+            return Ticket(self.run, self.epoch, self.step, self.users, True, rate=self.schedule.rate,
+                          scheduled_at=due, queue_s=max(0.0, now - due), dropped=dropped)  # fmt: skip
+        self.in_flight += 1
         return Ticket(self.run, self.epoch, self.step if in_step else None, self.users if in_step else None, in_step)
 
     def end(self, ticket: Ticket) -> tuple[bool, bool]:
-        """The request finished. Returns (measured, confirm_drain_now)."""
-        self.in_flight -= 1
-        measured = ticket.in_step and (ticket.run, ticket.epoch) == (self.run, self.epoch) and self.phase == "run"
+        """The request finished (or was dropped). Returns (measured, confirm_drain_now).
+
+        Measured when it was sent (closed loop) or arrived (open loop) inside its level's window, however late it
+        finished: the slowest requests are the ones a rule that dropped the in-flight tail would leave out."""
+        if not ticket.dropped:
+            self.in_flight -= 1
+        measured = ticket.in_step and (ticket.run, ticket.epoch) == (self.run, self.epoch)
         return measured, self._should_ack()
 
     def _should_ack(self) -> bool:

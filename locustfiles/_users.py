@@ -23,15 +23,15 @@ from locust import task
 from locust.contrib.fasthttp import FAILURE_EXCEPTIONS, FastHttpUser
 from locust.exception import StopUser
 
+from bench.plan import LoadPlan
+from bench.records import RequestRecord
+from bench.timing import count_mismatch, stream_metrics
 from locustfiles import UserKind
 from locustfiles._events import StreamState
-from locustfiles._options import LoadOptions
 from locustfiles._prompts import PromptError
-from locustfiles._records import RequestRecord
 from locustfiles._session import LoadSession, session_of
 from locustfiles._sse import SSEEvent, SSEParser
 from locustfiles._steps import Ticket
-from locustfiles._timing import count_mismatch, stream_metrics
 
 # Compressed event streams would defeat per-event timing: ask for identity (Locust asks for gzip by default).
 # One connection per request: llama-server (cpp-httplib) drops idle keep-alive connections after 5 s, and was
@@ -65,7 +65,7 @@ class StreamingUser(FastHttpUser):
 
     def __init__(self, environment: Any) -> None:
         self.session: LoadSession = session_of(environment)
-        self.options: LoadOptions = self.session.options
+        self.options: LoadPlan = self.session.options
         # FastHttpUser reads these when it builds its client: a request may legitimately stream for minutes.
         self.network_timeout = self.options.request_timeout_s
         self.connection_timeout = min(60.0, self.options.request_timeout_s)
@@ -97,8 +97,14 @@ class StreamingUser(FastHttpUser):
 
     def wait_time(self) -> float:
         # Waiting at the gate here, not inside the task, keeps the user in Locust's "waiting" state, where a
-        # ramp-down or the end of the test stops it at once instead of in the middle of a request.
-        self.session.gate.wait_open()
+        # ramp-down or the end of the test stops it at once instead of in the middle of a request. In an open-loop
+        # level the user then sleeps until its process's next arrival is due (another free user may take it first:
+        # the task then finds none and the user waits for the one after).
+        gate = self.session.gate
+        gate.wait_open()
+        due = gate.next_arrival()
+        if due is not None:
+            return max(0.0, due - time.time())
         return FAILURE_PAUSE_S if self._last_failed else 0.0
 
     def on_start(self) -> None:
@@ -120,9 +126,16 @@ class StreamingUser(FastHttpUser):
         if ticket is None:
             return  # the gate closed between waking and sending; wait_time waits for it to open
         record = self._new_record(ticket)
+        if ticket.in_step and not ticket.dropped:
+            self.session.send_sent(ticket.run, ticket.epoch)
         interrupted: BaseException | None = None
         try:
-            self._stream(record, ticket)
+            if ticket.dropped:
+                record.ok, record.dropped, record.ended_at = False, True, record.sent_at
+                record.error = (f"dropped: it waited {ticket.queue_s:.1f} s for a free user, more than the arrival "
+                                "process allows (max_wait_s)")  # fmt: skip
+            else:
+                self._stream(record, ticket)
         except GreenletExit as exc:
             # The test is ending with this request in flight: record it rather than lose it silently.
             record.ok, record.error = False, "interrupted: the load test stopped while the request was streaming"
@@ -152,9 +165,12 @@ class StreamingUser(FastHttpUser):
             ok=False,
             step=ticket.step,
             users=ticket.users,
-            epoch=ticket.epoch if ticket.in_step else None,
+            epoch=ticket.epoch if ticket.run else None,  # a settling step's filler carries its epoch, unmeasured
             run=ticket.run or None,
             pid=os.getpid(),
+            rate=ticket.rate,
+            scheduled_at=ticket.scheduled_at,
+            queue_s=ticket.queue_s if ticket.scheduled_at is not None else None,
         )
         self.seq += 1
         return record
@@ -227,8 +243,10 @@ class StreamingUser(FastHttpUser):
             return "the stream carried no generated token"
         metrics = stream_metrics(sent, state.token_times, state.output_tokens or sum(state.token_counts),
                                  token_counts=state.token_counts)  # fmt: skip
+        # An open-loop request's latency counts from its arrival: the wait for a free user is part of it.
+        waited = record.queue_s or 0.0
         record.ttft_s, record.e2e_s, record.tpot_s, record.itl_s = (
-            metrics.ttft_s, metrics.e2e_s, metrics.tpot_s, metrics.itl_s
+            metrics.ttft_s + waited, metrics.e2e_s + waited, metrics.tpot_s, metrics.itl_s
         )  # fmt: skip
         return count_mismatch(
             asked_prompt=record.prompt_tokens_asked,

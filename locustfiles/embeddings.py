@@ -20,13 +20,13 @@ from typing import Any
 
 from locust.contrib.fasthttp import FAILURE_EXCEPTIONS
 
+from bench.records import RequestRecord
+from bench.timing import count_mismatch
 from locustfiles import USER_KINDS
 from locustfiles._events import as_int
 from locustfiles._prompts import CountedTextPrompts, TextPrompts, TokenPrompts, fit_text_length
-from locustfiles._records import RequestRecord
 from locustfiles._shape import StepShape
 from locustfiles._steps import Ticket
-from locustfiles._timing import count_mismatch
 from locustfiles._users import JSON_HEADERS, StreamingUser
 
 __all__ = ["EmbeddingsUser", "StepShape"]
@@ -97,7 +97,7 @@ class EmbeddingsUser(StreamingUser):
             ended = time.perf_counter()
             record.ended_at = record.sent_at + (ended - sent)
             record.status = resp.status_code
-            record.e2e_s = ended - sent
+            record.e2e_s = ended - sent + (record.queue_s or 0.0)  # open loop: from its arrival
             if error is None:
                 error = self._check(record, resp.status_code, content)
             resp.request_meta["response_length"] = record.prompt_tokens or 0

@@ -9,13 +9,14 @@ per subject, paired McNemar test against the baseline); kld (llama-perplexity --
 from __future__ import annotations
 
 from mmlu.results import Comparison, KLDResult, MMLUResult, QualityResults
-from mmlu.stage import QualityStage, load_quality_results, run_quality_stage
+from mmlu.stage import KLDStage, QualityStage, load_quality_results, run_quality_stage
 
 __all__ = [
     "Comparison",
     "KLDResult",
     "MMLUResult",
     "QualityResults",
+    "KLDStage",
     "QualityStage",
     "load_quality_results",
     "run_quality_stage",

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from harness import pypi
+from harness.cache import CacheDir
 from harness.config import MMLUConfig
 from harness.console import progress_enabled
-from harness.context import CacheDir
 from harness.errors import HarnessError, MMLUError
 
 log = logging.getLogger(__name__)

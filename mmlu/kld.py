@@ -15,8 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from harness.cache import atomic_dir, file_sha256
-from harness.context import CacheDir
+from harness.cache import CacheDir, atomic_dir, file_sha256
 from harness.errors import MMLUError
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
 from harness.tools import Compute, LineProgress, ToolRun, ToolRunner

@@ -36,6 +36,29 @@ class SubjectAccuracy(Record):
     ci_high: float
 
 
+class SequentialRun(Record):
+    """How a variant's sequential MMLU run ended: its anytime-valid verdict, the questions it used of the budget, and
+    its e-processes against each null (a verdict when one reached `threshold`)."""
+
+    verdict: stats.Verdict
+    questions_used: int
+    questions_budget: int
+    block_questions: int
+    margin: float
+    alpha: float  # the one-sided level of each test (alpha / 2, Bonferroni over `comparisons`)
+    comparisons: int
+    e_non_inferior: float
+    e_worse: float
+
+    @property
+    def threshold(self) -> float:
+        return 1 / self.alpha
+
+    @property
+    def saved(self) -> int:
+        return self.questions_budget - self.questions_used
+
+
 class MMLUResult(StageRecord):
     """One variant's MMLU run: per-question correctness, per-subject and overall accuracy (fractions, Wilson 95 %)."""
 
@@ -59,6 +82,7 @@ class MMLUResult(StageRecord):
     plan: MultipleChoicePlan | None = None
     selection: dict[str, Any] = Field(default_factory=dict)
     build: dict[str, Any] = Field(default_factory=dict)
+    sequential: SequentialRun | None = None  # a variant of a sequential run: how it stopped
 
     @property
     def correct_flags(self) -> list[bool]:
@@ -150,11 +174,13 @@ class Comparison(Record):
     power: float
     comparisons: int  # variants compared with the baseline: the Holm family
     p_noninferior: float  # one-sided score test of delta <= -margin, before adjustment
-    p_worse: float  # one-sided score test of delta >= 0, before adjustment
+    p_worse: float  # one-sided score test of delta >= -margin, before adjustment
     p_noninferior_adjusted: float  # Holm
     p_worse_adjusted: float
     mcnemar_p: float  # exact McNemar, two-sided, unadjusted (the classic test of "any difference")
-    verdict: stats.Verdict
+    verdict: stats.Verdict  # the sequential test's when the run was sequential, else Tango's
+    fixed_n_verdict: stats.Verdict | None = None  # Tango's, on the questions answered
+    sequential: SequentialRun | None = None
     drop_within_margin: bool  # a real loss, but smaller than the margin
     questions_needed: int | None = None  # inconclusive: questions that would decide at `power`
     needed_for: stats.Verdict | None = None  # the verdict those questions would most likely give
@@ -163,28 +189,47 @@ class Comparison(Record):
 
 
 def _check_paired(baseline: MMLUResult, variant: MMLUResult) -> None:
-    if baseline.task_file != variant.task_file or [q.id for q in baseline.questions] != [
-        q.id for q in variant.questions
-    ]:
+    """The variant answered the baseline's questions, or (a sequential run that stopped early) their first ones."""
+    ids = [q.id for q in variant.questions]
+    if variant.sequential is None and baseline.task_file != variant.task_file:
+        ids = []
+    if not ids or ids != [q.id for q in baseline.questions[: len(ids)]]:
         raise MMLUError(
             f"{variant.variant} and {baseline.variant} were scored on different questions "
             f"({variant.task_file} vs {baseline.task_file}); re-run the MMLU stage"
         )
 
 
+def _prefix(baseline: MMLUResult, n: int) -> list[bool]:
+    return baseline.correct_flags[:n]
+
+
 def _subject_deltas(baseline: MMLUResult, variant: MMLUResult) -> list[SubjectDelta]:
-    base_subjects = {s.subject: s for s in baseline.subjects}
+    base_questions = baseline.questions[: variant.n_questions]
+    base_subjects = {}
+    for q in base_questions:
+        done, right = base_subjects.get(q.subject, (0, 0))
+        base_subjects[q.subject] = (done + 1, right + q.correct)
     flips: dict[str, list[int]] = {}
-    for b, v in zip(baseline.questions, variant.questions, strict=True):
+    for b, v in zip(base_questions, variant.questions, strict=True):
         lost_gained = flips.setdefault(b.subject, [0, 0])
         lost_gained[0] += b.correct and not v.correct
         lost_gained[1] += v.correct and not b.correct
-    return [
-        SubjectDelta(subject=s.subject, n=s.n, baseline_accuracy=base_subjects[s.subject].accuracy,
-                     variant_accuracy=s.accuracy, delta=s.accuracy - base_subjects[s.subject].accuracy,
-                     lost=flips[s.subject][0], gained=flips[s.subject][1])
-        for s in variant.subjects
-    ]  # fmt: skip
+    out = []
+    for s in variant.subjects:
+        n, right = base_subjects[s.subject]
+        out.append(
+            SubjectDelta(
+                subject=s.subject,
+                n=s.n,
+                baseline_accuracy=right / n,
+                variant_accuracy=s.accuracy,
+                delta=s.accuracy - right / n,
+                lost=flips[s.subject][0],
+                gained=flips[s.subject][1],
+            )
+        )
+    return out  # fmt: skip
 
 
 def compare_all(
@@ -197,16 +242,20 @@ def compare_all(
     variants = [v for v in variants if v.variant != baseline.variant]
     for variant in variants:
         _check_paired(baseline, variant)
-    counts = [stats.paired_counts(baseline.correct_flags, v.correct_flags) for v in variants]
+    counts = [stats.paired_counts(_prefix(baseline, v.n_questions), v.correct_flags) for v in variants]
     p_ni = [stats.noninferiority_p(c, margin) for c in counts]
-    p_worse = [stats.worse_p(c) for c in counts]
-    ni_adjusted, worse_adjusted = stats.holm(p_ni), stats.holm(p_worse)
+    p_worse = [stats.worse_p(c, margin) for c in counts]
+    p_loss = [stats.worse_p(c) for c in counts]
+    ni_adjusted, worse_adjusted, loss_adjusted = stats.holm(p_ni), stats.holm(p_worse), stats.holm(p_loss)
     comparisons = {}
     for i, (variant, c) in enumerate(zip(variants, counts, strict=True)):
         low, high = stats.paired_delta_interval(c, 1 - alpha)
-        verdict = stats.verdict(ni_adjusted[i], worse_adjusted[i], alpha)
+        fixed_n = stats.verdict(ni_adjusted[i], worse_adjusted[i], alpha)
+        # A sequential run's verdict is its anytime-valid test's (valid wherever it stopped); Tango's fixed-n
+        # verdict is kept beside it (valid as such only for a run that answered every question).
+        verdict = variant.sequential.verdict if variant.sequential else fixed_n
         needed = needed_for = None
-        if verdict == "inconclusive":
+        if verdict == "inconclusive" and c.n >= 2:
             needed, needed_for = stats.questions_to_decide(c, margin, alpha, power, comparisons=len(variants))
         comparisons[variant.variant] = Comparison(
             variant=variant.variant, baseline=baseline.variant, n_questions=c.n,
@@ -215,8 +264,9 @@ def compare_all(
             baseline_only=c.baseline_only, variant_only=c.variant_only, both_wrong=c.both_wrong, margin=margin,
             alpha=alpha, power=power, comparisons=len(variants), p_noninferior=p_ni[i], p_worse=p_worse[i],
             p_noninferior_adjusted=ni_adjusted[i], p_worse_adjusted=worse_adjusted[i],
-            mcnemar_p=stats.mcnemar_exact(c), verdict=verdict,
-            drop_within_margin=stats.drop_within_margin(ni_adjusted[i], worse_adjusted[i], alpha),
+            mcnemar_p=stats.mcnemar_exact(c), verdict=verdict, fixed_n_verdict=fixed_n,
+            sequential=variant.sequential,
+            drop_within_margin=stats.drop_within_margin(ni_adjusted[i], loss_adjusted[i], alpha),
             questions_needed=needed, needed_for=needed_for, subjects=_subject_deltas(baseline, variant),
         )  # fmt: skip
     return comparisons

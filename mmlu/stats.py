@@ -7,8 +7,9 @@ of accuracy the user accepts):
 
 - non-inferior: the data rule out a loss of M or more (one-sided score test of delta <= -M rejected at alpha/2;
   for one variant, exactly when the two-sided 1 - alpha interval lies above -M);
-- worse: the data rule out no loss (delta >= 0 rejected at alpha/2: the interval lies below 0);
-- inconclusive: neither; `questions_to_decide` says how many questions would decide, at the observed rates.
+- worse: the data show a loss of more than M (delta >= -M rejected at alpha/2: the interval lies below -M);
+- inconclusive: neither (a loss may be shown, the interval below 0, without being placed against the margin);
+  `questions_to_decide` says how many questions would decide, planned from an upper bound of the discordance.
 
 The interval and the tests are Tango's asymptotic score method for paired proportions (Tango 1998, Stat Med
 17:891; it stays inside [-1, 1] and behaves with few discordant pairs), the two being exact duals; with several
@@ -107,6 +108,8 @@ def score_statistic(counts: PairedCounts, d0: float) -> float:
 
 def paired_delta_interval(counts: PairedCounts, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Tango's score interval of delta: every d0 the two-sided score test at 1 - confidence does not reject."""
+    if counts.n == 0:
+        raise MMLUError("a paired comparison needs at least one question")
     z = float(stats.norm.ppf(0.5 + confidence / 2))
     estimate = counts.delta
     eps = 1e-12
@@ -122,9 +125,10 @@ def noninferiority_p(counts: PairedCounts, margin: float) -> float:
     return float(stats.norm.sf(score_statistic(counts, -margin)))
 
 
-def worse_p(counts: PairedCounts) -> float:
-    """One-sided p-value of H0: delta >= 0 (small: the variant loses accuracy)."""
-    return float(stats.norm.cdf(score_statistic(counts, 0.0)))
+def worse_p(counts: PairedCounts, margin: float = 0.0) -> float:
+    """One-sided p-value of H0: delta >= -margin (small: the variant loses more than the margin; with margin 0,
+    that it loses accuracy at all)."""
+    return float(stats.norm.cdf(score_statistic(counts, -margin)))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -136,11 +140,9 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def verdict(p_noninferior: float, p_worse: float, alpha: float) -> Verdict:
-    """The three-way verdict from (adjusted) one-sided p-values, each tested at alpha / 2.
-
-    A variant whose loss is real but smaller than the margin passes both tests: it is non-inferior (the margin is
-    the loss the user accepts); `drop_within_margin` says so.
-    """
+    """The three-way verdict from (adjusted) one-sided p-values against the margin, each tested at alpha / 2:
+    `p_noninferior` of "loses the margin or more", `p_worse` of "loses less than the margin" (worse_p with the
+    margin). Both cannot be small at once (they test the two sides of the same point)."""
     if p_noninferior < alpha / 2:
         return "non-inferior"
     if p_worse < alpha / 2:
@@ -148,8 +150,19 @@ def verdict(p_noninferior: float, p_worse: float, alpha: float) -> Verdict:
     return "inconclusive"
 
 
-def drop_within_margin(p_noninferior: float, p_worse: float, alpha: float) -> bool:
-    return p_noninferior < alpha / 2 and p_worse < alpha / 2
+def verdict_of_interval(low: float, high: float, margin: float) -> Verdict:
+    """The verdict a (1 - alpha) interval of the change gives for one variant: above -margin, below -margin, or
+    across it (whatever it says of 0)."""
+    if low > -margin:
+        return "non-inferior"
+    if high < -margin:
+        return "worse"
+    return "inconclusive"
+
+
+def drop_within_margin(p_noninferior: float, p_loss: float, alpha: float) -> bool:
+    """Non-inferior, yet a real loss (smaller than the margin): `p_loss` is worse_p with no margin."""
+    return p_noninferior < alpha / 2 and p_loss < alpha / 2
 
 
 def questions_for_noninferiority(psi: float, delta: float, margin: float, alpha: float, power: float) -> float:
@@ -171,16 +184,21 @@ def questions_for_noninferiority(psi: float, delta: float, margin: float, alpha:
 def questions_to_decide(
     counts: PairedCounts, margin: float, alpha: float, power: float, comparisons: int = 1
 ) -> tuple[int, Verdict]:
-    """How many questions would give a verdict with probability `power`, at the observed discordance rate.
+    """How many questions would give a verdict with probability `power`, if the discordance were its upper bound.
 
-    Towards non-inferior when the observed change is above -margin, planned for a true change of the observed one
-    or 0, whichever is lower (an observed gain on few questions is mostly noise: counting on it would promise a
-    verdict too cheaply); else towards worse, planned for the observed loss (shown like a gain with the roles
-    swapped). Each test is one-sided at alpha / 2, split Bonferroni-wise over `comparisons` variants (a little
-    conservative beside Holm)."""
-    psi, delta = counts.discordant / counts.n, counts.delta
+    A small pilot's observed discordance is too uncertain to plan from (after 114 questions, running the number it
+    gives decided only a third to a half of the time): the plan uses the upper end of the discordance rate's
+    one-sided 95 % Clopper-Pearson bound, so it is conditional on that rate and errs long. Towards non-inferior
+    when the observed change is above -margin, planned for a true change of the observed one or 0, whichever is
+    lower (an observed gain on few questions is mostly noise); else towards worse, planned for the observed loss
+    beyond the margin. Each test is one-sided at alpha / 2, split Bonferroni-wise over `comparisons` variants."""
+    if counts.n < 2:
+        raise MMLUError(f"{counts.n} question(s) cannot plan a comparison; score at least a few dozen first")
+    psi = float(stats.beta.ppf(0.95, counts.discordant + 1, counts.n - counts.discordant))  # Clopper-Pearson upper
+    delta = counts.delta
     level = alpha / 2 / max(comparisons, 1)
     if delta > -margin:
         planned = min(delta, 0.0)
         return math.ceil(questions_for_noninferiority(psi, planned, margin, level, power)), "non-inferior"
-    return math.ceil(questions_for_noninferiority(psi, -delta, 0.0, level, power)), "worse"
+    # Mirrored: showing delta < -margin is showing -delta > margin, i.e. non-inferiority at margin -margin.
+    return math.ceil(questions_for_noninferiority(psi, -delta, -margin, level, power)), "worse"

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from harness.cache import atomic_file
-from harness.context import CacheDir
+from harness.cache import CacheDir, atomic_file
 from harness.errors import MMLUError
 from mmlu.dataset import Question
 

@@ -18,12 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from harness.build import Build
-from harness.cache import atomic_file
-from harness.config import ServerConfig
-from harness.context import CacheDir
+from harness.cache import CacheDir, atomic_file
 from harness.errors import HarnessError, MMLUError
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
-from harness.server import LlamaServer, ServerSizing
+from harness.server import LlamaServer, ServerConfig, ServerSizing
 from mmlu.tasks import MultipleChoiceTask
 
 _CONCURRENT_REQUESTS = 4

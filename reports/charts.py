@@ -36,9 +36,12 @@ def throughput_chart(results: Results) -> str | None:
     fig = go.Figure()
     for label, speed in series:
         steps = speed.steps
-        fig.add_scatter(x=[s.users for s in steps], y=[s.output_tps for s in steps], mode="lines+markers", name=label)
-    fig.update_layout(title="Output tokens/s (all users) against concurrency", **_LAYOUT)
-    fig.update_xaxes(title="concurrent users", type="log", dtick=0.30103)
+        fig.add_scatter(x=[s.level for s in steps], y=[s.output_tps for s in steps], mode="lines+markers", name=label)
+        if any(s.goodput_tps is not None for s in steps):
+            fig.add_scatter(x=[s.level for s in steps], y=[s.goodput_tps for s in steps], mode="lines+markers",
+                            name=f"{label} goodput", line={"dash": "dot"})  # fmt: skip
+    fig.update_layout(title=f"Output tokens/s and goodput against {_axis(series)[0]}", **_LAYOUT)
+    fig.update_xaxes(title=_axis(series)[1], type="log", dtick=0.30103)
     fig.update_yaxes(title="output tokens/s", rangemode="tozero")
     return _html(fig, "chart-throughput")
 
@@ -56,14 +59,14 @@ def ttft_chart(results: Results) -> str | None:
         p90 = [s.ttft_s.get("p90") for s in steps]
         upper = [(b or 0) - (a or 0) for a, b in zip(p50, p90, strict=True)]
         fig.add_scatter(
-            x=[s.users for s in steps],
+            x=[s.level for s in steps],
             y=p50,
             mode="lines+markers",
             name=f"{label} p50",
             error_y={"type": "data", "symmetric": False, "array": upper, "arrayminus": [0] * len(steps)},
         )
-    fig.update_layout(title="Time to first token against concurrency (p50, bar to p90)", **_LAYOUT)
-    fig.update_xaxes(title="concurrent users", type="log", dtick=0.30103)
+    fig.update_layout(title=f"Time to first token against {_axis(series)[0]} (p50, bar to p90)", **_LAYOUT)
+    fig.update_xaxes(title=_axis(series)[1], type="log", dtick=0.30103)
     fig.update_yaxes(title="TTFT (s)", rangemode="tozero")
     return _html(fig, "chart-ttft")
 
@@ -78,7 +81,7 @@ def latency_chart(results: Results) -> str | None:
         for s in speed.steps:
             if not s.e2e_s:
                 continue
-            label = f"{name} @{s.users}"
+            label = f"{name} @{s.level:g}"
             fig.add_box(
                 name=label,
                 x=[label],
@@ -94,12 +97,21 @@ def latency_chart(results: Results) -> str | None:
     return _html(fig, "chart-latency")
 
 
+def _axis(series: list[tuple[str, Speed]]) -> tuple[str, str]:
+    """What the load axis is: concurrency (closed-loop users) or the offered rate (open-loop arrivals)."""
+    if any(speed.unit != "users" for _, speed in series):
+        return "the offered rate", "offered rate (requests/s)"
+    return "concurrency", "concurrent users"
+
+
 def _speed_axis(results: Results) -> tuple[str, dict[str, float]]:
     """The speed each variant is placed at: its capacity within the objectives when every measured variant has one,
     else its peak output tokens/s (the first target's measurement, as the recommendation uses)."""
     speeds = {v.name: v.speed for v in results.variants if v.speed and v.speed.steps}
     if speeds and all(s.capacity is not None for s in speeds.values()):
-        return "capacity: concurrent users within the objectives", {n: float(s.capacity.low) for n, s in speeds.items()}  # type: ignore[union-attr]
+        unit = next(iter(speeds.values())).capacity.unit  # type: ignore[union-attr]
+        label = "concurrent users" if unit == "users" else "requests/s"
+        return f"capacity: {label} within the objectives", {n: float(s.capacity.low) for n, s in speeds.items()}  # type: ignore[union-attr]
     return "peak output tokens/s", {n: max(st.output_tps for st in s.steps) for n, s in speeds.items()}
 
 

@@ -16,7 +16,7 @@ from harness.config import Experiment
 from harness.loadtest.stage import EXTERNAL_MODEL
 from harness.loadtest.summary import LoadSummary
 from harness.manifest import ManifestRecord
-from harness.models import load_models_json, load_models_record
+from harness.models.records import load_models_json, load_models_record
 from harness.records import RecordError, UnitFailure, read_record
 from harness.rundir import RunDir
 from mmlu.dataset import (
@@ -28,7 +28,6 @@ from mmlu.dataset import (
 from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
 from reports.model import (
     AttemptResult,
-    CapacityResult,
     EndpointResult,
     Quality,
     Recommendation,
@@ -46,8 +45,12 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
     missing: list[str] = []
     baseline = exp.baseline.name
     artifacts = _models(run, missing)
-    mmlu = {v.name: _read(run.mmlu(v.name), MMLUResult) for v in exp.variants}
-    kld = {v.name: _read(run.kld(v.name), KLDResult) for v in exp.variants}
+    # The variants the models stage made (a stage may add some, as a recipe search does), else the experiment's.
+    listed = [(a.name, a.type, a.imatrix is not None, a.baseline) for a in artifacts.values()] or [
+        (v.name, v.type, v.imatrix, v.is_baseline) for v in exp.variants
+    ]
+    mmlu = {name: _read(run.mmlu(name), MMLUResult) for name, *_ in listed}
+    kld = {name: _read(run.kld(name), KLDResult) for name, *_ in listed}
     base_mmlu = mmlu.get(baseline)
     comparisons = {}
     if base_mmlu is not None:
@@ -56,14 +59,13 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             base_mmlu, measured, alpha=exp.mmlu.alpha, margin=exp.mmlu.margin_points / 100, power=exp.mmlu.power
         )
     variants = []
-    for cfg in exp.variants:
-        name = cfg.name
+    for name, quant_type, imatrix, is_baseline in listed:
         art = artifacts.get(name)
         result = VariantResult(
             name=name,
-            quant_type=cfg.type,
-            imatrix=cfg.imatrix,
-            is_baseline=cfg.is_baseline,
+            quant_type=quant_type,
+            imatrix=imatrix,
+            is_baseline=is_baseline,
             size_bytes=art.size_bytes if art else None,
             bits_per_weight=art.bits_per_weight if art else None,
         )
@@ -74,18 +76,18 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             if mmlu[name] is None:
                 result.quality.mmlu_failure = _failure(run, run.mmlu(name))
                 missing.append(f"MMLU: {name}" + _failed_because(result.quality.mmlu_failure))
-            if exp.mmlu.kld and not cfg.is_baseline and kld[name] is None:
+            if exp.mmlu.kld and not is_baseline and kld[name] is None:
                 result.quality.kld_failure = _failure(run, run.kld(name))
                 missing.append(f"KL divergence: {name}" + _failed_because(result.quality.kld_failure))
         if exp.load.enabled:
-            for target in (t for t in exp.targets if t.kind != "external"):
+            for target in (t for t in exp.targets if t.target.managed):
                 speed = _speed_of(exp, run, target.label, name, missing)
                 if speed is not None:
                     result.speeds[target.label] = speed
         variants.append(result)
     endpoints = []
     if exp.load.enabled:
-        for target in (t for t in exp.targets if t.kind == "external"):
+        for target in (t for t in exp.targets if not t.target.managed):
             model = target.model_name or EXTERNAL_MODEL
             speed = _speed_of(exp, run, target.label, model, missing)
             if speed is not None:
@@ -107,17 +109,16 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         missing=missing,
         targets=[
             TargetResult(
-                name=t.label, kind=t.kind, api=t.route_api(exp.load.api), serializes=t.kind == "llama-cpp-python"
+                name=t.label,
+                kind=t.kind,
+                api=t.route_api(exp.load.api),
+                serializes=t.target.serializes,
+                managed=t.target.managed,
             )
             for t in exp.targets
         ],
         endpoints=endpoints,
-        load_settings={
-            "api": exp.load.api,
-            "prompt_tokens": exp.load.prompt_tokens,
-            "output_tokens": exp.load.output_tokens,
-            "steps": exp.load.steps,
-        },
+        load_settings=_load_settings(exp),
     )
     results.recommendation = (
         recommend(results) if results.variants else Recommendation(variant=None, headline="No variants.")
@@ -133,6 +134,18 @@ def _failure(run: RunDir, output: Path) -> str | None:
 
 def _failed_because(error: str | None) -> str:
     return f" (failed: {error})" if error else ""
+
+
+def _load_settings(exp: Experiment) -> dict[str, Any]:
+    plan = exp.plan()
+    arrival = plan.arrival
+    settings: dict[str, Any] = {
+        "api": exp.load.api, "prompt_tokens": plan.prompt_tokens, "output_tokens": plan.output_tokens,
+        "steps": list(plan.steps), "arrival": arrival.kind, "open_loop": plan.open_loop, "unit": arrival.unit,
+    }  # fmt: skip
+    if plan.open_loop:
+        settings |= {"max_in_flight": arrival.max_in_flight, "max_wait_s": arrival.max_wait_s}  # type: ignore[attr-defined]
+    return settings
 
 
 def _model_label(exp: Experiment) -> str:
@@ -174,7 +187,11 @@ def _quality(mine: MMLUResult | None, cmp: Comparison | None, kld: KLDResult | N
         q.subjects = [SubjectScore(subject=s.subject, n=s.n, accuracy=100 * s.accuracy) for s in mine.subjects]
     if cmp is not None:
         q.delta, q.delta_ci_low, q.delta_ci_high = 100 * cmp.delta, 100 * cmp.delta_ci_low, 100 * cmp.delta_ci_high
-        q.verdict, q.drop_within_margin = cmp.verdict, cmp.drop_within_margin
+        q.verdict, q.drop_within_margin, q.fixed_n_verdict = cmp.verdict, cmp.drop_within_margin, cmp.fixed_n_verdict
+        if cmp.sequential is not None:
+            seq = cmp.sequential
+            q.questions_budget, q.e_non_inferior, q.e_worse = seq.questions_budget, seq.e_non_inferior, seq.e_worse
+            q.e_threshold = seq.threshold
         q.p_noninferior, q.p_worse, q.mcnemar_p = cmp.p_noninferior_adjusted, cmp.p_worse_adjusted, cmp.mcnemar_p
         q.lost, q.gained = cmp.baseline_only, cmp.variant_only
         q.questions_needed, q.needed_for = cmp.questions_needed, cmp.needed_for
@@ -228,9 +245,9 @@ def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: 
     if summary is None:
         missing.append(f"load: {variant} on {target}")
         return None
-    configured = [s.users for s in summary.steps if not s.probe]
+    configured = [s.level for s in summary.steps if not s.probe]
     if not summary.complete:
-        measured = ", ".join(str(s.users) for s in summary.steps) or "none"
+        measured = ", ".join(f"{s.level:g}" for s in summary.steps) or "none"
         missing.append(f"load: {variant} on {target} (partial: steps measured {measured}; {summary.error})")
     elif configured != exp.load.steps:
         missing.append(f"load: {variant} on {target} (steps {configured} of {exp.load.steps})")
@@ -238,29 +255,15 @@ def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: 
 
 
 def _speed(summary: LoadSummary, run: RunDir) -> Speed:
+    shared = set(StepResult.model_fields) & set(type(summary.steps[0]).model_fields) if summary.steps else set()
+    percentiles = {"ttft_s", "tpot_s", "itl_s", "e2e_s"}
     steps = [
         StepResult(
-            users=s.users,
-            requests=s.requests,
-            failures=s.failures,
-            duration_s=s.duration_s,
-            request_rate=s.request_rate,
+            **s.model_dump(include=shared - percentiles),
+            **{k: _pct(getattr(s, k)) for k in percentiles},
             output_tps=s.output_tokens_per_s,
             output_tps_per_user=s.output_tokens_per_s_per_user,
             input_tps=s.input_tokens_per_s,
-            slo_passed=s.slo_passed,
-            slo_detail=s.slo_detail,
-            good_requests=s.good_requests,
-            goodput_rps=s.goodput_rps,
-            goodput_tps=s.goodput_tps,
-            probe=s.probe,
-            early_stop=s.early_stop,
-            bandwidth_share=s.bandwidth_share,
-            attempt=s.attempt,
-            ttft_s=_pct(s.ttft_s),
-            tpot_s=_pct(s.tpot_s),
-            itl_s=_pct(s.itl_s),
-            e2e_s=_pct(s.e2e_s),
         )
         for s in summary.steps
     ]
@@ -280,7 +283,7 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         serializes=summary.serializes,
         steps=steps,
         objectives=summary.objectives,
-        capacity=CapacityResult(**summary.capacity.model_dump()) if summary.capacity else None,
+        capacity=summary.capacity,
         llama_bench_tg_tps=decode.llama_bench_tg_tps if decode else None,
         bandwidth_gbps=decode.bandwidth.bytes_per_s / 1e9 if decode else None,
         bandwidth_detail=decode.bandwidth.detail if decode else None,

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from bench.records import Capacity
 from harness.process import exit_reason
 from harness.records import Record
 
@@ -38,7 +39,12 @@ class Quality(Record):
     delta: float | None = None  # percentage points against the baseline, on the same questions
     delta_ci_low: float | None = None  # paired (Tango score) interval of the change, points
     delta_ci_high: float | None = None
-    verdict: Verdict | None = None  # against Results.margin_points, Holm-adjusted across the variants
+    verdict: Verdict | None = None  # against Results.margin_points: the sequential test's, or Tango's (Holm)
+    fixed_n_verdict: Verdict | None = None  # Tango's on the questions answered (beside a sequential verdict)
+    questions_budget: int | None = None  # a sequential run: the questions it could have used (n_questions: used)
+    e_non_inferior: float | None = None  # its e-processes at the stop (a verdict at 1 / level)
+    e_worse: float | None = None
+    e_threshold: float | None = None
     drop_within_margin: bool = False  # non-inferior, yet a real (smaller than the margin) loss
     p_noninferior: float | None = None  # Holm-adjusted one-sided p of "loses the margin or more"
     p_worse: float | None = None  # Holm-adjusted one-sided p of "loses nothing"
@@ -63,9 +69,15 @@ class Quality(Record):
 
 
 class StepResult(Record):
-    """One concurrency step of the closed-loop load test."""
+    """One load level: users (closed loop), or an offered rate (open loop)."""
 
-    users: int
+    users: int  # closed loop: the level; open loop: the bound on requests in flight
+    rate: float | None = None  # open loop: the offered rate, requests/s
+    arrival: str = "users"
+    achieved_rate: float | None = None  # open loop: requests sent per second of the window
+    late_requests: int = 0
+    dropped_requests: int = 0
+    after_window_requests: int = 0  # measured requests that finished after the window (counted, never dropped)
     requests: int
     failures: int
     duration_s: float
@@ -74,6 +86,7 @@ class StepResult(Record):
     output_tps_per_user: float
     input_tps: float = 0.0  # prompt tokens of the step's successful requests / its duration (embeddings' figure)
     slo_passed: bool | None = None  # met every latency objective (None: no objectives)
+    slo_decided: str | None = None  # "within" / "missed": shown by the anytime-valid test (an early stop's claim)
     slo_detail: str | None = None
     good_requests: int | None = None
     goodput_rps: float | None = None  # requests that met every objective, per second
@@ -87,14 +100,9 @@ class StepResult(Record):
     itl_s: dict[str, float] = Field(default_factory=dict)
     e2e_s: dict[str, float] = Field(default_factory=dict)
 
-
-class CapacityResult(Record):
-    """The highest concurrency that met every objective: [low, high] = [last pass, first fail]."""
-
-    low: int
-    high: int | None  # None: no step failed up to the bound
-    stopped_by: str
-    bound: int
+    @property
+    def level(self) -> float:
+        return self.rate if self.rate is not None else self.users
 
 
 class AttemptResult(Record):
@@ -103,7 +111,7 @@ class AttemptResult(Record):
     number: int
     outcome: str  # complete | interrupted | server died | failed
     started_at: float
-    steps: list[int] = Field(default_factory=list)  # users of the steps it measured that the results use
+    steps: list[int | float] = Field(default_factory=list)  # levels of the steps it measured that the results use
     error: str | None = None
     server_started_at: float | None = None
     server_pid: int | None = None
@@ -125,7 +133,7 @@ class Speed(Record):
     serializes: bool = False  # the server handles one request at a time: concurrent users queue
     steps: list[StepResult] = Field(default_factory=list)
     objectives: list[str] = Field(default_factory=list)
-    capacity: CapacityResult | None = None
+    capacity: Capacity | None = None
     llama_bench_tg_tps: float | None = None  # single-stream generation rate of the same model (llama-bench tg)
     bandwidth_gbps: float | None = None  # memory bandwidth decode is bound by, GB/s
     bandwidth_detail: str | None = None  # how it was obtained
@@ -140,8 +148,13 @@ class Speed(Record):
     complete: bool = True  # False: the load stopped before every step; `error` says why
     error: str | None = None
 
-    def step(self, users: int) -> StepResult | None:
-        return next((s for s in self.steps if s.users == users), None)
+    def step(self, level: float) -> StepResult | None:
+        return next((s for s in self.steps if s.level == level), None)
+
+    @property
+    def unit(self) -> str:
+        """What a level counts: users, or requests/s (open-loop arrivals)."""
+        return "requests/s" if any(s.rate is not None for s in self.steps) else "users"
 
 
 class VariantResult(Record):
@@ -165,6 +178,7 @@ class TargetResult(Record):
     kind: str  # llama-server | llama-cpp-python | external
     api: str
     serializes: bool = False
+    managed: bool = True  # started by the harness for each variant (an external endpoint is not)
 
 
 class EndpointResult(Record):

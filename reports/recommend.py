@@ -36,8 +36,8 @@ def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
         return None
     if speed.capacity is not None:
         return "capacity", float(speed.capacity.low)
-    largest = max((s for s in speed.steps if not s.probe), key=lambda s: s.users)
-    return f"output tokens/s at {largest.users} users", largest.output_tps
+    largest = max((s for s in speed.steps if not s.probe), key=lambda s: s.level)
+    return f"output tokens/s at {largest.level:g} {speed.unit}", largest.output_tps
 
 
 def kld_interval(variant: VariantResult, alpha: float) -> tuple[float, float] | None:
@@ -75,14 +75,14 @@ def closest_by_kld(variants: list[VariantResult], alpha: float) -> tuple[Variant
     return best, tied
 
 
-def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, int] | None:
+def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, str] | None:
     if not (variant.speed and baseline.speed and variant.speed.steps):
         return None
-    users = max(s.users for s in variant.speed.steps if not s.probe)
-    mine, theirs = variant.speed.step(users), baseline.speed.step(users)
+    level = max(s.level for s in variant.speed.steps if not s.probe)
+    mine, theirs = variant.speed.step(level), baseline.speed.step(level)
     if not mine or not theirs or theirs.output_tps <= 0:
         return None
-    return mine.output_tps / theirs.output_tps, users
+    return mine.output_tps / theirs.output_tps, f"{level:g} {variant.speed.unit}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -183,18 +183,18 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
     mine, theirs = best.speed.capacity if best.speed else None, baseline.speed.capacity if baseline.speed else None
     ratio = _ratio_at_largest_step(best, baseline)
     if mine is not None and theirs is not None:
-        users = "user" if mine.low == 1 else "users"
-        headline += (
-            f", and it serves {mine.low} concurrent {users} within the latency objectives against {theirs.low} for "
-            f"{baseline.name}"
-        )
+        if mine.unit == "users":
+            what = f"{mine.low:g} concurrent {'user' if mine.low == 1 else 'users'}"
+        else:
+            what = f"{mine.low:g} requests/s"
+        headline += f", and it serves {what} within the latency objectives against {theirs.low:g} for {baseline.name}"
     elif ratio is not None:
-        value, users = ratio
+        value, at = ratio
         if value >= 1:
-            headline += f", and it serves {value:.2f}x the output tokens/s of {baseline.name} at {users} users"
+            headline += f", and it serves {value:.2f}x the output tokens/s of {baseline.name} at {at}"
         else:
             headline += f"; on this hardware it is slower: {value:.2f}x the output tokens/s of {baseline.name} " \
-                        f"at {users} users"  # fmt: skip
+                        f"at {at}"  # fmt: skip
     if best.size_bytes and baseline.size_bytes:
         headline += f", at {best.size_bytes / baseline.size_bytes:.0%} of the size"
     return headline + "."

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from harness.build import Build
+from harness.cache import CacheDir
 from harness.config import LlamaCppConfig
-from harness.context import CacheDir
 from harness.llamacpp import ensure_build
-from harness.models import smollm2_gguf
+from harness.models.sources import smollm2_gguf
 
 
 def _cache_dir() -> Path:

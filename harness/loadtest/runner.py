@@ -16,15 +16,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from bench.plan import LoadPlan, format_done
+from bench.slo import format_objectives
 from harness.config import LoadConfig
 from harness.errors import LoadTestError
 from harness.process import spawn, stop
 from harness.tools import error_line
 from locustfiles import EXIT_ABORTED, LOCUSTFILES, USER_KINDS, RequestRecord, StepRecord, read_records
-from locustfiles._slo import Objective, format_objectives
-from locustfiles._steps import StepPlan
 
 PROJECT_ROOT = LOCUSTFILES.parent
 
@@ -44,68 +43,51 @@ def stop_timeout(cfg: LoadConfig) -> str:
     return f"{math.ceil(cfg.drain_grace_s)}s"
 
 
-def load_arguments(
-    cfg: LoadConfig,
-    records: Path,
-    *,
-    model_name: str | None = None,
-    objectives: Sequence[Objective] = (),
-    max_users: int | None = None,
-    run_id: str = "",
-    done: Sequence[tuple[int, bool | None]] = (),
-) -> list[str]:
-    """Our locustfiles' custom arguments for this configuration, the `model` the users name (if any), the latency
-    objectives every step is judged against, the search's bound, and for an attempt of a resumed run its records'
-    id and the steps already measured."""
+def load_arguments(plan: LoadPlan) -> list[str]:
+    """The plan as our locustfiles' custom arguments (the web UI shows them, editable, and builds the same plan
+    from them); the inverse of LoadPlan.from_options."""
+    arrival = plan.arrival
     args = [
-        "--prompt-tokens", str(cfg.prompt_tokens),
-        "--output-tokens", str(cfg.output_tokens),
-        "--steps", ",".join(str(s) for s in cfg.steps),
-        "--request-timeout", str(cfg.request_timeout_s),
-        "--ready-timeout", str(cfg.ready_timeout_s),
-        "--records", str(records),
+        "--prompt-tokens", str(plan.prompt_tokens),
+        "--output-tokens", str(plan.output_tokens),
+        "--arrival", arrival.kind,
+        "--steps", ",".join(f"{s:g}" for s in plan.steps),
+        "--request-timeout", str(plan.request_timeout_s),
+        "--ready-timeout", str(plan.ready_timeout_s),
+        "--records", plan.records,
+        "--prompt-text", str(plan.prompt_text),
     ]  # fmt: skip
-    if cfg.step_duration_s is not None:
-        args += ["--step-duration", str(cfg.step_duration_s)]
+    for option in ("max_in_flight", "burstiness"):  # the arrival options the CLI has (bench.plan.add_arguments)
+        if option in type(arrival).model_fields:
+            args += [f"--{option.replace('_', '-')}", f"{getattr(arrival, option):g}"]
+    if plan.step_duration_s is not None:
+        args += ["--step-duration", str(plan.step_duration_s)]
+    elif plan.open_loop:
+        args += ["--requests-per-step", str(plan.requests_per_step)]
     else:
-        args += ["--requests-per-user", str(cfg.requests_per_user)]
-    if cfg.prompt_text is not None:
-        args += ["--prompt-text", str(cfg.prompt_text)]
-    if model_name:
-        args += ["--model-name", model_name]
-    if objectives:
-        args += ["--slo", format_objectives(objectives)]
-    if cfg.search:
-        args += [
-            "--search",
-            "--max-users",
-            str(max_users or cfg.bound),
-            "--search-resolution",
-            str(cfg.search_resolution),
-        ]
-    if cfg.min_requests:
-        args += ["--min-requests", str(cfg.min_requests)]
-    if cfg.max_requests:
-        args += ["--max-requests", str(cfg.max_requests)]
-    if run_id:
-        args += ["--run-id", run_id]
-    if done:
-        args += ["--done-steps", StepPlan.format_done(done)]
+        args += ["--requests-per-user", str(plan.requests_per_user)]
+    if plan.model_name:
+        args += ["--model-name", plan.model_name]
+    if plan.objectives:
+        args += ["--slo", format_objectives(plan.objectives)]
+    if plan.search:
+        args += ["--search", "--max-users", f"{plan.bound:g}", "--search-resolution", f"{plan.search_resolution:g}"]
+    if plan.min_requests:
+        args += ["--min-requests", str(plan.min_requests)]
+    if plan.max_requests:
+        args += ["--max-requests", str(plan.max_requests)]
+    if plan.run_id:
+        args += ["--run-id", plan.run_id]
+    if plan.done:
+        args += ["--done-steps", format_done(plan.done)]
     return args
 
 
 def headless_command(
-    cfg: LoadConfig,
-    host: str,
-    out_dir: Path,
-    *,
-    processes: int | None = None,
-    api: str | None = None,
-    **arguments: Any,
+    cfg: LoadConfig, plan: LoadPlan, host: str, out_dir: Path, *, processes: int | None = None, api: str | None = None
 ) -> list[str]:
-    """`locust --headless` for one variant: records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a
-    target's own route); `arguments` are `load_arguments`' keywords (model name, objectives, bound, run id, done
-    steps)."""
+    """`locust --headless` for one variant: the plan written to out_dir/plan.json and handed over whole (`--plan`),
+    records, CSVs and HTML into `out_dir`. `api` overrides cfg.api (a target's own route)."""
     locustfile, user = user_for(api or cfg.api)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(locustfile), user,
@@ -118,8 +100,7 @@ def headless_command(
     n = cfg.processes if processes is None else processes
     if n > 1:
         cmd += ["--processes", str(n)]
-    records = out_dir / "requests.jsonl"
-    return cmd + load_arguments(cfg, records, **arguments)
+    return cmd + ["--plan", str(plan.write(out_dir / "plan.json"))]
 
 
 def locust_env() -> dict[str, str]:

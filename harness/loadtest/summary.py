@@ -13,17 +13,21 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from bench.arrivals import LATE_S
+from bench.records import Capacity, RequestRecord, StepRecord
+from bench.search import CapacitySearch
+from bench.slo import Objective, add_sample, evaluate, meets
+from bench.timing import token_arrivals
 from harness.bandwidth import Bandwidth, DecodeCost, bound_tokens_per_s
 from harness.records import Record, StageRecord
-from locustfiles import RequestRecord, StepRecord
-from locustfiles._slo import Objective, add_sample, evaluate, meets
-from locustfiles._steps import CapacitySearch
-from locustfiles._timing import token_arrivals
 
-LOAD_MODEL = (
-    "closed-loop: each user sends its next request only after the previous response ended, so under overload "
-    "latency grows while the request rate falls (it is not hidden by a fixed arrival rate)"
-)
+LOAD_MODELS = {
+    False: "closed-loop: each user sends its next request only after the previous response ended, so under "
+    "overload latency grows while the request rate falls (it is not hidden by a fixed arrival rate)",
+    True: "open-loop: requests arrive at the offered rate whatever the server does; at most max_in_flight are in "
+    "flight, an arrival that finds them all busy waits (its latency counts from its arrival) or is dropped",
+}
+LOAD_MODEL = LOAD_MODELS[False]
 
 
 class Percentiles(Record):
@@ -46,10 +50,16 @@ class Percentiles(Record):
 
 class StepSummary(Record):
     step: int
-    users: int
-    requests: int  # measured: sent and finished inside the step's window (successful + failed)
+    users: int  # Locust users: the level (closed loop) or the bound on requests in flight (open loop)
+    rate: float | None = None  # open loop: the offered rate, requests/s (the level)
+    arrival: str = "users"
+    achieved_rate: float | None = None  # open loop: requests sent (not dropped) per second of the window
+    late_requests: int = 0  # open loop: measured requests that waited over bench.arrivals.LATE_S for a free user
+    dropped_requests: int = 0  # open loop: arrivals never sent (failed, measured)
+    requests: int  # measured (closed loop: sent and finished inside the window; open: arrived in it)
     failures: int  # measured requests that failed
-    unmeasured: int  # recorded but outside the window (drain tail, interrupted)
+    unmeasured: int  # recorded but not measured (a settling step's filler, interrupted)
+    after_window_requests: int = 0  # measured, but still in flight when the window ended (the slowest ones)
     duration_s: float  # window start -> end of the last measured request
     request_rate: float  # successful measured requests / duration
     window_s: float = 0.0  # while every user of the step ran: release -> the drain began
@@ -68,6 +78,7 @@ class StepSummary(Record):
     drain_timed_out: bool = False
     # Against the latency objectives ([slo]); None without objectives.
     slo_passed: bool | None = None
+    slo_decided: str | None = None  # "within" / "missed" when the anytime-valid test decided it (the early stop)
     slo_detail: str | None = None
     good_requests: int | None = None  # measured requests that met every objective
     goodput_rps: float | None = None  # good requests / duration
@@ -81,14 +92,10 @@ class StepSummary(Record):
     bound_tps: float | None = None
     bandwidth_share: float | None = None
 
-
-class Capacity(Record):
-    """The highest concurrency whose step met every objective, as an interval: [last pass, first fail]."""
-
-    low: int  # 0: even the smallest step missed
-    high: int | None  # None: no step failed up to the bound
-    stopped_by: str  # why the search ended: "steps" (no search), "resolution", "bound: max_users", "bound: memory"
-    bound: int  # the most users a step could have
+    @property
+    def level(self) -> float:
+        """The load level: the offered rate (open loop) or the users (closed loop)."""
+        return self.rate if self.rate is not None else self.users
 
 
 class Decode(Record):
@@ -116,7 +123,7 @@ class Attempt(Record):
     server: dict[str, Any] = Field(default_factory=dict)  # what served it: kind, PID, start time, sizing
     server_exit_code: int | None = None  # when the server died
     server_log_tail: list[str] = Field(default_factory=list)
-    steps: list[int] = Field(default_factory=list)  # users of the steps it measured whole
+    steps: list[int | float] = Field(default_factory=list)  # levels of the steps it measured whole
     failed_requests: int = 0
 
 
@@ -140,6 +147,7 @@ class LoadSummary(StageRecord):
     requests: int  # every recorded request (measured or not)
     failures: int
     load_model: str = LOAD_MODEL
+    arrival: dict[str, Any] = Field(default_factory=lambda: {"kind": "users"})  # the arrival process
     objectives: list[str] = Field(default_factory=list)  # the [slo] objectives, described
     capacity: Capacity | None = None
     decode: Decode | None = None
@@ -181,19 +189,29 @@ def summarize_step(
         verdict = evaluate(step_samples, objectives)
         good = [r for r in ok if meets({"ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "e2e_s": r.e2e_s}, objectives)]
         judged = {
-            "slo_passed": verdict.passed, "slo_detail": verdict.describe(), "good_requests": len(good),
+            # The early stop's claim, when it made one, is the step's verdict; otherwise the estimate.
+            "slo_passed": step.slo_decided == "within" if step.slo_decided else verdict.passed,
+            "slo_decided": step.slo_decided, "slo_detail": verdict.describe(), "good_requests": len(good),
             "goodput_rps": len(good) / duration, "goodput_tps": sum(r.output_tokens or 0 for r in good) / duration,
         }  # fmt: skip
-    if decode is not None and tpot is not None and tpot.p50 > 0 and context_tokens:
+    open_loop = step.rate is not None
+    if open_loop:
+        sent = [r for r in measured if not r.dropped]
+        judged.update(achieved_rate=len(sent) / window, dropped_requests=sum(r.dropped for r in measured),
+                      late_requests=sum((r.queue_s or 0.0) > LATE_S for r in measured))  # fmt: skip
+    elif decode is not None and tpot is not None and tpot.p50 > 0 and context_tokens:
         decode_tps = step.users / tpot.p50
         bound = bound_tokens_per_s(decode.cost, decode.bandwidth.bytes_per_s, step.users, context_tokens)
         judged.update(decode_tps=decode_tps, bound_tps=bound, bandwidth_share=decode_tps / bound)
     return StepSummary(
         step=step.step,
         users=step.users,
+        rate=step.rate,
+        arrival=step.arrival,
         requests=len(measured),
         failures=len(failed),
         unmeasured=len(mine) - len(measured),
+        after_window_requests=step.after_window_requests,
         duration_s=duration,
         request_rate=len(ok) / duration,
         window_s=window,
@@ -216,24 +234,26 @@ def summarize_step(
     )
 
 
-def capacity(steps: Sequence[StepSummary], *, bound: int, searched: bool, bound_reason: str) -> Capacity | None:
+def capacity(
+    steps: Sequence[StepSummary], *, bound: float, searched: bool, bound_reason: str, unit: str = "users"
+) -> Capacity | None:
     """The capacity interval the judged steps give (the same rule the search follows); None without objectives."""
     judged = [s for s in steps if s.slo_passed is not None]
     if not judged:
         return None
-    search = CapacitySearch(bound)
+    search = CapacitySearch(bound, integer=unit == "users")
     for s in judged:
-        search.add(s.users, bool(s.slo_passed))
+        search.add(s.level, bool(s.slo_passed))
     low, high = search.interval
     if not searched:
         stopped = "steps"
     elif high is None:
         stopped = f"bound: {bound_reason}"
-    elif low == 0 and high <= 1:
+    elif unit == "users" and low == 0 and high <= 1:
         stopped = "fails at 1 user"
     else:
         stopped = "resolution"
-    return Capacity(low=low, high=high, stopped_by=stopped, bound=bound)
+    return Capacity(low=low, high=high, stopped_by=stopped, bound=bound, unit=unit)
 
 
 def window_tokens(step: StepRecord, requests: Iterable[RequestRecord]) -> int:

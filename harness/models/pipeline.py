@@ -12,14 +12,14 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from harness.build import Build
 from harness.cache import atomic_dir, damage, file_sha256
 from harness.config import Experiment, VariantConfig
-from harness.context import RunContext, Stage
+from harness.context import RunContext
 from harness.corpus import corpus_text
 from harness.errors import ModelError
 from harness.models.convert import (
@@ -39,8 +39,10 @@ from harness.models.quantize import (
     quantize_args,
     quantize_error,
 )
+from harness.models.records import ImatrixInfo, ModelArtifact, ModelSourceInfo, ModelsRecord
 from harness.models.sources import ModelSource, dir_fingerprint, resolve_source
-from harness.records import Record, RecordError, StageRecord, inputs_digest, is_fresh, read_record, write_record
+from harness.records import Record, RecordError, inputs_digest, read_record, write_record
+from harness.stage import Stage, Unit
 from harness.storage import check_free_space
 
 log = logging.getLogger(__name__)
@@ -50,59 +52,6 @@ PIPELINE_VERSION = 1
 RECORD = "artefact.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SPACE_MARGIN = 256 * 2**20  # logs, records and file-system slack beside a model file
-
-
-class ModelArtifact(Record):
-    """One variant's GGUF as the later stages (MMLU, KLD, load, report) use it."""
-
-    name: str
-    type: str
-    path: Path
-    size_bytes: int
-    n_params: int
-    bits_per_weight: float
-    imatrix: Path | None  # the importance matrix used to quantize it, if any
-    source: Path  # the unquantized (F16/BF16/F32) GGUF it was made from; itself for the baseline
-    baseline: bool
-    pure: bool = False
-    output_tensor_type: str | None = None
-    token_embedding_type: str | None = None
-    cache_key: str = ""
-    seconds: float = 0.0  # how long making it took (when it was made; a cached artefact keeps that time)
-
-
-class ModelSourceInfo(Record):
-    """Where the baseline came from and what it is."""
-
-    source: str
-    description: str
-    identity: str
-    checkpoint: str | None
-    baseline: str
-    baseline_type: str
-    n_params: int
-    architecture: str | None
-    pre_tokenizer: str | None
-    pretokenizer_fallback: bool
-    convert_seconds: float
-    provenance: str | None = None  # what the baseline really is, when a reader could take it for something else
-
-
-class ImatrixInfo(Record):
-    path: str
-    text: str
-    chunks: int
-    ctx_size: int
-    seconds: float
-
-
-class ModelsRecord(StageRecord):
-    """models/models.json: the stage's output."""
-
-    model: ModelSourceInfo
-    imatrix: ImatrixInfo | None = None
-    build: dict[str, Any]
-    variants: list[ModelArtifact]
 
 
 class CacheEntry(Record):
@@ -223,31 +172,47 @@ def stage_inputs(exp: Experiment, build: Build) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stage
 
 
-class ModelsStage(Stage):
-    """Source -> unquantized GGUF -> importance matrix -> quantized variants, listed in models/models.json."""
+class ModelsStage(Stage[ModelsRecord]):
+    """Source -> unquantized GGUF -> importance matrix -> quantized variants, listed in models/models.json: the
+    variants every later stage measures (one unit: the whole list)."""
 
     name = "models"
+    what = "models"
+    record = ModelsRecord
+    error = ModelError
 
-    def inputs(self, ctx: RunContext, variant: str | None = None) -> Any:
+    def units(self, ctx: RunContext) -> list[Unit]:
+        return [Unit("models")]
+
+    def inputs(self, ctx: RunContext, unit: Unit) -> Any:
         return stage_inputs(ctx.experiment, ctx.build)
 
-    def run(self, ctx: RunContext) -> None:
-        prepare_models(ctx)
+    def output(self, ctx: RunContext, unit: Unit) -> Path:
+        return ctx.run.models_json
+
+    def usable(self, ctx: RunContext, unit: Unit, record: ModelsRecord) -> bool:
+        if all(_usable(a.path, ctx.cache.models) for a in record.variants):
+            log.info("models: up to date (%d variants, %s)", len(record.variants), ctx.run.models_json)
+            return True
+        return False
+
+    def make(self, ctx: RunContext, units: list[Unit]) -> Iterator[tuple[Unit, ModelsRecord]]:
+        yield units[0], make_models(ctx)
 
 
 def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
     """Make (or reuse) every variant of the experiment and list them in models/models.json; returns them by name."""
+    (record,) = ModelsStage().run(ctx).values()
+    return {v.name: v for v in record.variants}
+
+
+def make_models(ctx: RunContext) -> ModelsRecord:
+    """Every variant of the experiment, made (or found in the cache) and linked into the run directory; what cannot
+    be made is refused before anything is."""
     exp, build, run = ctx.experiment, ctx.build, ctx.run
     check_variants(exp.variants)
     if exp.model.source != "gguf":
         check_pretokenizer(require_tree(build), exp.model.pretokenizer)
-    digest = ModelsStage().digest(ctx)
-    if is_fresh(run.models_json, digest):
-        artifacts = load_models_json(run.models_json)
-        if all(_usable(a.path, ctx.cache.models) for a in artifacts.values()):
-            log.info("models: up to date (%d variants, %s)", len(artifacts), run.models_json)
-            return artifacts
-
     log_dir = run.logs("models")
     source = resolve_source(exp.model, cache=ctx.cache, log_dir=log_dir)
     baseline = make_baseline(ctx, source)
@@ -288,18 +253,7 @@ def prepare_models(ctx: RunContext) -> dict[str, ModelArtifact]:
         build={"build_number": build.build_number, "commit": build.commit, "era": build.era},
         variants=list(artifacts.values()),
     )
-    write_record(run.models_json, record, digest=digest)
-    return artifacts
-
-
-def load_models_record(path: Path) -> ModelsRecord:
-    """models/models.json as the models stage wrote it."""
-    return read_record(path, ModelsRecord)
-
-
-def load_models_json(path: Path) -> dict[str, ModelArtifact]:
-    """The variants a previous run listed in models/models.json, by name."""
-    return {v.name: v for v in load_models_record(path).variants}
+    return record
 
 
 def make_baseline(ctx: RunContext, source: ModelSource) -> Baseline:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from harness import pypi
-from harness.cache import atomic_dir, tree_fingerprint
+from harness.cache import CacheDir, atomic_dir, tree_fingerprint
 from harness.config import ModelConfig
 from harness.console import progress_enabled
-from harness.context import CacheDir
 from harness.errors import ConfigError, HarnessError, ModelError
 from harness.server import check_gguf
 from harness.tools import error_line, run_logged

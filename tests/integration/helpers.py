@@ -48,7 +48,7 @@ def write_models(run, models: dict) -> None:
 
     `models` maps variant name -> GGUF path; the first is the baseline.
     """
-    from harness.models.pipeline import ModelArtifact, ModelSourceInfo, ModelsRecord
+    from harness.models.records import ModelArtifact, ModelSourceInfo, ModelsRecord
     from harness.records import write_record
 
     first = next(iter(models.values()))

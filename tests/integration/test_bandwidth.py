@@ -9,7 +9,7 @@ from gguf import GGUFReader
 
 from harness.bandwidth import bound_tokens_per_s, decode_cost, memory_bandwidth
 from harness.build import Build
-from harness.context import CacheDir
+from harness.cache import CacheDir
 from harness.models.convert import gguf_info
 
 pytestmark = pytest.mark.integration

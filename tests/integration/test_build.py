@@ -12,13 +12,8 @@ import pytest
 
 from harness.build import TOOLS, Build
 from harness.errors import BuildError
-from harness.llamacpp import (
-    check_toolchain,
-    cmake_configure,
-    cmake_configure_args,
-    find_nvcc,
-    parse_version_output,
-)
+from harness.llamacpp import cmake_configure, cmake_configure_args, parse_version_output
+from harness.toolchain import check_toolchain, find_nvcc
 from tests.integration.helpers import error_line, llamasys
 
 pytestmark = pytest.mark.integration
@@ -125,7 +120,7 @@ def test_the_build_is_proven_on_this_machine_in_every_default_weight_type(any_bu
 
 def check_path_of(build: Build) -> Path:
     from harness.buildcheck import check_path
-    from harness.context import CacheDir
+    from harness.cache import CacheDir
     from harness.cpu import this_cpu
 
     return check_path(CacheDir(build.bin_dir.parents[2]), build, this_cpu())

@@ -16,8 +16,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from scipy import stats
 
 from harness.build import Build
 from harness.config import Experiment, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig
@@ -32,7 +34,7 @@ from harness.loadtest.runner import (
     run_headless,
     user_for,
 )
-from harness.loadtest.stage import start_server
+from harness.loadtest.serverplan import start_server
 from harness.process import running, spawn
 from harness.records import read_record
 from harness.rundir import RunDir
@@ -148,11 +150,12 @@ def test_two_locust_processes(tmp_path: Path, current_build: Build, smollm2: Pat
 
 
 def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smollm2: Path):
-    cfg = experiment(tmp_path, steps=[1, 2], requests_per_user=1, **SMALL).load
+    exp = experiment(tmp_path, steps=[1, 2], requests_per_user=1, **SMALL)
+    cfg, plan = exp.load, exp.plan(records=str(tmp_path / "requests.jsonl"))
     port = free_port()
     sizing = ServerSizing(parallel=2, prompt_tokens=cfg.prompt_tokens, output_tokens=cfg.output_tokens)
     with LlamaServer(current_build, smollm2, sizing, log_path=tmp_path / "server.log", settings=THREADS) as server:
-        master = headless_command(cfg, server.url, tmp_path) + [
+        master = headless_command(cfg, plan, server.url, tmp_path) + [
             "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port), "--expect-workers", "1"
         ]  # fmt: skip
         locustfile, user = user_for("native")
@@ -173,11 +176,12 @@ def test_master_and_worker_on_loopback(tmp_path: Path, current_build: Build, smo
 
 
 def test_prompt_that_cannot_fit_fails_before_any_load(tmp_path: Path, current_build: Build, smollm2: Path):
-    cfg = experiment(tmp_path, prompt_tokens=256, steps=[1], requests_per_user=1).load
+    exp = experiment(tmp_path, prompt_tokens=256, steps=[1], requests_per_user=1)
+    cfg, plan = exp.load, exp.plan(records=str(tmp_path / "requests.jsonl"))
     small = ServerSizing(parallel=1, prompt_tokens=64, output_tokens=32, margin_tokens=0)  # 96-token slots
     with LlamaServer(current_build, smollm2, small, log_path=tmp_path / "server.log", settings=THREADS) as server:
         result = run_headless(
-            headless_command(cfg, server.url, tmp_path),
+            headless_command(cfg, plan, server.url, tmp_path),
             records=tmp_path / "requests.jsonl", log_path=tmp_path / "locust.log", deadline_s=120,
         )  # fmt: skip
     expected = (
@@ -246,7 +250,7 @@ def test_start_server_sizes_for_the_largest_step(tmp_path: Path, current_build: 
     with start_server(context(exp, current_build, tmp_path), smollm2, tmp_path / "server.log") as server:
         assert server.props["total_slots"] == 3
         assert server.props["default_generation_settings"]["n_ctx"] >= PROMPT + OUTPUT
-    assert "--records" in load_arguments(exp.load, tmp_path / "r.jsonl")
+    assert "--records" in load_arguments(exp.plan(records=str(tmp_path / "r.jsonl")))
 
 
 def test_capacity_search_on_a_real_server(tmp_path: Path, current_build: Build, smollm2: Path):
@@ -276,3 +280,66 @@ def test_capacity_search_on_a_real_server(tmp_path: Path, current_build: Build, 
     # Decode against the memory-bandwidth bound, and llama-bench's single-stream rate beside it.
     assert summary.decode.llama_bench_tg_tps > 0 and summary.decode.bandwidth.bytes_per_s > 1e8
     assert all(0 < s.bandwidth_share < 1.5 for s in summary.steps if s.bandwidth_share is not None)
+
+
+# ---------------------------------------------------------------- open-loop arrivals against a real server
+
+
+def open_experiment(tmp_path: Path, arrival: dict, **load: object) -> Experiment:
+    settings = {**SMALL, "arrival": arrival, "request_timeout_s": 60.0, "ready_timeout_s": 120.0,
+                "sample_interval_s": 0.25, **load}  # fmt: skip
+    return Experiment(
+        name="open-loop", run_dir=tmp_path, load=LoadConfig(**settings), server=ServerConfig(threads=SERVER_THREADS)
+    )
+
+
+def test_poisson_arrivals_at_two_rates_are_a_poisson_process(tmp_path: Path, current_build: Build, smollm2: Path):
+    # Rates the server keeps up with on one thread (64 in / 16 out takes a fraction of a second alone).
+    exp = open_experiment(tmp_path, {"kind": "poisson", "max_in_flight": 4, "seed": 11}, steps=[0.5, 1],
+                          requests_per_step=20)  # fmt: skip
+    summary = run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
+    requests, steps = read_records(tmp_path / "load" / "llama-server" / "Q4_1" / "requests.jsonl")
+    assert [(s.rate, s.users, s.arrival) for s in steps] == [(0.5, 4, "poisson"), (1, 4, "poisson")]
+    assert summary.server["parallel"] == 4  # the server is sized for the open loop's bound on requests in flight
+    for step, result in zip(steps, summary.steps, strict=True):
+        mine = [r for r in requests if r.run == step.run and r.epoch == step.epoch and r.measured]
+        assert len(mine) == 20 and all(r.ok for r in mine) and result.dropped_requests == 0
+        assert_exact_counts(mine, exp.load)
+        arrivals = sorted(r.scheduled_at for r in mine)
+        gaps = np.diff(arrivals)
+        # The measured inter-arrival times are those of a Poisson process at the step's rate: the mean (within
+        # what 19 exponential gaps allow) and their distribution (KS against the exponential).
+        assert np.mean(gaps) == pytest.approx(1 / step.rate, rel=0.45)
+        assert stats.kstest(gaps, "expon", args=(0, 1 / step.rate)).pvalue > 0.001
+        # The server kept up: each was sent when it arrived, so the achieved rate is about the offered one.
+        assert np.median([r.queue_s for r in mine]) < 0.05 and all(r.sent_at >= r.scheduled_at - 1e-3 for r in mine)
+        assert result.achieved_rate == pytest.approx(step.rate, rel=0.6)
+
+
+def test_a_rate_the_server_cannot_keep_up_with_is_late_then_dropped_and_capacity_is_a_rate(
+    tmp_path: Path, current_build: Build, smollm2: Path
+):
+    # Calibrate one request's E2E here, then offer a rate far beyond what 2 slots can serve: arrivals wait for a free
+    # slot (late, their latency counted from arrival), those that wait over max_wait_s are dropped, and the level
+    # misses an E2E objective the low rate meets; the search then brackets the capacity in requests/s.
+    calibration = open_experiment(tmp_path / "calibrate", {"kind": "constant", "max_in_flight": 1}, steps=[0.5],
+                                  requests_per_step=3)  # fmt: skip
+    one = run_variant(context(calibration, current_build, tmp_path / "calibrate"), "Q4_1", smollm2)
+    e2e = one.steps[0].e2e_s.p50
+    served = 2 / e2e  # what 2 slots complete per second, about
+    low, high, resolution = round(served / 4, 3), round(served * 4, 3), round(served / 2, 3)
+    exp = open_experiment(
+        tmp_path, {"kind": "constant", "max_in_flight": 2, "max_wait_s": 4 * e2e}, steps=[low, high],
+        requests_per_step=16, search=True, max_users=high, search_resolution=resolution,
+    )  # fmt: skip
+    exp = exp.model_copy(update={"slo": SloConfig(ttft_s=None, tpot_ms=None, e2e_s=ObjectiveConfig(limit=3 * e2e))})
+    summary = run_variant(context(exp, current_build, tmp_path), "Q4_1", smollm2)
+    low_rate, high_rate = summary.steps[0], summary.steps[1]
+    assert (low_rate.slo_passed, high_rate.slo_passed) == (True, False)
+    assert low_rate.dropped_requests == 0 and high_rate.late_requests > 0 and high_rate.dropped_requests > 0
+    assert high_rate.failures >= high_rate.dropped_requests  # a dropped arrival is a failed, measured request
+    assert high_rate.achieved_rate < high_rate.rate
+    cap = summary.capacity
+    assert cap.unit == "requests/s" and low_rate.rate <= cap.low < cap.high <= high_rate.rate
+    assert cap.high - cap.low <= resolution + 1e-9 and cap.stopped_by == "resolution"
+    assert all(s.probe for s in summary.steps[2:]) and summary.load_model.startswith("open-loop")

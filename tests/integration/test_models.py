@@ -21,6 +21,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from harness.build import Build
+from harness.cache import CacheDir
 from harness.config import (
     CorpusConfig,
     Experiment,
@@ -31,10 +32,11 @@ from harness.config import (
     default_variants,
     load_experiment,
 )
-from harness.context import CacheDir, RunContext
+from harness.context import RunContext
 from harness.errors import ConfigError, ModelError
-from harness.models import ModelArtifact, load_models_json, prepare_models
 from harness.models.convert import gguf_info
+from harness.models.pipeline import prepare_models
+from harness.models.records import ModelArtifact, load_models_json
 from harness.models.sources import demo_checkpoint, smollm2_gguf
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing
@@ -284,7 +286,7 @@ HUB_SCRIPT = textwrap.dedent(
     from harness.context import RunContext
     from harness.errors import HarnessError
     from harness.build import Build
-    from harness.models import prepare_models
+    from harness.models.pipeline import prepare_models
     from harness.rundir import RunDir
 
     args = json.loads(sys.argv[1])

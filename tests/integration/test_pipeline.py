@@ -68,7 +68,7 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert 'id="capacity-table"' in page and 'id="chart-kld-frontier"' in page
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {k: v["state"] for k, v in manifest["stages"].items()} == {
-        "build": "done", "models": "done", "mmlu": "done", "load": "done", "report": "done",
+        "build": "done", "models": "done", "mmlu": "done", "kld": "done", "load": "done", "report": "done",
     }  # fmt: skip
     assert manifest["llamacpp"]["build_number"] == 11312 and manifest["hardware"]["cores_logical"] >= 1
     # Which instruction sets the build uses and why, and the proof that it ran here in the demo's weight types.

@@ -17,13 +17,14 @@ import psutil
 import pytest
 
 from harness.build import Build
-from harness.config import Experiment, LoadConfig, ServerConfig, TargetConfig
+from harness.config import Experiment, LoadConfig, ServerConfig
 from harness.context import RunContext
 from harness.errors import LoadTestError
 from harness.loadtest import run_load_stage, run_variant
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing, free_port
-from harness.targets import llama_cpp_python_env
+from harness.targets import TargetConfig, target_config
+from harness.targets.llama_cpp_python import llama_cpp_python_env
 from locustfiles import read_records
 from tests.integration.helpers import processes_mentioning, write_models
 
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMALL = {"prompt_tokens": 64, "output_tokens": 16, "steps": [1, 2], "requests_per_user": 2,
          "request_timeout_s": 120.0, "ready_timeout_s": 120.0, "sample_interval_s": 0.25}  # fmt: skip
-LLAMA_CPP_PYTHON = TargetConfig(kind="llama-cpp-python")
+LLAMA_CPP_PYTHON = target_config(dict(kind="llama-cpp-python"))
 
 
 def experiment(run_dir: Path, cache_dir: Path, *, targets: list[TargetConfig], **load: object) -> Experiment:
@@ -87,7 +88,7 @@ def test_llama_cpp_python_every_request_exact(venv, api: str, cache_dir: Path, c
 def test_embeddings_user_on_both_servers(venv, cache_dir: Path, current_build: Build, smollm2, tmp_path):
     exp = experiment(
         tmp_path, cache_dir, api="embeddings", prompt_tokens=48,
-        targets=[TargetConfig(kind="llama-server"), LLAMA_CPP_PYTHON],
+        targets=[target_config(dict(kind="llama-server")), LLAMA_CPP_PYTHON],
     )  # fmt: skip
     write_models(RunDir(tmp_path), {"Q4_1": smollm2})
     summaries = run_load_stage(context(exp, current_build))
@@ -102,7 +103,7 @@ def test_embeddings_user_on_both_servers(venv, cache_dir: Path, current_build: B
 def test_one_llama_cpp_python_server_for_several_models(venv, cache_dir: Path, current_build: Build, smollm2, tmp_path):
     other = tmp_path / "other.gguf"
     other.symlink_to(smollm2)
-    target = TargetConfig(kind="llama-cpp-python", name="lcp-multi", multi_model=True)
+    target = target_config(dict(kind="llama-cpp-python", name="lcp-multi", multi_model=True))
     exp = experiment(tmp_path, cache_dir, steps=[1], targets=[target])
     write_models(RunDir(tmp_path), {"F16": smollm2, "copy": other})
     summaries = run_load_stage(context(exp, current_build))
@@ -150,14 +151,14 @@ def test_external_endpoint_is_measured_as_it_is(cache_dir: Path, current_build: 
     sizing = ServerSizing(parallel=2, prompt_tokens=64, output_tokens=16, margin_tokens=16)
     one_thread = ServerConfig(threads=1)
     with LlamaServer(current_build, smollm2, sizing, log_path=tmp_path / "server.log", settings=one_thread) as server:
-        target = TargetConfig(kind="external", name="running", url=server.url)
+        target = target_config(dict(kind="external", name="running", url=server.url))
         exp = experiment(tmp_path, cache_dir, targets=[target])
         summary = run_variant(context(exp, current_build), "endpoint", None, target=target)
         requests, _ = read_records(RunDir(tmp_path).load("running", "endpoint") / "requests.jsonl")
         assert_exact(requests, 64, 16)
         assert summary.target_kind == "external" and summary.server["llama_server"] is True
         # A model name the endpoint does not serve is one clear error before any load.
-        wrong = TargetConfig(kind="external", name="wrong", url=server.url, model_name="no-such-model")
+        wrong = target_config(dict(kind="external", name="wrong", url=server.url, model_name="no-such-model"))
         with pytest.raises(LoadTestError, match=r"does not serve model 'no-such-model'; it serves: "):
             run_variant(
                 context(experiment(tmp_path, cache_dir, targets=[wrong]), current_build), "x", None, target=wrong
@@ -166,7 +167,7 @@ def test_external_endpoint_is_measured_as_it_is(cache_dir: Path, current_build: 
 
 
 def test_unreachable_endpoint_is_one_clear_error(cache_dir: Path, current_build: Build, tmp_path):
-    target = TargetConfig(kind="external", name="gone", url=f"http://127.0.0.1:{free_port()}")
+    target = target_config(dict(kind="external", name="gone", url=f"http://127.0.0.1:{free_port()}"))
     exp = experiment(tmp_path, cache_dir, targets=[target])
     with pytest.raises(LoadTestError, match=rf"target gone: cannot reach {target.url} \(.*refused"):
         run_variant(context(exp, current_build), "endpoint", None, target=target)

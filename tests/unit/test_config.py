@@ -59,8 +59,8 @@ def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
         ("[llamacpp]\nbakend = 'cpu'\n", "llamacpp.bakend: unknown key 'bakend'; allowed keys: backend,"),
         ("[llamacpp]\nbackend = 'rocm'\n", "llamacpp.backend: 'rocm' is not allowed; choose 'cpu' or 'cuda'"),
         ("[[variants]]\nname = 'x'\ntype = 'Q9_9'\n", "variants[0].type: unknown quant type 'Q9_9'; allowed: F32"),
-        ("[load]\nsteps = [4, 2]\n", "load.steps: steps must be distinct positive user counts"),
-        ("[load]\nstep_duration_s = 10\nrequests_per_user = 2\n", "set only one of load.requests_per_user and"),
+        ("[load]\nsteps = [4, 2]\n", "load: steps must be distinct positive load levels"),
+        ("[load]\nstep_duration_s = 10\nrequests_per_user = 2\n", "load: set only one of the requests per step and"),
         ("[llamacpp]\nsource = 'local'\n", "source 'local' needs llamacpp.path"),
         ("colour = 'blue'\n", "colour: unknown key 'colour'; allowed keys:"),
         ("[[variants]]\nname='a'\ntype='F16'\n[[variants]]\nname='a'\ntype='Q4_0'\n", "repeated: a"),
@@ -117,13 +117,16 @@ def test_targets_default_to_llama_server_and_take_the_others():
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ('{kind="external"}', "needs url"),
+        ('{kind="external"}', "targets: entry 1: url: Field required"),
         ('{kind="external", url="http://10.1.2.3:8000"}', "is not on this machine"),
         ('{kind="external", url="ftp://127.0.0.1"}', r"not an http\(s\) URL"),
-        ('{kind="llama-server", url="http://127.0.0.1:1"}', "url is only for targets of kind 'external'"),
-        ('{kind="llama-server", multi_model=true}', "multi_model is a llama-cpp-python option"),
+        (
+            '{kind="llama-server", url="http://127.0.0.1:1"}',
+            "url: unknown key for a llama-server target; its keys: kind",
+        ),
+        ('{kind="llama-server", multi_model=true}', "multi_model: unknown key for a llama-server target"),
         ('{kind="llama-cpp-python", api="native"}', "has no native /completion route"),
-        ('{kind="vllm"}', "'vllm' is not allowed"),
+        ('{kind="vllm"}', "unknown target kind 'vllm'; known kinds: external, llama-cpp-python, llama-server"),
     ],
 )
 def test_bad_targets_are_one_clear_error(target: str, message: str):

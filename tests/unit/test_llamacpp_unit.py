@@ -9,14 +9,8 @@ import pytest
 
 from harness.config import LlamaCppConfig
 from harness.errors import ToolMissingError
-from harness.llamacpp import (
-    cache_key,
-    check_toolchain,
-    cmake_configure_args,
-    detect_era,
-    parse_build_progress,
-    parse_version_output,
-)
+from harness.llamacpp import cache_key, cmake_configure_args, detect_era, parse_build_progress, parse_version_output
+from harness.toolchain import check_toolchain
 
 
 def args(era="current", backend="cpu", arch="90", extra=()):

@@ -1,4 +1,4 @@
-"""The load options (Locust custom arguments) and the Locust command lines the harness builds from the config."""
+"""The load plan from Locust's custom arguments or a plan file, and the Locust command lines the harness builds."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from bench.plan import DEFAULT_PROMPT_TEXT, LoadPlan, add_arguments
 from harness.config import LoadConfig, load_experiment
 from harness.errors import ConfigError, LoadTestError
-from harness.loadtest.runner import headless_command, stop_timeout, user_for
-from harness.loadtest.stage import _deadline_s, ssh_tunnel_hint, web_ui_command
-from harness.targets import sizing_for
-from locustfiles._options import DEFAULT_PROMPT_TEXT, LoadOptions, add_arguments
+from harness.loadtest.runner import headless_command, load_arguments, stop_timeout, user_for
+from harness.loadtest.serverplan import deadline_s as _deadline_s
+from harness.loadtest.webui import ssh_tunnel_hint, web_ui_command
 
 
-def parse(*argv: str) -> LoadOptions:
+def parse(*argv: str) -> LoadPlan:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return LoadOptions.from_namespace(parser.parse_args(list(argv)))
+    return LoadPlan.from_options(parser.parse_args(list(argv)))
 
 
 def test_defaults_are_the_studys_lengths_and_steps():
@@ -31,14 +31,14 @@ def test_defaults_are_the_studys_lengths_and_steps():
 
 def test_a_step_duration_replaces_requests_per_user():
     options = parse("--step-duration", "30", "--steps", "2,4")
-    assert (options.requests_per_user, options.step_duration_s, options.plan().users) == (None, 30.0, (2, 4))
+    assert (options.requests_per_user, options.step_duration_s, options.steps) == (None, 30.0, (2, 4))
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--output-tokens", "1"], "at least 2"),
-        (["--prompt-format", "tokens"], "--prompt-format must be one of auto, ids, text"),
+        (["--output-tokens", "1"], "output_tokens: Input should be greater than or equal to 2"),
+        (["--prompt-format", "tokens"], "prompt format must be one of auto, ids, text"),
         (["--length-options", "ignore_eos,max_new"], "unknown max_new"),
         (["--steps", "4,2"], "increasing order"),
         (["--prompt-text", "/nonexistent.txt"], "file not found"),
@@ -49,28 +49,44 @@ def test_bad_options_say_which(argv, message):
         parse(*argv)
 
 
-def test_headless_command_for_each_api(tmp_path: Path):
+def test_headless_command_for_each_api_hands_locust_the_plan_whole(tmp_path: Path):
     cfg = LoadConfig(api="chat", prompt_tokens=128, output_tokens=32, steps=[1, 2], step_duration_s=20, processes=2)
-    cmd = headless_command(cfg, "http://127.0.0.1:1234", tmp_path)
+    plan = cfg.plan(records=str(tmp_path / "requests.jsonl"))
+    cmd = headless_command(cfg, plan, "http://127.0.0.1:1234", tmp_path)
     assert cmd[cmd.index("-f") + 1].endswith("locustfiles/openai_compat.py") and "OpenAIChatUser" in cmd
     pairs = dict(zip(cmd, cmd[1:], strict=False))
     assert pairs["--host"] == "http://127.0.0.1:1234" and pairs["--processes"] == "2"
     # Stopping gives in-flight requests load.drain_grace_s (default 10 s), not the request timeout.
-    assert (pairs["--steps"], pairs["--step-duration"], pairs["--stop-timeout"]) == ("1,2", "20.0", "10s")
-    assert pairs["--records"] == str(tmp_path / "requests.jsonl") and "--requests-per-user" not in cmd
-    assert "--run-id" not in cmd and "--done-steps" not in cmd
-    pairs = headless_command(cfg, "http://h", tmp_path, run_id="a2-x", done=[(1, True), (2, None)])
-    resumed = dict(zip(pairs, pairs[1:], strict=False))
-    assert resumed["--run-id"] == "a2-x" and resumed["--done-steps"] == "1:pass,2:done"
-    assert "--headless" in cmd and "--processes" in cmd
+    assert pairs["--stop-timeout"] == "10s" and "--headless" in cmd
+    assert LoadPlan.read(Path(pairs["--plan"])) == plan and "--steps" not in cmd
+    resumed = cfg.plan(records="r.jsonl", run_id="a2-x", done=((1, True), (2, None)))
+    assert LoadPlan.read(Path(headless_command(cfg, resumed, "http://h", tmp_path)[-1])).done == ((1, True), (2, None))
     with pytest.raises(LoadTestError, match="unknown load api 'grpc'"):
         user_for("grpc")
 
 
-def test_web_ui_command_offers_every_user_and_binds_loopback(tmp_path: Path):
-    cmd = web_ui_command(LoadConfig(), "http://127.0.0.1:9", tmp_path, web_host="127.0.0.1", web_port=8089)
+def test_the_custom_arguments_build_the_same_plan_as_the_plan_file(tmp_path: Path):
+    # The web UI and a plain `locust -f` run take custom arguments: they must say exactly what the plan says.
+    for settings in (
+        {"steps": [1, 2, 4], "search": True, "max_users": 16, "min_requests": 4, "requests_per_user": 2},
+        {"steps": [0.5, 1, 2], "arrival": {"kind": "gamma", "burstiness": 0.5, "max_in_flight": 4},
+         "requests_per_step": 20, "search": True, "max_users": 8, "search_resolution": 0.25},
+        {"steps": [2], "arrival": {"kind": "poisson"}, "step_duration_s": 30},
+    ):  # fmt: skip
+        from harness.config import Experiment
+
+        exp = Experiment.model_validate({"load": settings})
+        plan = exp.plan(records=str(tmp_path / "r.jsonl"), run_id="x", done=((1, True),), model_name="m")
+        assert parse(*load_arguments(plan)) == plan
+
+
+def test_web_ui_command_offers_what_the_server_serves_and_binds_loopback(tmp_path: Path):
+    plan = LoadConfig().plan(records=str(tmp_path / "r.jsonl"))
+    cmd = web_ui_command(LoadConfig(), plan, "http://127.0.0.1:9", web_host="127.0.0.1", web_port=8089)
     files = cmd[cmd.index("-f") + 1].split(",")
-    assert [Path(f).name for f in files] == ["embeddings.py", "native.py", "openai_compat.py"]
+    assert [Path(f).name for f in files] == ["native.py", "openai_compat.py"]  # no embeddings user: it would 501
+    embeddings = web_ui_command(LoadConfig(), plan, "http://h:9", web_host="127.0.0.1", web_port=1, embeddings=True)
+    assert [Path(f).name for f in embeddings[embeddings.index("-f") + 1].split(",")] == ["embeddings.py"]
     assert "--class-picker" in cmd and cmd[cmd.index("--web-host") + 1] == "127.0.0.1"
     assert ssh_tunnel_hint(8089).startswith("ssh -L 8089:127.0.0.1:8089 ")
 
@@ -78,20 +94,20 @@ def test_web_ui_command_offers_every_user_and_binds_loopback(tmp_path: Path):
 def test_server_sized_for_the_largest_step_and_a_bounded_run():
     exp = load_experiment(overrides=["load.steps=[1, 2, 4, 8]", "load.prompt_tokens=2560", "load.output_tokens=768"],
                           environ={})  # fmt: skip
-    sizing = sizing_for(exp)
+    sizing = exp.sizing()
     assert (sizing.parallel, sizing.ctx_size) == (8, 8 * (2560 + 768 + exp.server.margin_tokens))
     assert stop_timeout(exp.load) == "10s"
-    assert 0 < _deadline_s(exp.load, 8) < 24 * 3600
-    searching = exp.load.model_copy(update={"search": True})
-    assert _deadline_s(searching, 16) > _deadline_s(exp.load, 8)  # room for the probes
+    assert 0 < _deadline_s(exp.plan()) < 24 * 3600
+    searching = exp.plan().model_copy(update={"search": True, "max_level": 16})
+    assert _deadline_s(searching) > _deadline_s(exp.plan())  # room for the probes
 
 
 def test_toml_can_choose_a_duration_without_unsetting_requests(tmp_path: Path):
     path = tmp_path / "exp.toml"
     path.write_text("[load]\nstep_duration_s = 45\n")
-    load = load_experiment(path, environ={}).load
-    assert (load.step_duration_s, load.requests_per_user) == (45.0, None)
-    assert LoadConfig().requests_per_user == 3
+    plan = load_experiment(path, environ={}).plan()
+    assert (plan.step_duration_s, plan.requests_per_user) == (45.0, None)
+    assert LoadConfig().plan().requests_per_user == 3
     path.write_text("[load]\nstep_duration_s = 45\nrequests_per_user = 2\n")
-    with pytest.raises(ConfigError, match="set only one of load.requests_per_user and load.step_duration_s"):
+    with pytest.raises(ConfigError, match="load: set only one of the requests per step and step_duration_s"):
         load_experiment(path, environ={})

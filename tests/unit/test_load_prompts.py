@@ -67,6 +67,6 @@ def test_text_prompts_differ_in_their_leading_words():
 
 
 def open_text() -> str:
-    from locustfiles._options import DEFAULT_PROMPT_TEXT
+    from bench.plan import DEFAULT_PROMPT_TEXT
 
     return DEFAULT_PROMPT_TEXT.read_text(encoding="utf-8")

@@ -1,22 +1,11 @@
-"""Latency objectives: a request's goodness, a step's pass/fail at each quantile, and when it is already certain."""
+"""Latency objectives: a request's goodness, a step's pass/fail at each quantile, and when it is already decided."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from scipy import stats
 
-from locustfiles._slo import (
-    Objective,
-    evaluate,
-    format_objectives,
-    meets,
-    parse_objectives,
-    quantile,
-    quantile_interval,
-)
+from bench.slo import FAILED, Objective, evaluate, format_objectives, meets, parse_objectives, quantile
 
 TTFT = Objective("ttft_s", 2.0, 0.9)
 TPOT = Objective("tpot_s", 0.1, 0.5)
@@ -37,29 +26,42 @@ def test_a_step_passes_when_the_quantile_is_within_the_limit(q: float, passed: b
     assert verdict.passed is passed
 
 
-def test_the_quantile_interval_is_the_order_statistics_the_binomial_covers():
-    values = list(range(1, 101))  # x(i) = i
-    low, high = quantile_interval(values, 0.9, 0.95)
-    l_rank, u_rank = int(stats.binom.ppf(0.025, 100, 0.9)), int(stats.binom.ppf(0.975, 100, 0.9)) + 1
-    assert (low, high) == (l_rank, u_rank) and l_rank < 90 < u_rank
-    assert stats.binom.cdf(u_rank - 1, 100, 0.9) - stats.binom.cdf(l_rank - 1, 100, 0.9) >= 0.95
-    # Too few requests to bound the top of a p90: the interval is open above.
-    assert quantile_interval([1.0, 2.0, 3.0], 0.9)[1] == math.inf
-    assert quantile_interval([], 0.9) == (-math.inf, math.inf)
+def decided(values: dict, objectives, in_flight: int = 0):
+    n = max(len(v) for v in values.values())
+    return evaluate(values, objectives, sent=n + in_flight, in_flight=in_flight)
 
 
-def test_a_verdict_is_certain_only_when_the_interval_is_on_one_side():
-    clearly_bad = evaluate({"ttft_s": [5.0] * 10}, [TTFT])
-    assert not clearly_bad.passed and clearly_bad.certain  # even the interval's low end is over 2 s
-    clearly_good = evaluate({"ttft_s": [0.5] * 100}, [TTFT])
-    assert clearly_good.passed and clearly_good.certain
-    few_good = evaluate({"ttft_s": [0.5] * 10}, [TTFT])
-    assert few_good.passed and not few_good.certain  # 10 requests cannot bound a p90 from above
-    close = evaluate({"ttft_s": list(np.linspace(1.0, 2.2, 20))}, [TTFT])  # p90 2.08, interval 1.88 .. 2.2
-    assert not close.passed and not close.certain
+def test_a_verdict_is_decided_only_when_the_anytime_valid_test_says_so():
+    clearly_bad = decided({"ttft_s": [5.0] * 10}, [TTFT])
+    assert not clearly_bad.passed and clearly_bad.decided == "missed"
+    clearly_good = decided({"ttft_s": [0.5] * 100}, [TTFT])
+    assert clearly_good.passed and clearly_good.decided == "within"
+    few_good = decided({"ttft_s": [0.5] * 10}, [TTFT])
+    assert few_good.passed and few_good.decided is None  # 10 requests cannot show a p90 within a limit
+    close = decided({"ttft_s": list(np.linspace(1.0, 2.2, 20))}, [TTFT])  # p90 2.08
+    assert not close.passed and close.decided is None
     # One objective certainly missed settles the step, whatever the others say.
-    mixed = evaluate({"ttft_s": [5.0] * 10, "tpot_s": [0.05] * 10}, [TTFT, TPOT])
-    assert mixed.certain and not mixed.passed
+    mixed = decided({"ttft_s": [5.0] * 10, "tpot_s": [0.05] * 10}, [TTFT, TPOT])
+    assert mixed.decided == "missed" and not mixed.passed
+    # Without the count of requests sent, nothing is decided (the summaries judge by the estimate alone).
+    assert evaluate({"ttft_s": [5.0] * 10}, [TTFT]).decided is None
+
+
+def test_requests_still_in_flight_count_against_the_claim():
+    # 100 fast requests show a p90 within 2 s; with 20 more still in flight (they may be the slow ones) they do not.
+    assert decided({"ttft_s": [0.5] * 100}, [TTFT]).decided == "within"
+    assert decided({"ttft_s": [0.5] * 100}, [TTFT], in_flight=20).decided is None
+    # For the other claim they count as hits: 10 misses among 20 sent still show the miss, among 60 they do not.
+    assert decided({"ttft_s": [5.0] * 10}, [TTFT], in_flight=10).decided == "missed"
+    assert decided({"ttft_s": [5.0] * 10}, [TTFT], in_flight=50).decided is None
+
+
+def test_a_failed_request_is_a_miss_and_is_shown_as_one():
+    verdict = evaluate({"ttft_s": [1.0] * 8 + [FAILED, FAILED]}, [TTFT])
+    text = verdict.describe()
+    assert "failed requests" in text and "e+" not in text and "2 of 10 over the limit, 2 failed" in text
+    one_failed = evaluate({"ttft_s": [1.0] * 18 + [1.9, FAILED]}, [TTFT])
+    assert "1.9 s" not in one_failed.describe() or "1 failed" in one_failed.describe()
 
 
 def test_objectives_travel_as_one_option():

@@ -11,17 +11,27 @@ import threading
 
 import pytest
 
-from locustfiles._slo import Objective
-from locustfiles._steps import StepController, StepGate, StepPlan, Ticket, steps_pending
+from bench.plan import LoadPlan, format_done, parse_done, parse_levels
+from bench.slo import Objective
+from locustfiles._steps import StepController, StepGate, Ticket
 
 DT = 0.01
+
+
+def StepPlan(users=(1, 2, 4, 8), duration_s=None, max_users=None, **kwargs) -> LoadPlan:  # noqa: N802
+    """A closed-loop plan in the words these tests use (users, duration_s, max_users)."""
+    return LoadPlan(steps=tuple(users), step_duration_s=duration_s, max_level=max_users, **kwargs)
+
+
+def steps_pending(plan: LoadPlan) -> bool:
+    return plan.pending()
 
 
 class Simulation:
     def __init__(self, plan: StepPlan, *, request_s=1.0, prepare_s: float = 0.3, nodes=("local",)):
         self.now = 0.0
         self.controller = StepController(plan, clock=lambda: self.now, nodes=lambda: set(nodes), run="run-1")
-        self.gates = {node: StepGate(threading.Event()) for node in nodes}
+        self.gates = {node: StepGate(threading.Event(), clock=lambda: self.now, node=node) for node in nodes}
         self.request_s = request_s
         self.prepare_s = prepare_s
         self.users: list[dict] = []
@@ -81,11 +91,14 @@ class Simulation:
                 ticket: Ticket = user.pop("ticket")
                 measured, ack = gate.end(ticket)
                 sent = user.pop("sent")
+                waited = ticket.queue_s if ticket.scheduled_at is not None else 0.0  # latency counts from arrival
                 record = {
-                    "user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch if ticket.in_step else None,
+                    "user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch if ticket.run else None,
                     "step": ticket.step, "users": ticket.users, "measured": measured,
                     "sent": sent, "ended": self.now, "node": user["node"],
-                    "ok": True, "ttft_s": (self.now - sent) / 2, "e2e_s": self.now - sent,
+                    "ok": True, "ttft_s": (self.now - sent) / 2 + waited, "e2e_s": self.now - sent + waited,
+                    "queue_s": ticket.queue_s if ticket.scheduled_at is not None else None,
+                    "scheduled_at": ticket.scheduled_at,
                 }  # fmt: skip
                 self.records.append(record)
                 self.controller.on_record(record)
@@ -93,11 +106,25 @@ class Simulation:
                 if ack and user["node"] not in self.frozen_nodes:
                     self.controller.on_drained(user["node"], {"run": gate.run, "epoch": gate.epoch})
                     self.deliver()
-            if "ticket" not in user and gate.open:
+            while "ticket" not in user and gate.open:
                 ticket = gate.begin()
-                if ticket is not None:
-                    duration = self.request_s(ticket.users or 1) if callable(self.request_s) else self.request_s
-                    user.update(ticket=ticket, sent=self.now, ends=self.now + duration)
+                if ticket is None:
+                    break
+                if ticket.dropped:  # an open-loop arrival that waited too long: recorded as failed, never sent
+                    measured, _ = gate.end(ticket)
+                    record = {"user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch, "step": ticket.step,
+                              "users": ticket.users, "measured": measured, "sent": self.now, "ended": self.now,
+                              "node": user["node"], "ok": False, "dropped": True, "queue_s": ticket.queue_s,
+                              "scheduled_at": ticket.scheduled_at}  # fmt: skip
+                    self.records.append(record)
+                    self.controller.on_record(record)
+                    self.deliver()
+                    continue
+                if ticket.in_step:
+                    self.controller.on_sent({"run": ticket.run, "epoch": ticket.epoch})
+                in_flight = sum(g.in_flight for g in self.gates.values())
+                duration = self.request_s(ticket.users or 1, in_flight) if callable(self.request_s) else self.request_s
+                user.update(ticket=ticket, sent=self.now, ends=self.now + duration)
 
     def in_flight_between(self, start: float, end: float) -> set[int]:
         return {n for t, n in self.in_flight_log if start < t < end}
@@ -113,8 +140,9 @@ def test_requests_mode_runs_every_step_and_attributes_requests_to_it():
         assert step.measured_requests == len(mine)
         per_user: dict[str, int] = {}
         for r in mine:
-            # Entirely inside the window, and the load was exactly `users` in flight the whole time.
-            assert step.started_at <= r["sent"] and r["ended"] <= step.ended_at
+            # Sent inside the window, and the load was exactly `users` in flight the whole time it ran (also when it
+            # finished after the window: the step settles at its concurrency before it drains).
+            assert step.started_at <= r["sent"] <= step.ended_at and r["ended"] <= step.drained_at
             assert sim.in_flight_between(r["sent"], r["ended"]) == {step.users}
             assert r["step"] == step.step and r["users"] == step.users
             per_user[r["user_id"]] = per_user.get(r["user_id"], 0) + 1
@@ -132,14 +160,19 @@ def test_steps_do_not_overlap_and_in_flight_requests_finish_before_the_ramp():
     assert all(r["ended"] - r["sent"] == pytest.approx(0.7) for r in sim.records)
 
 
-def test_a_request_running_into_the_drain_is_recorded_but_not_measured():
+def test_a_request_still_running_when_the_window_ends_is_measured_at_the_steps_concurrency():
+    # The slowest requests are the ones still in flight when a window ends: they are measured, and the step settles
+    # (unmeasured filler keeps every user busy) until they finish, so they too ran at the step's concurrency.
     sim = Simulation(StepPlan(users=(2,), requests_per_user=None, duration_s=2.5), request_s=1.0)
     sim.run()
     (step,) = sim.steps
-    tail = [r for r in sim.records if r["epoch"] == step.epoch and not r["measured"]]
+    mine = [r for r in sim.records if r["epoch"] == step.epoch and r["measured"]]
+    tail = [r for r in mine if r["ended"] > step.ended_at]
     assert tail, "the timed step ended with requests in flight"
-    assert all(r["ended"] > step.ended_at for r in tail)
-    assert step.unmeasured_requests == len(tail)
+    assert all(r["sent"] <= step.ended_at for r in mine) and step.measured_requests == len(mine)
+    assert all(sim.in_flight_between(r["sent"], r["ended"]) == {2} for r in tail)
+    filler = [r for r in sim.records if r["epoch"] == step.epoch and not r["measured"]]
+    assert filler and step.unmeasured_requests == len(filler)  # sent while settling: recorded, not measured
     assert step.ended_at - step.started_at == pytest.approx(2.5, abs=2 * DT)
 
 
@@ -162,7 +195,8 @@ def test_drain_waits_for_every_process_and_times_out_on_a_silent_one():
     sim.run()
     (step,) = sim.steps
     assert step.drain_timed_out is True
-    assert step.drained_at - step.ended_at == pytest.approx(5.0, abs=2 * DT)
+    # Settling (at most one request's time) then 5 s of waiting for the silent process.
+    assert 5.0 <= step.drained_at - step.ended_at <= 5.0 + 1.0 + 2 * DT
 
 
 def test_ready_timeout_aborts_with_the_reason():
@@ -198,9 +232,10 @@ def test_tick_repeats_the_phase_for_late_workers():
     [
         ({"users": (2, 1)}, "increasing order"),
         ({"users": ()}, "increasing order"),
-        ({"requests_per_user": None}, "exactly one"),
-        ({"requests_per_user": 3, "duration_s": 5.0}, "exactly one"),
-        ({"requests_per_user": 0}, "at least 1"),
+        ({"users": (1.5,)}, "whole numbers"),
+        ({"requests_per_user": 3, "duration_s": 5.0}, "set only one"),
+        ({"requests_per_user": 0}, "greater than or equal to 1"),
+        ({"requests_per_step": 4}, "requests_per_step is for open-loop rates"),
     ],
 )
 def test_bad_plans_are_rejected(kwargs, message):
@@ -208,10 +243,15 @@ def test_bad_plans_are_rejected(kwargs, message):
         StepPlan(**kwargs)
 
 
+def test_a_plan_with_no_step_length_measures_three_requests_per_user():
+    assert (StepPlan().requests_per_user, StepPlan().step_duration_s) == (3, None)
+
+
 def test_parse_users():
-    assert StepPlan.parse_users("1, 2,4,8") == (1, 2, 4, 8)
+    assert parse_levels("1, 2,4,8") == (1, 2, 4, 8)
+    assert parse_levels("0.5,1,2.5") == (0.5, 1, 2.5)
     with pytest.raises(ValueError, match="comma-separated"):
-        StepPlan.parse_users("1;2")
+        parse_levels("1;2")
 
 
 # ------------------------------------------------------------------------------------------------ the gate
@@ -236,8 +276,12 @@ def test_attribution_inside_and_across_the_window():
     inside, across = gate.begin(), gate.begin()
     assert inside is not None and across is not None and (inside.step, inside.users) == (0, 2)
     assert gate.end(inside) == (True, False)
-    assert gate.on_phase(message("drain")) is False  # one request still in flight
-    assert gate.end(across) == (False, True)  # recorded, not measured; the process confirms the drain
+    gate.on_phase(message("settle"))  # the window has ended: what is sent now is filler
+    filler = gate.begin()
+    assert filler is not None and not filler.in_step and filler.step is None
+    assert gate.end(filler) == (False, False)
+    assert gate.on_phase(message("drain")) is False  # one request of the window still in flight
+    assert gate.end(across) == (True, True)  # sent in the window: measured, however late; the drain is confirmed
 
 
 def test_drain_with_nothing_in_flight_confirms_once():
@@ -271,7 +315,7 @@ def test_reset_frees_the_gate_and_keeps_the_old_run_stale():
 TTFT_2S = (Objective("ttft_s", 2.0, 0.9),)
 
 
-def slower_with_users(users: int) -> float:
+def slower_with_users(users: int, in_flight: int = 0) -> float:
     """A request takes 0.9 s per concurrent user: TTFT (half of it) is 0.45 s per user, <= 2 s up to 4 users."""
     return 0.9 * users
 
@@ -280,7 +324,7 @@ def test_every_step_is_judged_against_the_objectives():
     sim = Simulation(StepPlan(users=(1, 2, 8), requests_per_user=2, objectives=TTFT_2S), request_s=slower_with_users)
     sim.run()
     assert [(s.users, s.slo_passed) for s in sim.steps] == [(1, True), (2, True), (8, False)]
-    assert "TTFT p90 <= 2 s: 3.6 s (missed)" in sim.steps[2].slo_detail
+    assert "TTFT p90 <= 2 s: 3.6 s (missed; " in sim.steps[2].slo_detail
     assert not any(s.probe for s in sim.steps)  # no search asked: the configured steps only
 
 
@@ -334,7 +378,7 @@ def test_plans_that_cannot_be_judged_are_refused():
         StepPlan(users=(1,), search=True)
     with pytest.raises(ValueError, match="below the largest step"):
         StepPlan(users=(1, 8), objectives=TTFT_2S, max_users=4)
-    with pytest.raises(ValueError, match="min-requests"):
+    with pytest.raises(ValueError, match="min_requests"):
         StepPlan(users=(1,), min_requests=4)
 
 
@@ -368,6 +412,7 @@ def test_a_resumed_search_continues_from_the_verdicts_it_was_given():
 
 def test_done_steps_round_trip_and_bad_ones_are_refused():
     done = ((1, True), (2, False), (4, None))
-    assert StepPlan.parse_done(StepPlan.format_done(done)) == done
+    assert parse_done(format_done(done)) == done
+    assert parse_done(format_done(((0.5, True),))) == ((0.5, True),)
     with pytest.raises(ValueError, match="done steps look like"):
-        StepPlan.parse_done("1:maybe")
+        parse_done("1:maybe")

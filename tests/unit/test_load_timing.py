@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from locustfiles._timing import count_mismatch, stream_metrics, token_arrivals
+from bench.timing import count_mismatch, stream_metrics, token_arrivals
 
 
 def test_metrics_follow_the_definitions():

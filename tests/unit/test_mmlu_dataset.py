@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harness.cache import CacheDir
 from harness.config import MMLUConfig, load_experiment
-from harness.context import CacheDir
 from harness.errors import ConfigError, MMLUError
 from mmlu.dataset import (
     Question,

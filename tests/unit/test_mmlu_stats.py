@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from scipy import stats
+from statsmodels.stats.proportion import proportion_confint
 
 from harness.errors import MMLUError
 from mmlu.dataset import Question
@@ -20,6 +22,7 @@ from mmlu.stats import (
     questions_for_noninferiority,
     questions_to_decide,
     verdict,
+    verdict_of_interval,
     wilson_interval,
     worse_p,
 )
@@ -119,7 +122,13 @@ def test_sample_size_matches_published_examples() -> None:
 def test_questions_to_decide_leans_the_way_the_data_do() -> None:
     even = PairedCounts(both_correct=40, baseline_only=5, variant_only=5, both_wrong=50)  # no change, 10% disagree
     needed, towards = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8)
-    assert towards == "non-inferior" and needed == math.ceil(questions_for_noninferiority(0.1, 0.0, 0.01, 0.025, 0.8))
+    # Planned from the discordance's one-sided 95 % Clopper-Pearson upper bound (10 of 100: 16.4 %, the upper end of
+    # statsmodels' two-sided 90 % "beta" interval), not the observed 10 %: a pilot this small cannot pin it down.
+    upper = stats.beta.ppf(0.95, 11, 90)
+    assert upper == pytest.approx(proportion_confint(10, 100, alpha=0.10, method="beta")[1], rel=1e-9)
+    assert upper == pytest.approx(0.1637, abs=1e-4)
+    assert towards == "non-inferior" and needed == math.ceil(questions_for_noninferiority(upper, 0.0, 0.01, 0.025, 0.8))
+    assert needed > math.ceil(questions_for_noninferiority(0.1, 0.0, 0.01, 0.025, 0.8))
     # More variants against the same baseline: a stricter level, more questions.
     assert questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8, comparisons=3)[0] > needed
     # An observed gain is not counted on: planned as no change, it needs as many questions as an even split.
@@ -135,6 +144,42 @@ def test_questions_to_decide_leans_the_way_the_data_do() -> None:
     )
     losing = PairedCounts(both_correct=40, baseline_only=9, variant_only=3, both_wrong=48)  # -6 points
     assert questions_to_decide(losing, margin=0.01, alpha=0.05, power=0.8)[1] == "worse"
+    # No discordant pair yet: the plan still uses a rate the data allow (not 0 questions, nor a tiny number).
+    silent = PairedCounts(both_correct=60, baseline_only=0, variant_only=0, both_wrong=54)
+    assert questions_to_decide(silent, margin=0.01, alpha=0.05, power=0.8)[0] > 1000
+    with pytest.raises(MMLUError, match="cannot plan"):
+        questions_to_decide(PairedCounts(1, 0, 0, 0), margin=0.01, alpha=0.05, power=0.8)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (0.005, 0.03, "non-inferior"),  # above 0: a gain, and above -margin
+        (-0.005, 0.02, "non-inferior"),  # across 0, above -margin
+        (-0.008, -0.002, "non-inferior"),  # a real loss, within the margin
+        (-0.02, 0.01, "inconclusive"),  # across -margin and 0
+        (-0.02, -0.005, "inconclusive"),  # a loss shown, not yet placed against the margin (was "worse")
+        (-0.03, -0.011, "worse"),  # a loss shown beyond the margin
+    ],
+)
+def test_the_verdict_names_every_region_of_the_interval_against_the_margin(low, high, expected) -> None:
+    assert verdict_of_interval(low, high, margin=0.01) == expected
+
+
+def test_worse_means_a_loss_beyond_the_margin() -> None:
+    # 1,000 questions, a 2-point loss with 100 disagreements: the loss is shown (the interval below 0) but not that
+    # it exceeds a 1-point margin, so the verdict is inconclusive, with the questions that would decide.
+    counts = PairedCounts(both_correct=500, baseline_only=60, variant_only=40, both_wrong=400)
+    low, high = paired_delta_interval(counts)
+    assert high < 0 and low < -0.01 < high
+    assert worse_p(counts) < 0.025 and worse_p(counts, 0.01) > 0.025
+    assert verdict(noninferiority_p(counts, 0.01), worse_p(counts, 0.01), 0.05) == "inconclusive"
+    assert questions_to_decide(counts, margin=0.01, alpha=0.05, power=0.8)[1] == "worse"
+
+
+def test_no_question_is_a_clear_error() -> None:
+    with pytest.raises(MMLUError, match="at least one question"):
+        paired_delta_interval(PairedCounts(0, 0, 0, 0))
 
 
 def test_holm_and_the_three_way_verdict() -> None:

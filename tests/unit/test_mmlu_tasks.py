@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from harness.context import CacheDir
+from harness.cache import CacheDir
 from harness.errors import MMLUError
 from mmlu.dataset import Question
 from mmlu.tasks import (

@@ -9,7 +9,6 @@ import pytest
 from harness.build import Build
 from harness.config import Experiment, VariantConfig
 from harness.errors import ModelError
-from harness.models import ModelArtifact
 from harness.models.pipeline import (
     conversion_key,
     gguf_source_key,
@@ -19,6 +18,7 @@ from harness.models.pipeline import (
     variant_key,
 )
 from harness.models.quantize import bits_per_weight
+from harness.models.records import ModelArtifact
 
 
 def test_bits_per_weight():

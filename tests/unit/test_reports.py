@@ -208,7 +208,7 @@ def test_targets_side_by_side_and_an_external_endpoint(tmp_path):
 
 
 def test_capacity_is_the_speed_figure_when_the_run_measured_it():
-    from reports.model import CapacityResult
+    from bench.records import Capacity as CapacityResult
 
     r = results()
     capacities = {"F16": 2, "Q8_0": 6, "Q4_0": 9, "Q4_K_M-imat": 6}

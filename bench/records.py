@@ -12,9 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from harness.records import Record
+
+class Record(BaseModel):
+    """Base of every stored record. Unknown keys are ignored, so a newer field never breaks reading an older file."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class RequestRecord(Record):
@@ -31,11 +35,16 @@ class RequestRecord(Record):
     ok: bool
     error: str | None = None
     status: int = 0
-    step: int | None = None  # index of the concurrency step the request was sent in (None: no step shape)
-    users: int | None = None  # that step's concurrency
+    step: int | None = None  # index of the load level the request was sent in (None: no step shape)
+    users: int | None = None  # that level's Locust users (closed loop: its concurrency)
+    rate: float | None = None  # open loop: the offered rate of its process's share of the level, requests/s
+    scheduled_at: float | None = None  # open loop: when it arrived (wall clock); its latency counts from here
+    queue_s: float | None = None  # open loop: how long it waited for a free user after arriving (late when > 0)
+    dropped: bool = False  # open loop: it waited longer than the arrival process allows and was never sent
     epoch: int | None = None
     run: str | None = None
-    measured: bool = False  # sent and finished inside its step's measurement window
+    # Counted for its level: closed loop, sent and finished inside the window; open loop, arrived inside it.
+    measured: bool = False
     prompt_tokens: int | None = None  # as the server reported them
     output_tokens: int | None = None
     ttft_s: float | None = None
@@ -55,10 +64,12 @@ class RequestRecord(Record):
 
 
 class StepRecord(Record):
-    """One concurrency step: its measurement window (all its users running closed-loop) and what it counted."""
+    """One load level: its measurement window (all its users running) and what it counted."""
 
     step: int
-    users: int
+    users: int  # Locust users: the level's concurrency (closed loop), or the bound on requests in flight (open)
+    rate: float | None = None  # open loop: the offered rate, requests/s (the level); None for closed-loop users
+    arrival: str = "users"  # the arrival process's kind
     epoch: int
     run: str
     started_at: float  # every user ready and released: concurrency reached `users`
@@ -66,15 +77,36 @@ class StepRecord(Record):
     drained_at: float  # every in-flight request had finished
     measured_requests: int
     unmeasured_requests: int
+    after_window_requests: int = 0  # measured requests still in flight when the window ended (the slowest ones)
+    late_requests: int = 0  # open loop: measured requests that waited for a free user
+    dropped_requests: int = 0  # open loop: arrivals never sent (waited too long): failed, measured
     requests_per_user: int | None = None
+    requests_per_step: int | None = None
     duration_s: float | None = None
     drain_timed_out: bool = False
     error: str | None = None
     probe: bool = False  # a step of the capacity search, beyond the configured ones
     early_stop: bool = False  # ended before its requests_per_user/duration: its verdict was already certain
     slo_passed: bool | None = None  # against the latency objectives (None: no objectives)
+    slo_decided: Literal["within", "missed"] | None = None  # shown by the anytime-valid test (the early stop's claim)
     slo_detail: str | None = None
     kind: Literal["step"] = "step"
+
+    @property
+    def level(self) -> float:
+        """The load level: the offered rate (open loop) or the users (closed loop)."""
+        return self.rate if self.rate is not None else self.users
+
+
+class Capacity(Record):
+    """The highest level (users, or requests/s) whose step met every objective, as an interval:
+    [last pass, first fail]."""
+
+    low: int | float  # 0: even the smallest step missed
+    high: int | float | None  # None: no step failed up to the bound
+    stopped_by: str  # why the search ended: "steps" (no search), "resolution", "bound: max_users", "bound: memory"
+    bound: int | float  # the highest level a step could have
+    unit: str = "users"  # or "requests/s"
 
 
 def read_records(path: Path) -> tuple[list[RequestRecord], list[StepRecord]]:

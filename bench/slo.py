@@ -1,30 +1,32 @@
-"""Latency objectives: which requests met them, whether a step passed them, and when that is already certain.
+"""Latency objectives: which requests met them, whether a step passed them, and when that is already decided.
 
 An objective is a limit on a quantile of one per-request metric (TTFT, TPOT or E2E, in seconds), e.g. TTFT p90 <= 2 s.
 A request is good when it meets every objective's limit (goodput counts only those). A step passes when, for every
 objective, the quantile of its measured requests (numpy's linear interpolation, as the report's percentiles; a
 failed request counts as missing every limit) is within the limit. Before a step has all its requests, its verdict
-is already certain when the distribution-free confidence interval of each quantile (order statistics: the ranks a
-binomial(n, q) count covers with the given confidence) lies entirely on one side of its limit: then the step may end
-early.
+is decided once an anytime-valid test says so (bench.sequential.MissRate on the share of requests over the limit,
+the error split across the objectives; the requests still in flight counted against the claim): then the step may
+end early, and the claim holds however often it was looked at.
 
 Pure functions, used by the step controller (Locust's process) and the harness's summaries alike.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
+
+from bench.sequential import MissRate
 
 Metric = Literal["ttft_s", "tpot_s", "e2e_s"]
 METRIC_LABELS = {"ttft_s": "TTFT", "tpot_s": "TPOT", "e2e_s": "E2E"}
-EARLY_STOP_CONFIDENCE = 0.95
+# The error each early claim may make: at most 2.5 % that a level is declared within when it is not, and 2.5 % that
+# it is declared missed when it is not (split equally across its objectives).
+EARLY_STOP_ALPHA = 0.025
 # A measured request that failed missed every objective: it counts as the slowest possible sample (finite, so that
 # quantiles interpolate without NaN).
 FAILED = sys.float_info.max
@@ -50,10 +52,11 @@ class Objective:
 @dataclass(frozen=True)
 class ObjectiveResult:
     objective: Objective
-    n: int
-    value: float | None  # the step's quantile (None: no sample)
-    low: float  # confidence interval of the quantile (order statistics; -inf/inf where the sample is too small)
-    high: float
+    n: int  # measured requests judged (failed ones count as misses)
+    value: float | None  # the step's quantile (None: no sample; FAILED or above: the quantile falls on failures)
+    misses: int = 0  # requests over the limit or failed
+    failed: int = 0
+    decided: Literal["within", "missed"] | None = None  # what the anytime-valid test has shown so far
 
     @property
     def passed(self) -> bool:
@@ -61,8 +64,8 @@ class ObjectiveResult:
 
     @property
     def certain(self) -> bool:
-        """The interval lies on one side of the limit: more requests would not change this objective's verdict."""
-        return self.high <= self.objective.limit_s or self.low > self.objective.limit_s
+        """The test has decided this objective's verdict, in the direction of the current estimate or not."""
+        return self.decided is not None
 
 
 @dataclass(frozen=True)
@@ -74,38 +77,36 @@ class StepVerdict:
         return all(r.passed for r in self.results)
 
     @property
+    def decided(self) -> Literal["within", "missed"] | None:
+        """Shown by the tests: "missed" when one objective certainly missed, "within" when every one certainly met
+        its limit; None while neither is shown."""
+        if any(r.decided == "missed" for r in self.results):
+            return "missed"
+        if self.results and all(r.decided == "within" for r in self.results):
+            return "within"
+        return None
+
+    @property
     def certain(self) -> bool:
-        """Pass or fail is settled: one objective certainly failed, or every one certainly passed."""
-        return any(r.certain and not r.passed for r in self.results) or all(r.certain for r in self.results)
+        return self.decided is not None
 
     def describe(self) -> str:
         parts = []
         for r in self.results:
-            value = "no sample" if r.value is None else "failed requests" if r.value >= FAILED else f"{r.value:.3g} s"
-            parts.append(f"{r.objective.describe()}: {value} ({'ok' if r.passed else 'missed'})")
+            if r.value is None:
+                value = "no sample"
+            elif r.value >= FAILED / 2:
+                value = "failed requests"
+            else:
+                value = f"{r.value:.3g} s"
+            share = f"{r.misses} of {r.n} over the limit" + (f", {r.failed} failed" if r.failed else "")
+            parts.append(f"{r.objective.describe()}: {value} ({'ok' if r.passed else 'missed'}; {share})")
         return "; ".join(parts)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
     """The q quantile as the report computes percentiles (numpy, linear interpolation)."""
     return float(np.percentile(np.asarray(values, dtype=float), q * 100))
-
-
-def quantile_interval(
-    values: Sequence[float], q: float, confidence: float = EARLY_STOP_CONFIDENCE
-) -> tuple[float, float]:
-    """Distribution-free interval of the q quantile: order statistics x(l) .. x(u) with P(l <= B < u) >= confidence
-    for B ~ binomial(n, q); an end beyond the sample is -inf/inf (not enough requests to bound it)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return -math.inf, math.inf
-    tail = (1 - confidence) / 2
-    lower_rank = int(stats.binom.ppf(tail, n, q))  # x(lower_rank), 1-based; 0 = below the sample
-    upper_rank = int(stats.binom.ppf(1 - tail, n, q)) + 1
-    low = ordered[lower_rank - 1] if lower_rank >= 1 else -math.inf
-    high = ordered[upper_rank - 1] if upper_rank <= n else math.inf
-    return low, high
 
 
 def add_sample(samples: dict[str, list[float]], record: Any) -> None:
@@ -124,14 +125,28 @@ def add_sample(samples: dict[str, list[float]], record: Any) -> None:
             samples.setdefault(metric, []).append(float(value))
 
 
-def evaluate(samples: Mapping[str, Sequence[float]], objectives: Sequence[Objective]) -> StepVerdict:
-    """Each objective against the step's samples (metric -> values of its measured requests; failures as FAILED)."""
+def evaluate(
+    samples: Mapping[str, Sequence[float]],
+    objectives: Sequence[Objective],
+    *,
+    sent: int | None = None,
+    in_flight: int = 0,
+    alpha: float = EARLY_STOP_ALPHA,
+) -> StepVerdict:
+    """Each objective against the step's samples (metric -> values of its measured requests; failures as FAILED);
+    with `sent` (requests sent in the step so far, `in_flight` of them unfinished), what the anytime-valid test has
+    decided, at `alpha` per claim split across the objectives."""
     results = []
     for objective in objectives:
         values = [v for v in samples.get(objective.metric, ()) if v is not None]
         value = quantile(values, objective.quantile) if values else None
-        low, high = quantile_interval(values, objective.quantile)
-        results.append(ObjectiveResult(objective, len(values), value, low, high))
+        misses = sum(v > objective.limit_s for v in values)
+        failed = sum(v >= FAILED for v in values)
+        decided = None
+        if sent is not None:
+            test = MissRate(p0=1 - objective.quantile, alpha=alpha / len(objectives))
+            decided = test.decide(max(sent, len(values)), misses, in_flight)
+        results.append(ObjectiveResult(objective, len(values), value, misses, failed, decided))
     return StepVerdict(tuple(results))
 
 

@@ -1,12 +1,10 @@
-"""The systems the load stage measures, behind one interface (`harness.server.Endpoint`).
+"""Target kind `llama-cpp-python`: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`).
 
-- llama-server, started by the harness for one variant (`harness.server.LlamaServer`);
-- llama-cpp-python's OpenAI server (`python -m llama_cpp.server`), installed from the PyPI version whose sdist the
-  llama.cpp build came from, compiled once into a cached environment with the build's backend, started on
-  127.0.0.1 with the variant's GGUF (or every variant, from one `--config_file`), a context that fits a request and
-  the same thread count, and stopped on every exit path. It serves one request at a time; its default
-  `interrupt_requests` would cancel the streaming request whenever another arrives, so it is turned off;
-- an endpoint that is already running (`kind = "external"`): no lifecycle, reached and checked once.
+Installed from the PyPI version whose sdist the llama.cpp build came from, compiled once into a cached environment
+with the build's backend and instruction sets, started on 127.0.0.1 with the variant's GGUF (or every variant, from
+one `--config_file`), a context that fits a request and the same thread count, and stopped on every exit path. It
+serves one request at a time; its default `interrupt_requests` would cancel the streaming request whenever another
+arrives, so it is turned off.
 """
 
 from __future__ import annotations
@@ -19,37 +17,65 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import model_validator
 
 from harness.buildcheck import probe_models
 from harness.cache import atomic_dir
-from harness.config import Experiment, TargetConfig
-from harness.context import RunContext
 from harness.cpu import this_cpu
 from harness.errors import ConfigError, LoadTestError, ServerError
-from harness.llamacpp import check_toolchain
 from harness.process import spawn
 from harness.records import atomic_write, inputs_digest
-from harness.server import Endpoint, LlamaServer, ManagedEndpoint, ServerSizing, check_gguf, free_port
+from harness.server import ManagedEndpoint, check_gguf, free_port
+from harness.targets.base import Target, TargetConfig, register
+from harness.toolchain import check_toolchain
 from harness.tools import error_line, run_logged
+
+if TYPE_CHECKING:
+    from harness.config import Experiment
+    from harness.context import RunContext
 
 logger = logging.getLogger(__name__)
 
 
-def sizing_for(exp: Experiment, parallel: int | None = None) -> ServerSizing:
-    """One slot per user of the largest step (or of the search's bound), each holding a whole request."""
-    return ServerSizing(
-        parallel=parallel or exp.load.bound,
-        prompt_tokens=exp.load.prompt_tokens,
-        output_tokens=0 if exp.load.api == "embeddings" else exp.load.output_tokens,
-        margin_tokens=exp.server.margin_tokens,
-    )
+class LlamaCppPythonConfig(TargetConfig):
+    """`kind = "llama-cpp-python"`: its PyPI version (default: the one whose sdist the llama.cpp build came from),
+    and whether one server holds every variant (its --config_file, the users naming the model) instead of one per
+    variant."""
+
+    kind: Literal["llama-cpp-python"] = "llama-cpp-python"
+    version: str | None = None
+    multi_model: bool = False
+
+    @property
+    def shares_one_server(self) -> bool:
+        return self.multi_model
+
+    @model_validator(mode="after")
+    def _no_native_route(self) -> LlamaCppPythonConfig:
+        if self.api == "native":
+            raise ValueError("llama-cpp-python has no native /completion route; use api openai, chat or embeddings")
+        return self
 
 
-# ---------------------------------------------------------------- llama-cpp-python
+@register
+class LlamaCppPython(Target):
+    kind = "llama-cpp-python"
+    config = LlamaCppPythonConfig
+    serializes = True  # one Llama object per model, one request at a time: concurrent requests queue
+
+    @classmethod
+    def route_api(cls, api: str) -> str:
+        return "openai" if api == "native" else api
+
+    @classmethod
+    def open(cls, ctx, target, models, *, log_path, parallel):  # type: ignore[no-untyped-def]
+        embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
+        return LlamaCppPythonServer(ctx, target, models, log_path=log_path, embedding=embeddings)  # type: ignore[arg-type]
 
 
-def llama_cpp_python_version(exp: Experiment, target: TargetConfig) -> str:
+def llama_cpp_python_version(exp: Experiment, target: LlamaCppPythonConfig) -> str:
     """The PyPI version to install: the target's, else the one whose sdist the llama.cpp build came from."""
     if target.version:
         return target.version
@@ -138,11 +164,12 @@ class LlamaCppPythonServer(ManagedEndpoint):
     """`python -m llama_cpp.server` for one variant, or for several from one --config_file (model aliases)."""
 
     kind = "llama-cpp-python"
-    serializes = True  # one Llama object per model, one request at a time: concurrent requests queue
+    serializes = LlamaCppPython.serializes
 
     def __init__(
-        self, ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path, embedding: bool
-    ) -> None:
+        self, ctx: RunContext, target: LlamaCppPythonConfig, models: Mapping[str, Path], *, log_path: Path,
+        embedding: bool,
+    ) -> None:  # fmt: skip
         self.ctx = ctx
         self.target = target
         self.models = {name: Path(path) for name, path in models.items()}
@@ -160,7 +187,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
     def model_settings(self, alias: str, model: Path) -> dict[str, Any]:
         """One model's settings (--config_file entry and command-line flags alike)."""
         exp = self.ctx.experiment
-        sizing = sizing_for(exp)
+        sizing = exp.sizing()
         settings: dict[str, Any] = {
             "model": str(model),
             "model_alias": alias,
@@ -212,7 +239,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
             "models": {alias: str(path) for alias, path in self.models.items()},
             "version": llama_cpp_python_version(exp, self.target),
             "backend": self.ctx.build.backend,
-            "ctx_size": sizing_for(exp).per_slot,
+            "ctx_size": exp.sizing().per_slot,
             "threads": exp.server.threads,
         }
 
@@ -227,78 +254,3 @@ class LlamaCppPythonServer(ManagedEndpoint):
                 f"llama-cpp-python's server does not list model(s) {', '.join(missing)} (log: {self.log_path})"
             )
         return True
-
-
-# ---------------------------------------------------------------- an endpoint that is already running
-
-
-class ExternalEndpoint(Endpoint):
-    """An already running llama-server or OpenAI-compatible server: reached and checked, never started or stopped."""
-
-    kind = "external"
-
-    def __init__(self, target: TargetConfig) -> None:
-        assert target.url is not None  # TargetConfig requires it for kind "external"
-        self.target = target
-        self._url = target.url.rstrip("/")
-        self.props: dict[str, Any] = {}
-        self.models: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return self._url
-
-    def start(self) -> None:
-        """Check the endpoint answers, and that it serves the model the users will name (when one is named)."""
-        try:
-            listed = self.get_json("/v1/models", timeout_s=10)
-            self.models = [str(m.get("id")) for m in listed.get("data", []) if isinstance(m, dict)]
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise LoadTestError(
-                    f"target {self.target.label}: {self.url}/v1/models answered HTTP {exc.code}"
-                ) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise LoadTestError(f"target {self.target.label}: cannot reach {self.url} ({reason})") from None
-        with_props = self._props()
-        if with_props is not None:
-            self.props = with_props
-        name = self.target.model_name
-        if name and self.models and name not in self.models:
-            raise LoadTestError(
-                f"target {self.target.label}: {self.url} does not serve model {name!r}; it serves: "
-                f"{', '.join(self.models)}"
-            )
-
-    def _props(self) -> dict[str, Any] | None:
-        try:
-            props = self.get_json("/props", timeout_s=5)
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-        return props if isinstance(props, dict) else None
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "models": self.models, "llama_server": bool(self.props)}
-
-
-# ---------------------------------------------------------------- choosing
-
-
-def open_endpoint(
-    ctx: RunContext, target: TargetConfig, models: Mapping[str, Path], *, log_path: Path, parallel: int | None = None
-) -> Endpoint:
-    """The endpoint of `target` for `models` (variant -> GGUF; one, or all for a multi-model server), not started;
-    llama-server gets `parallel` slots (default: the load's bound)."""
-    embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
-    if target.kind == "external":
-        return ExternalEndpoint(target)
-    if target.kind == "llama-cpp-python":
-        return LlamaCppPythonServer(ctx, target, models, log_path=log_path, embedding=embeddings)
-    if len(models) != 1:
-        raise LoadTestError(f"llama-server serves one model at a time, not {len(models)}")
-    (model,) = models.values()
-    return LlamaServer(
-        ctx.build, model, sizing_for(ctx.experiment, parallel), log_path=log_path, settings=ctx.experiment.server,
-        embeddings=embeddings,
-    )  # fmt: skip

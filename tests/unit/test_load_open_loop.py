@@ -1,0 +1,163 @@
+"""Open-loop levels with a fake clock: arrivals on schedule, late and dropped requests counted, capacity as a rate.
+
+The same `Simulation` as the closed-loop tests (tests/unit/test_load_steps.py), with plans whose arrival process is
+constant, Poisson or gamma; the server's request time is a function of the requests in flight.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+from scipy import stats
+
+from bench.arrivals import ARRIVALS, Constant, Gamma, Poisson, arrival_from, expected_gap_cv, register
+from bench.plan import LoadPlan
+from bench.slo import Objective
+from locustfiles._steps import ArrivalSchedule
+from tests.unit.test_load_steps import Simulation
+
+E2E_2S = (Objective("e2e_s", 2.0, 0.9),)
+
+
+def open_plan(kind: str = "poisson", steps=(2,), **kwargs) -> LoadPlan:
+    arrival = {"kind": kind, "max_in_flight": kwargs.pop("max_in_flight", 4), "seed": kwargs.pop("seed", 7),
+               **kwargs.pop("arrival", {})}  # fmt: skip
+    return LoadPlan(arrival=arrival, steps=steps, **kwargs)
+
+
+def measured(sim: Simulation, step) -> list[dict]:
+    return [r for r in sim.records if r["epoch"] == step.epoch and r["measured"]]
+
+
+def test_arrivals_follow_the_schedule_when_the_server_keeps_up():
+    sim = Simulation(open_plan("poisson", steps=(2, 4), requests_per_step=60), request_s=0.2, prepare_s=0.1)
+    sim.run(limit_s=1000)
+    assert not sim.aborted and [s.rate for s in sim.steps] == [2, 4]
+    for step in sim.steps:
+        mine = measured(sim, step)
+        assert step.measured_requests == len(mine) == 60 and step.users == 4
+        assert step.late_requests == 0 and step.dropped_requests == 0
+        # Sent when they arrived (to the simulation's 10 ms tick), and the gaps are those of the process.
+        assert all(r["queue_s"] < 0.011 for r in mine)
+        arrivals = sorted(r["scheduled_at"] for r in mine)
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        assert statistics.mean(gaps) == pytest.approx(1 / step.rate, rel=0.35)
+
+
+def test_a_constant_rate_sends_on_the_beat():
+    sim = Simulation(open_plan("constant", steps=(5,), requests_per_step=20), request_s=0.1, prepare_s=0.1)
+    sim.run(limit_s=100)
+    (step,) = sim.steps
+    arrivals = sorted(r["scheduled_at"] for r in measured(sim, step))
+    gaps = {round(b - a, 6) for a, b in zip(arrivals, arrivals[1:], strict=False)}
+    assert gaps == {0.2}
+
+
+def test_an_overloaded_server_makes_requests_late_then_dropped_and_the_level_misses():
+    # 4 requests/s offered, each takes 2 s, at most 2 in flight: the server completes 1 per second. Arrivals wait
+    # for a free user (late, their latency counting from arrival); past max_wait_s they are dropped (failed).
+    plan = open_plan("constant", steps=(4,), requests_per_step=40, max_in_flight=2, arrival={"max_wait_s": 3.0},
+                     objectives=E2E_2S)  # fmt: skip
+    sim = Simulation(plan, request_s=2.0, prepare_s=0.1)
+    sim.run(limit_s=200)
+    (step,) = sim.steps
+    mine = measured(sim, step)
+    assert step.measured_requests == len(mine) == 40
+    assert step.late_requests > 0 and step.dropped_requests > 0
+    assert step.late_requests == sum(r.get("queue_s", 0) > 0.05 for r in mine)
+    assert step.dropped_requests == sum(bool(r.get("dropped")) for r in mine)
+    assert all(r["queue_s"] > 3.0 for r in mine if r.get("dropped"))
+    assert step.slo_passed is False
+    # Never more in flight than the bound.
+    assert max(n for _, n in sim.in_flight_log) <= 2
+
+
+def test_a_request_still_in_flight_when_the_window_ends_is_measured():
+    # Open loop: a request counts for the level it arrived in, however late it finishes (no survivor bias).
+    sim = Simulation(open_plan("constant", steps=(2,), step_duration_s=3.0), request_s=1.5, prepare_s=0.1)
+    sim.run(limit_s=100)
+    (step,) = sim.steps
+    tail = [r for r in measured(sim, step) if r["ended"] > step.ended_at]
+    assert tail and step.unmeasured_requests == 0
+
+
+def test_capacity_as_a_rate():
+    # Each request takes 0.5 s while fewer than 3 are in flight, 2.5 s beyond: about 4 requests/s are served.
+    def request_s(users: int, in_flight: int) -> float:
+        return 0.5 if in_flight <= 3 else 2.5
+
+    plan = open_plan("constant", steps=(1, 2), requests_per_step=24, max_in_flight=8, objectives=E2E_2S,
+                     search=True, max_level=32, search_resolution=0.5)  # fmt: skip
+    sim = Simulation(plan, request_s=request_s, prepare_s=0.1)
+    sim.run(limit_s=3000)
+    assert not sim.aborted and sim.controller.phase == "done"
+    low, high = sim.controller.search.interval
+    assert 4 <= low < high <= 8 and high - low <= 0.5 and sim.controller.search.stopped_by == "resolution"
+    assert [s.rate for s in sim.steps][:3] == [1, 2, 4] and all(s.probe for s in sim.steps[2:])
+
+
+def test_two_processes_share_a_level():
+    sim = Simulation(open_plan("poisson", steps=(4,), requests_per_step=41), request_s=0.1, prepare_s=0.1,
+                     nodes=("a", "b"))  # fmt: skip
+    sim.run(limit_s=200)
+    (step,) = sim.steps
+    by_node = [sum(r["node"] == n for r in measured(sim, step)) for n in ("a", "b")]
+    assert step.measured_requests == 41 and sorted(by_node) == [20, 21]
+
+
+# ---------------------------------------------------------------- the arrival processes themselves
+
+
+@pytest.mark.parametrize("arrival", [Constant(), Poisson(), Gamma(burstiness=0.5), Gamma(burstiness=4.0)])
+def test_each_process_has_the_mean_rate_and_the_spread_it_promises(arrival):
+    rng = random.Random(1)
+    gaps = []
+    intervals = arrival.intervals(2.0, rng)
+    for _ in range(20000):
+        gaps.append(next(intervals))
+    assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.03)
+    cv = statistics.pstdev(gaps) / statistics.mean(gaps)
+    assert cv == pytest.approx(expected_gap_cv(arrival), abs=0.03)
+    if isinstance(arrival, Poisson):
+        assert stats.kstest(gaps, "expon", args=(0, 0.5)).pvalue > 0.01
+
+
+def test_a_schedule_stops_at_its_quota():
+    schedule = ArrivalSchedule(Constant(), 10.0, start=0.0, seed=0, quota=3)
+    assert schedule.take(0.05) is None  # the first arrival is at 0.1 s
+    taken = [schedule.take(t) for t in (0.1, 0.2, 0.31, 0.41)]
+    assert [t[0] for t in taken[:3] if t] == pytest.approx([0.1, 0.2, 0.3]) and taken[3] is None
+    assert schedule.exhausted
+
+
+def test_kinds_are_a_registry_and_a_new_one_is_one_class():
+    assert list(ARRIVALS)[:4] == ["users", "constant", "poisson", "gamma"]
+    with pytest.raises(ValueError, match="unknown arrival kind 'bursty'; known kinds: users, constant, poisson"):
+        arrival_from({"kind": "bursty"})
+    with pytest.raises(ValueError, match="registered twice"):
+        register("poisson")(Poisson)
+
+    @register("every-other")
+    class EveryOther(Constant):  # a test-only kind: defined here, usable by any plan at once
+        kind: str = "every-other"
+
+        def intervals(self, rate, rng):
+            while True:
+                yield 0.5 / rate
+                yield 1.5 / rate
+
+    try:
+        plan = LoadPlan(arrival={"kind": "every-other", "max_in_flight": 2}, steps=(1,), requests_per_step=4)
+        assert isinstance(plan.arrival, EveryOther) and LoadPlan.model_validate_json(plan.model_dump_json()) == plan
+    finally:
+        del ARRIVALS["every-other"]
+
+
+def test_open_loop_plans_check_their_own_rules():
+    with pytest.raises(ValueError, match="requests_per_user is for closed-loop users"):
+        open_plan(requests_per_user=3)
+    assert open_plan().requests_per_step == 32  # the open loop's default step length
+    assert open_plan(steps=(0.5, 1.5)).steps == (0.5, 1.5)  # rates need not be whole
+    assert open_plan(max_in_flight=6).concurrency == 6

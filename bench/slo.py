@@ -142,6 +142,8 @@ def evaluate(
         value = quantile(values, objective.quantile) if values else None
         misses = sum(v > objective.limit_s for v in values)
         failed = sum(v >= FAILED for v in values)
+        if failed and value is not None and value > max((v for v in values if v < FAILED), default=-1.0):
+            value = FAILED  # interpolated towards a failure: the quantile falls on the failures, not at 1.8e+307 s
         decided = None
         if sent is not None:
             test = MissRate(p0=1 - objective.quantile, alpha=alpha / len(objectives))

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.cache import CacheDir  # noqa: E402
+from harness.cache import CacheDir, default_cache_dir  # noqa: E402
 from harness.config import Experiment, LlamaCppConfig, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig  # noqa: E402
 from harness.context import RunContext  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--tpot-ms", type=float, default=100.0, help="TPOT p90 limit, milliseconds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "llamasys")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: %(default)s")
     parser.add_argument("--only", choices=("full", "early"), help="run one half (the long study shape in two sittings)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="early-stop-"))

@@ -287,14 +287,6 @@ class GuideLLMSkipped(Exception):
     """Why the comparison with GuideLLM cannot run here (it is optional: the rest of the benchmark goes on)."""
 
 
-def cache_dir() -> Path:
-    """The project's cache (as the CLI and the tests resolve it)."""
-    explicit = os.environ.get("LLAMASYS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamasys"
-
-
 def guidellm_env(cache: Path, version: str = GUIDELLM_VERSION) -> Path:
     """GuideLLM's own virtualenv, <cache>/thirdparty/guidellm-<version>-venv, made once and reused: a peer the
     benchmark compares with, never a dependency of the project. Filled in a temporary sibling and renamed whole, so
@@ -448,6 +440,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 def compare_openai(args: argparse.Namespace, out: Path, fake_server) -> dict:
     """OpenAICompletionUser and GuideLLM against one fake server; GuideLLM is skipped (with the reason) when it
     cannot be had."""
+    from harness.cache import default_cache_dir
     from harness.process import running
 
     users = args.openai_users
@@ -455,7 +448,7 @@ def compare_openai(args: argparse.Namespace, out: Path, fake_server) -> dict:
     skipped: str | None = "--no-guidellm" if args.no_guidellm else None
     if skipped is None:
         try:
-            cache = cache_dir()
+            cache = default_cache_dir()
             tokenizer = Path(args.guidellm_tokenizer) if args.guidellm_tokenizer else hf_tokenizer_dir(cache)
             if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
                 raise GuideLLMSkipped(

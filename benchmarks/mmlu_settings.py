@@ -9,7 +9,6 @@ both wall times, their ratio, and checks that both runs answer every question id
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -18,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_output_arguments, report  # noqa: E402
 from harness.cache import CacheDir  # noqa: E402
 from harness.config import LlamaCppConfig, MMLUConfig  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
 from harness.llamacpp import ensure_build  # noqa: E402
 from harness.models.sources import smollm2_gguf  # noqa: E402
 from mmlu.dataset import load_selection  # noqa: E402
@@ -44,19 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks-per-decode", type=int, help="override the harness's choice (default: by backend)")
     parser.add_argument("--repeat", type=int, default=1, help="run each setting this many times, alternating order")
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LLAMASYS_CACHE_DIR", "") or
-                        Path.home() / ".cache" / "llamasys"))  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-    try:
-        figures = run(args)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    add_output_arguments(parser)
+    return report(parser.parse_args(argv), run)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_output_arguments, report  # noqa: E402
 from harness.buildcheck import probe_models  # noqa: E402
 from harness.cache import CacheDir  # noqa: E402
 from harness.config import LlamaCppConfig  # noqa: E402
@@ -36,19 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", type=int, default=64, help="llama-bench -n")
     parser.add_argument("--repetitions", type=int, default=5, help="llama-bench -r")
     parser.add_argument("--rounds", type=int, default=2, help="on/off pairs, alternating which goes first")
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LLAMASYS_CACHE_DIR", "") or
-                        Path.home() / ".cache" / "llamasys"))  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-    try:
-        figures = run(args)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    add_output_arguments(parser)
+    return report(parser.parse_args(argv), run)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -200,6 +200,15 @@ def tree_fingerprint(root: Path, *, skip: tuple[str, ...] = (".",), followlinks:
     return digest.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """The cache when none is configured: $LLAMASYS_CACHE_DIR, else $XDG_CACHE_HOME/llamasys, else
+    ~/.cache/llamasys (what the CLI, the tests and the benchmarks share)."""
+    explicit = os.environ.get("LLAMASYS_CACHE_DIR")
+    if explicit:
+        return Path(explicit).absolute()
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamasys").absolute()
+
+
 @dataclass(frozen=True)
 class CacheDir:
     """The cache shared by runs (~/.cache/llamasys): every entry is keyed by what produced it."""

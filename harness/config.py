@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from bench.plan import LoadPlan, plan_error
 from bench.slo import Objective
+from harness.cache import default_cache_dir
 from harness.errors import ConfigError
 from harness.server import ServerConfig, ServerSizing
 from harness.targets import TargetConfig, target_config
@@ -436,8 +437,7 @@ class Experiment(Section):
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir.absolute()
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return base / "llamasys"
+        return default_cache_dir()
 
     def to_toml(self) -> str:
         """The resolved experiment as TOML (what actually ran), for the run directory."""

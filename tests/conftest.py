@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from harness.build import Build
-from harness.cache import CacheDir
+from harness.cache import CacheDir, default_cache_dir
 from harness.config import LlamaCppConfig
 from harness.llamacpp import ensure_build
 from harness.models.sources import smollm2_gguf
 
 
-def _cache_dir() -> Path:
-    # The same cache the CLI uses, so CI's second run and a developer's machine reuse builds and downloads.
-    explicit = os.environ.get("LLAMASYS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamasys"
-
-
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    path = _cache_dir()
+    # The same cache the CLI uses, so CI's second run and a developer's machine reuse builds and downloads.
+    path = default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

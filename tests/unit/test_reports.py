@@ -223,3 +223,27 @@ def test_capacity_is_the_speed_figure_when_the_run_measured_it():
     for v in r.variants[1:]:
         v.quality.kld_mean_sigma = 0.01  # KLD intervals overlap: tied, the smaller file wins
     assert recommend(r).variant == "Q4_K_M-imat"
+
+
+def test_a_step_missed_for_failures_shows_the_verdicts_own_figure(tmp_path):
+    """Percentiles leave failed requests out, the objectives do not: the page prints the verdict's own figure under
+    it, so a TTFT p90 of 1.9 s beside a 2 s limit and "missed" is explained on the page, not only in a tooltip."""
+    from bench.slo import FAILED, Objective, evaluate
+
+    r = results()
+    speed = r.variants[1].speed
+    speed.objectives = ["TTFT p90 <= 2 s"]
+    ok = speed.steps[0]
+    ok.slo_passed, ok.slo_detail = True, evaluate({"ttft_s": [1.0] * 20}, [Objective("ttft_s", 2.0, 0.9)]).describe()
+    bad = speed.steps[1]
+    # 18 successful requests whose p90 is 1.9 s and 2 failed ones: the successful requests' percentile is under the
+    # limit, the step's (over every measured request) falls on the failures.
+    verdict = evaluate({"ttft_s": [1.0] * 17 + [1.9, FAILED, FAILED]}, [Objective("ttft_s", 2.0, 0.9)])
+    bad.failures, bad.ttft_s["p90"] = 2, 1.9
+    bad.slo_passed, bad.slo_detail = verdict.passed, verdict.describe()
+    assert bad.slo_passed is False
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert ('<div class="slo-detail muted">TTFT p90 &lt;= 2 s: failed requests (missed; 2 of 20 over the limit, 2 '
+            "failed)</div>") in page  # fmt: skip
+    assert '<div class="slo-detail muted">TTFT p90 &lt;= 2 s: 1 s (ok; 0 of 20 over the limit)</div>' in page
+    assert "Latency percentiles are of the requests that succeeded" in page

@@ -80,12 +80,19 @@ class StepController:
         self._late = 0
         self._dropped = 0
         self._acked: set[str] = set()
-        self._seed = random.Random(self.run).randrange(2**31) if plan.arrival.open_loop else 0
 
     @property
     def level(self) -> float:
         """This level: users (closed loop) or the offered rate in requests/s (open loop)."""
         return self._level
+
+    def level_seed(self) -> int:
+        """The seed of this open-loop level's arrival times: from the arrival's `seed` when one is set (the same
+        schedule at a given rate for every variant, target and rerun: their levels are compared on the same
+        arrivals), else from this run; and from the rate, so each level draws its own gaps (one unlucky draw does
+        not scale into every level of a run)."""
+        base = self.plan.arrival.seed if self.plan.arrival.seed is not None else self.run  # type: ignore[attr-defined]
+        return random.Random(f"{base}/{self._level:g}").randrange(2**31)
 
     @property
     def users(self) -> int:
@@ -102,7 +109,7 @@ class StepController:
             nodes = sorted(self.nodes()) or ["local"]
             quota = self.plan.requests_per_step
             message["open"] = {
-                "arrival": self.plan.arrival.model_dump(mode="json"), "rate": self._level, "seed": self._seed,
+                "arrival": self.plan.arrival.model_dump(mode="json"), "rate": self._level, "seed": self.level_seed(),
                 "share": {node: i for i, node in enumerate(nodes)}, "nodes": len(nodes),
                 "quota": quota if self.plan.step_duration_s is None else None,
             }  # fmt: skip

@@ -42,7 +42,9 @@ def test_demo_end_to_end(env, tmp_path: Path):
             low, high = speed["capacity"]["low"], speed["capacity"]["high"]
             assert all(s["slo_passed"] == (s["users"] <= low) for s in speed["steps"] if s["users"] in (low, high))
             assert all(s["slo_passed"] for s in speed["steps"] if s["users"] <= low)
-            assert high is None or (high - low == 1 and speed["capacity"]["stopped_by"] == "resolution")
+            # Where the boundary lies depends on the machine (a slow one misses even at 1 user); the reason must match.
+            expected = "fails at 1 user" if low == 0 else "resolution"
+            assert high is None or (high - low == 1 and speed["capacity"]["stopped_by"] == expected)
             assert speed["objectives"] == ["TTFT p90 <= 2 s", "TPOT p90 <= 100 ms"]
         assert v["speeds"]["llama-cpp-python"]["serializes"] and v["speeds"]["llama-cpp-python"]["api"] == "openai"
         if not v["is_baseline"]:

@@ -15,7 +15,7 @@ from scipy import stats
 from bench.arrivals import ARRIVALS, Constant, Gamma, Poisson, arrival_from, expected_gap_cv, register
 from bench.plan import LoadPlan
 from bench.slo import Objective
-from locustfiles._steps import ArrivalSchedule
+from locustfiles._steps import ArrivalSchedule, StepController
 from tests.unit.test_load_steps import Simulation
 
 E2E_2S = (Objective("e2e_s", 2.0, 0.9),)
@@ -32,12 +32,14 @@ def measured(sim: Simulation, step) -> list[dict]:
 
 
 def test_arrivals_follow_the_schedule_when_the_server_keeps_up():
-    sim = Simulation(open_plan("poisson", steps=(2, 4), requests_per_step=60), request_s=0.2, prepare_s=0.1)
+    # 16 in flight at most, each request 0.2 s: a request could only wait if 17 arrived within 0.2 s.
+    plan = open_plan("poisson", steps=(2, 4), requests_per_step=60, max_in_flight=16)
+    sim = Simulation(plan, request_s=0.2, prepare_s=0.1)
     sim.run(limit_s=1000)
     assert not sim.aborted and [s.rate for s in sim.steps] == [2, 4]
     for step in sim.steps:
         mine = measured(sim, step)
-        assert step.measured_requests == len(mine) == 60 and step.users == 4
+        assert step.measured_requests == len(mine) == 60 and step.users == 16
         assert step.late_requests == 0 and step.dropped_requests == 0
         # Sent when they arrived (to the simulation's 10 ms tick), and the gaps are those of the process.
         assert all(r["queue_s"] < 0.011 for r in mine)
@@ -105,6 +107,34 @@ def test_two_processes_share_a_level():
     (step,) = sim.steps
     by_node = [sum(r["node"] == n for r in measured(sim, step)) for n in ("a", "b")]
     assert step.measured_requests == 41 and sorted(by_node) == [20, 21]
+
+
+def offsets(sim: Simulation, step) -> list[float]:
+    """A level's arrival times from its first arrival."""
+    arrivals = sorted(r["scheduled_at"] for r in measured(sim, step))
+    return [round(t - arrivals[0], 9) for t in arrivals]
+
+
+def test_a_seed_gives_each_rate_one_schedule_whatever_else_ran_and_each_rate_its_own_draws():
+    # The configured seed fixes a level's arrivals: the same at 2 requests/s whether it is the run's first level or
+    # its second, so variants, targets and reruns are compared on the same schedule.
+    first = Simulation(open_plan("poisson", steps=(2, 4), requests_per_step=20, seed=3), request_s=0.1, prepare_s=0.1)
+    second = Simulation(open_plan("poisson", steps=(1, 2), requests_per_step=20, seed=3), request_s=0.1,
+                        prepare_s=0.1)  # fmt: skip
+    first.run(limit_s=1000)
+    second.run(limit_s=1000)
+    at_2 = offsets(first, first.steps[0])
+    assert at_2 == offsets(second, second.steps[1])
+    # Each rate draws its own gaps: the 4 requests/s schedule is not the 2 requests/s one at half the scale.
+    at_4 = offsets(first, first.steps[1])
+    assert [round(2 * t, 6) for t in at_4] != [round(t, 6) for t in at_2]
+    # Another seed, another schedule; no seed: a fresh one per run.
+    other = Simulation(open_plan("poisson", steps=(2,), requests_per_step=20, seed=4), request_s=0.1, prepare_s=0.1)
+    other.run(limit_s=1000)
+    assert offsets(other, other.steps[0]) != at_2
+    plan = open_plan("poisson", steps=(2,), seed=None)
+    seeds = {StepController(plan, clock=lambda: 0.0, nodes=lambda: {"local"}, run=r).level_seed() for r in "abc"}
+    assert len(seeds) == 3
 
 
 # ---------------------------------------------------------------- the arrival processes themselves

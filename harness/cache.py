@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import Field
 
+from harness.errors import HarnessError
 from harness.records import Record, RecordError, atomic_write, read_record
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ def file_sha256(path: Path) -> str:
 
 
 _DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def file_identity(path: Path) -> dict[str, object]:
+    """Cheap identity of a model file for cache keys and stage digests: resolved path, size, modification time."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise HarnessError(f"model file not found: {path}") from None
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def content_sha256(path: Path) -> str:

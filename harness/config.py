@@ -123,6 +123,9 @@ class VariantConfig(Section):
     pure: bool = False
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
+    # "search": a per-tensor recipe found by the `[search]` section under its size budget (`type` then names the file
+    # type llama-quantize writes in the GGUF's metadata; every searched tensor's own type comes from the recipe).
+    recipe: Literal["search"] | None = None
 
     @field_validator("type")
     @classmethod
@@ -138,9 +141,85 @@ class VariantConfig(Section):
             raise ValueError(f"unknown tensor type {value!r}; allowed: {', '.join(TENSOR_TYPES)}")
         return value.lower() if value else value
 
+    @model_validator(mode="after")
+    def _recipe_needs(self) -> VariantConfig:
+        if self.recipe and (self.type in UNQUANTIZED_TYPES or not self.imatrix or self.pure):
+            raise ValueError(
+                f"variant {self.name}: a searched recipe needs a quantized type, imatrix = true and pure = false"
+            )
+        return self
+
     @property
     def is_baseline(self) -> bool:
         return self.type in UNQUANTIZED_TYPES
+
+
+# The per-tensor types a recipe search chooses from by default: llama-quantize's 3- to 8-bit K- and IQ-types (no
+# legacy Q4_1/Q5_1 grids: the demo's baseline is itself Q4_1 weights dequantized, which such a grid reproduces).
+SEARCH_TYPES = ("IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+# The llama-quantize file type that proves a tensor type runs (a K-type's _M mix uses it), and the types a tensor
+# whose rows the requested type's 256-blocks do not divide falls back to (Q3_K -> Q4_0, Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0, IQ -> IQ4_NL, as llama-quantize decides).
+SEARCH_FILE_TYPES = {
+    "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S", "Q3_K": "Q3_K_M", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "Q4_0": "Q4_0",
+    "Q4_K": "Q4_K_M", "Q5_0": "Q5_0", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+}  # fmt: skip
+FALLBACK_TYPES = ("Q4_0", "Q5_0", "Q5_1", "IQ4_NL", "Q8_0")
+SEARCHABLE_TYPES = tuple(SEARCH_FILE_TYPES)
+
+
+class SearchConfig(Section):
+    """The per-tensor recipe search of `recipe = "search"` variants: the KL divergence each tensor group adds on the
+    calibration text when it alone is quantized to each candidate type, then the assignment of one type per group
+    that minimises their sum within the size budget (scipy's milp)."""
+
+    # The budget: the recipe's file is at most this large. Default: the size of the stock variant `match` (by
+    # default the first 4-bit variant with an importance matrix), so the result is "better at the same size".
+    budget_bytes: int | None = Field(default=None, gt=0)
+    budget_bpw: float | None = Field(default=None, gt=0)
+    match: str | None = None
+    types: list[str] = Field(default_factory=lambda: list(SEARCH_TYPES), min_length=1)
+    # Tensor types no option may contain, fallbacks included (Q5_K falls back to Q5_1 on rows its 256-blocks do
+    # not divide): the demo sets ["Q4_1", "Q5_1"], the grids that reproduce its baseline, Q4_1 weights dequantized.
+    exclude_types: list[str] = Field(default_factory=list)
+    # block: tensors of one kind in `layer_blocks` contiguous runs of layers (and each tensor outside the layers);
+    # tensor: every tensor on its own (a measurement per tensor and type: far slower).
+    granularity: Literal["block", "tensor"] = "block"
+    layer_blocks: int = Field(default=4, ge=1)
+    chunks: int = Field(default=4, ge=1)  # of the calibration text, per sensitivity measurement
+    ctx_size: int = Field(default=512, ge=64)
+    time_budget_s: float = Field(default=3600, gt=0)
+
+    @field_validator("exclude_types")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [t.upper() for t in value]
+
+    @field_validator("types")
+    @classmethod
+    def _searchable(cls, value: list[str]) -> list[str]:
+        types = [t.upper() for t in value]
+        unknown = [t for t in types if t not in SEARCHABLE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown search type(s) {', '.join(unknown)}; allowed: {', '.join(SEARCHABLE_TYPES)}")
+        return list(dict.fromkeys(types))
+
+    @model_validator(mode="after")
+    def _enough_tokens(self) -> SearchConfig:
+        # llama-perplexity scores the second half of each chunk, and prints no statistics under 100 tokens.
+        if self.chunks * (self.ctx_size // 2 - 1) < 100:
+            raise ValueError(
+                f"search: {self.chunks} chunks of {self.ctx_size} tokens score fewer than the 100 tokens "
+                "llama-perplexity needs for KLD statistics; raise search.chunks or search.ctx_size"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SearchConfig:
+        if sum(x is not None for x in (self.budget_bytes, self.budget_bpw, self.match)) > 1:
+            raise ValueError("search: give at most one of budget_bytes, budget_bpw and match")
+        return self
 
 
 def default_variants() -> list[VariantConfig]:
@@ -372,6 +451,7 @@ class Experiment(Section):
     load: LoadConfig = Field(default_factory=LoadConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     slo: SloConfig = Field(default_factory=SloConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     # The systems the load stage measures, every variant on each (default: the llama-server the harness starts).
     targets: list[SerializeAsAny[TargetConfig]] = Field(default_factory=lambda: [target_config({})], min_length=1)
 
@@ -418,6 +498,26 @@ class Experiment(Section):
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _search_budget(self) -> Experiment:
+        if not any(v.recipe for v in self.variants):
+            return self
+        cfg = self.search
+        if cfg.budget_bytes is None and cfg.budget_bpw is None:
+            stock = self.budget_variant()
+            if stock is None:
+                wanted = f"no stock variant named {cfg.match!r}" if cfg.match else "no stock 4-bit imatrix variant"
+                raise ValueError(f"search: {wanted} to take the size budget from; set search.budget_bpw or add one")
+        return self
+
+    def budget_variant(self) -> VariantConfig | None:
+        """The stock variant whose file size is a recipe's default budget: `search.match`, else the first 4-bit
+        variant with an importance matrix."""
+        stock = [v for v in self.variants if not v.recipe and not v.is_baseline]
+        if self.search.match:
+            return next((v for v in stock if v.name == self.search.match), None)
+        return next((v for v in stock if v.imatrix and v.type.startswith(("Q4_", "IQ4_"))), None)
+
     @property
     def baseline(self) -> VariantConfig:
         """The unquantized variant every other one is compared with (the first, if several)."""
@@ -428,8 +528,12 @@ class Experiment(Section):
 
     @property
     def weight_types(self) -> list[str]:
-        """The weight types of the variants, each once: what the build must prove it runs."""
-        return list(dict.fromkeys(v.type for v in self.variants))
+        """The weight types of the variants, each once: what the build must prove it runs (a recipe search's
+        candidate types as the file types that use them, and the types llama-quantize falls back to)."""
+        types = [v.type for v in self.variants]
+        if any(v.recipe for v in self.variants):
+            types += [SEARCH_FILE_TYPES[t] for t in self.search.types] + list(FALLBACK_TYPES)
+        return list(dict.fromkeys(types))
 
     def resolved_run_dir(self) -> Path:
         return (self.run_dir if self.run_dir is not None else Path("runs") / self.name).absolute()

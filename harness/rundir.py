@@ -45,6 +45,10 @@ class RunDir:
     def model_link(self, variant: str) -> Path:
         return self.models / f"{variant}.gguf"
 
+    def recipe(self, variant: str) -> Path:
+        """A searched variant's --tensor-type-file, for plain llama-quantize."""
+        return self.models / f"{variant}.tensor-types.txt"
+
     def mmlu(self, variant: str) -> Path:
         return self.root / "mmlu" / f"{variant}.json"
 

@@ -42,6 +42,12 @@ ERROR_WORDS = re.compile(
 
 # The model loader's own reason ("unknown model architecture: ...") comes before the generic lines after it.
 LOADER_REASON = ("error loading model",)
+# Current builds prefix their log lines (not their result lines) with a timestamp and a level: "0.13.645.535 I ".
+_LOG_PREFIX_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+ [IWEDC] ")
+
+
+def strip_log_prefix(line: str) -> str:
+    return _LOG_PREFIX_RE.sub("", line, count=1)
 
 
 def error_line(lines: Sequence[str], *, prefer: Sequence[str] = (), empty: str = "(no output)") -> str:

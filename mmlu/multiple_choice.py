@@ -24,7 +24,7 @@ from pathlib import Path
 from harness.build import Era
 from harness.errors import MMLUError
 from harness.records import Record
-from harness.tools import Compute, LineProgress, ToolRunner
+from harness.tools import Compute, LineProgress, ToolRunner, strip_log_prefix
 
 # llama-perplexity's own limits (tools/perplexity/perplexity.cpp): 32 tasks x 4 answers of sequence ids per decode,
 # and at least 4 parallel sequences whatever -np says.
@@ -40,8 +40,6 @@ CTX_ROUNDING = 256
 MAX_BATCH = 2048
 
 HEADER = "task\tacc_norm"
-# Current builds prefix their log lines (not the task lines) with a timestamp and a level: "0.13.645.535 I ".
-_LOG_PREFIX_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+ [IWEDC] ")
 _TASK_RE = re.compile(r"^(\d+)\t(\d+(?:\.\d+)?)\s*$")
 _NUM = r"([-+]?(?:\d+(?:\.\d*)?|nan|inf))"
 _FINAL_RE = re.compile(rf"^\s*Final result:\s*{_NUM}\s*\+/-\s*{_NUM}", re.IGNORECASE)
@@ -146,10 +144,6 @@ class MultipleChoiceOutput:
     final_sigma: float | None
     random_chance: float | None
     problems: list[str]  # lines that look like the reason a run stopped early
-
-
-def strip_log_prefix(line: str) -> str:
-    return _LOG_PREFIX_RE.sub("", line, count=1)
 
 
 def task_line(line: str) -> tuple[int, float] | None:

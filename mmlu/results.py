@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import Field
 
 from harness.errors import MMLUError
+from harness.kld import KLDStats
 from harness.records import Record, StageRecord
 from mmlu import stats
 from mmlu.dataset import Question
-from mmlu.kld import KLDStats
 from mmlu.multiple_choice import MultipleChoicePlan
 
 

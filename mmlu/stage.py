@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from bench.sequential import PairedMargin
+from harness.cache import file_identity
 from harness.config import MMLUConfig
 from harness.context import RunContext
 from harness.corpus import corpus_text
 from harness.errors import HarnessError, MMLUError
+from harness.kld import base_logits, run_kld
 from harness.records import read_record
 from harness.rundir import RunDir
 from harness.stage import Stage, Unit, by_variant
 from mmlu.dataset import Selection, load_selection
-from mmlu.kld import base_logits, run_kld
 from mmlu.multiple_choice import MultipleChoicePlan, plan_multiple_choice, run_multiple_choice
 from mmlu.results import KLDResult, MMLUResult, QualityResults, SequentialRun, compare_all, score
 from mmlu.tasks import MultipleChoiceTask, render_tasks, write_task_file
-from mmlu.tokens import count_task_tokens, file_identity
+from mmlu.tokens import count_task_tokens
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class KLDStage(Stage[KLDResult]):
     def inputs(self, ctx: RunContext, unit: Unit) -> Any:
         cfg = ctx.experiment.mmlu
         return {
-            "stage": "kld/1",
+            "stage": "kld/2",
             "model": file_identity(_model(ctx, unit.key)),
             "baseline": file_identity(_model(ctx, ctx.baseline)),
             "corpus": file_identity(_kld_corpus(ctx)),

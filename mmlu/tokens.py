@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from harness.build import Build
-from harness.cache import CacheDir, atomic_file
+from harness.cache import CacheDir, atomic_file, file_identity
 from harness.errors import HarnessError, MMLUError
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
 from harness.server import LlamaServer, ServerConfig, ServerSizing
@@ -49,15 +49,6 @@ def required_tokens(token_lists: Sequence[Sequence[int]]) -> int:
     while prefix < shortest and all(t[prefix] == token_lists[0][prefix] for t in token_lists):
         prefix += 1
     return prefix + sum(len(t) - prefix for t in token_lists)
-
-
-def file_identity(path: Path) -> dict[str, object]:
-    """Cheap identity of a model file for cache keys and stage digests: resolved path, size, modification time."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise MMLUError(f"model file not found: {path}") from None
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def count_task_tokens(

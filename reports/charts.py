@@ -1,107 +1,105 @@
-"""Plotly figures for the report. Each function takes the results model and returns an HTML fragment.
+"""Plotly figures for the report. Each figure function takes the results model and returns a figure (None when there
+is nothing to draw); `all_charts` turns them into the HTML fragments the template places.
 
 plotly.js itself is inlined once by the renderer, so the report opens from disk with no network.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
 import plotly.graph_objects as go
 
-from reports.model import Results, Speed
+from reports.model import Results, StepResult, VariantResult
 
 _LAYOUT = {"template": "plotly_white", "height": 380, "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
+# d3 format of a log axis's tick labels: the whole value (0.003, 0.02), where plotly's default names a tick between
+# two decades by its bare mantissa ("3").
+_LOG_TICKS = "~g"
 
 
-def _html(fig: go.Figure, div_id: str) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+class Line(NamedTuple):
+    """One measured series, a (variant, target) pair or an external endpoint: its steps in the order of the level
+    (a capacity search measures them out of order: 1, 2, 4, 8, then a probe at 3)."""
+
+    label: str
+    unit: str  # users, or requests/s
+    steps: list[StepResult]
 
 
-def _series(results: Results) -> list[tuple[str, Speed]]:
+def _series(results: Results) -> list[Line]:
     """Every measured (variant, target) pair and external endpoint, labelled; the target is named only when there
     are several."""
     several = len(results.targets) > 1
-    out = []
-    for v in results.variants:
-        for target, speed in v.speeds.items():
-            if speed.steps:
-                out.append((f"{v.name} ({target})" if several else v.name, speed))
-    out += [(f"{e.model} ({e.target})", e.speed) for e in results.endpoints if e.speed.steps]
-    return out
+    speeds = [(f"{v.name} ({t})" if several else v.name, s) for v in results.variants for t, s in v.speeds.items()]
+    speeds += [(f"{e.model} ({e.target})", e.speed) for e in results.endpoints]
+    return [Line(label, s.unit, sorted(s.steps, key=lambda st: st.level)) for label, s in speeds if s.steps]
 
 
-def throughput_chart(results: Results) -> str | None:
-    series = _series(results)
-    if not series:
-        return None
-    fig = go.Figure()
-    for label, speed in series:
-        steps = speed.steps
-        fig.add_scatter(x=[s.level for s in steps], y=[s.output_tps for s in steps], mode="lines+markers", name=label)
-        if any(s.goodput_tps is not None for s in steps):
-            fig.add_scatter(x=[s.level for s in steps], y=[s.goodput_tps for s in steps], mode="lines+markers",
-                            name=f"{label} goodput", line={"dash": "dot"})  # fmt: skip
-    fig.update_layout(title=f"Output tokens/s and goodput against {_axis(series)[0]}", **_LAYOUT)
-    fig.update_xaxes(title=_axis(series)[1], type="log", dtick=0.30103)
-    fig.update_yaxes(title="output tokens/s", rangemode="tozero")
-    return _html(fig, "chart-throughput")
-
-
-def ttft_chart(results: Results) -> str | None:
-    series = _series(results)
-    if not series:
-        return None
-    fig = go.Figure()
-    for label, speed in series:
-        steps = [s for s in speed.steps if s.ttft_s]
-        if not steps:
-            continue
-        p50 = [s.ttft_s.get("p50") for s in steps]
-        p90 = [s.ttft_s.get("p90") for s in steps]
-        upper = [(b or 0) - (a or 0) for a, b in zip(p50, p90, strict=True)]
-        fig.add_scatter(
-            x=[s.level for s in steps],
-            y=p50,
-            mode="lines+markers",
-            name=f"{label} p50",
-            error_y={"type": "data", "symmetric": False, "array": upper, "arrayminus": [0] * len(steps)},
-        )
-    fig.update_layout(title=f"Time to first token against {_axis(series)[0]} (p50, bar to p90)", **_LAYOUT)
-    fig.update_xaxes(title=_axis(series)[1], type="log", dtick=0.30103)
-    fig.update_yaxes(title="TTFT (s)", rangemode="tozero")
-    return _html(fig, "chart-ttft")
-
-
-def latency_chart(results: Results) -> str | None:
-    """E2E latency percentiles per variant at each step: where the tail goes as load grows."""
-    series = _series(results)
-    if not series:
-        return None
-    fig = go.Figure()
-    for name, speed in series:
-        for s in speed.steps:
-            if not s.e2e_s:
-                continue
-            label = f"{name} @{s.level:g}"
-            fig.add_box(
-                name=label,
-                x=[label],
-                q1=[s.e2e_s.get("p50")],
-                median=[s.e2e_s.get("p50")],
-                q3=[s.e2e_s.get("p90")],
-                lowerfence=[s.e2e_s.get("min", s.e2e_s.get("p50"))],
-                upperfence=[s.e2e_s.get("p99")],
-                showlegend=False,
-            )
-    fig.update_layout(title="End-to-end latency per request: p50, p90 (box), p99 (whisker)", **_LAYOUT)
-    fig.update_yaxes(title="E2E (s)", rangemode="tozero")
-    return _html(fig, "chart-latency")
-
-
-def _axis(series: list[tuple[str, Speed]]) -> tuple[str, str]:
+def _axis(lines: list[Line]) -> tuple[str, str]:
     """What the load axis is: concurrency (closed-loop users) or the offered rate (open-loop arrivals)."""
-    if any(speed.unit != "users" for _, speed in series):
+    if any(line.unit != "users" for line in lines):
         return "the offered rate", "offered rate (requests/s)"
     return "concurrency", "concurrent users"
+
+
+def _load_axis(fig: go.Figure, lines: list[Line]) -> None:
+    """The load level on a log x axis with a tick at every measured level (a probe at 3 users included), labelled
+    with its value."""
+    levels = sorted({s.level for line in lines for s in line.steps})
+    fig.update_xaxes(title=_axis(lines)[1], type="log", tickvals=levels, ticktext=[f"{x:g}" for x in levels])
+
+
+def throughput_figure(results: Results) -> go.Figure | None:
+    lines = _series(results)
+    if not lines:
+        return None
+    fig = go.Figure()
+    for line in lines:
+        x = [s.level for s in line.steps]
+        fig.add_scatter(x=x, y=[s.output_tps for s in line.steps], mode="lines+markers", name=line.label)
+        if any(s.goodput_tps is not None for s in line.steps):
+            fig.add_scatter(x=x, y=[s.goodput_tps for s in line.steps], mode="lines+markers",
+                            name=f"{line.label} goodput", line={"dash": "dot"})  # fmt: skip
+    fig.update_layout(title=f"Output tokens/s and goodput against {_axis(lines)[0]}", **_LAYOUT)
+    _load_axis(fig, lines)
+    fig.update_yaxes(title="output tokens/s", rangemode="tozero")
+    return fig
+
+
+def _percentile_figure(results: Results, metric: str, upper: str, what: str, y_title: str) -> go.Figure | None:
+    """A latency's p50 (`metric`: a StepResult percentile dict, ttft_s or e2e_s) against the load, one line per
+    series with a bar up to its `upper` percentile; the hover names every percentile."""
+    lines = _series(results)
+    fig = go.Figure()
+    for line in lines:
+        quantiles = [(s.level, getattr(s, metric)) for s in line.steps if getattr(s, metric).get("p50") is not None]
+        if not quantiles:
+            continue
+        p50 = [q["p50"] for _, q in quantiles]
+        fig.add_scatter(
+            x=[level for level, _ in quantiles], y=p50, mode="lines+markers", name=f"{line.label} p50",
+            error_y={"type": "data", "symmetric": False, "arrayminus": [0] * len(p50),
+                     "array": [max(q.get(upper, m) - m, 0.0) for (_, q), m in zip(quantiles, p50, strict=True)]},
+            text=[", ".join(f"{k} {v:.3g} s" for k, v in q.items() if k.startswith("p")) for _, q in quantiles],
+        )  # fmt: skip
+    if not fig.data:
+        return None
+    fig.update_layout(title=f"{what} against {_axis(lines)[0]} (p50, bar to {upper})", **_LAYOUT)
+    _load_axis(fig, lines)
+    fig.update_yaxes(title=y_title, rangemode="tozero")
+    return fig
+
+
+def ttft_figure(results: Results) -> go.Figure | None:
+    return _percentile_figure(results, "ttft_s", "p90", "Time to first token", "TTFT (s)")
+
+
+def latency_figure(results: Results) -> go.Figure | None:
+    """E2E latency against the load, per series: where the median and the tail go as load grows."""
+    return _percentile_figure(results, "e2e_s", "p99", "End-to-end latency", "E2E (s)")
 
 
 def _speed_axis(results: Results) -> tuple[str, dict[str, float]]:
@@ -115,33 +113,75 @@ def _speed_axis(results: Results) -> tuple[str, dict[str, float]]:
     return "peak output tokens/s", {n: max(st.output_tps for st in s.steps) for n, s in speeds.items()}
 
 
-def _frontier_figure(points: list[tuple[str, float, float, dict]], *, higher_is_better: bool) -> go.Figure:
-    """Points (name, speed, quality, error bars); a point is on the frontier when no other is at least as fast and
-    at least as good (higher or lower quality, as said) and differs."""
+class Point(NamedTuple):
+    """A variant on a frontier chart, with its error bar on y (above and below)."""
 
-    def better(a: float, b: float) -> bool:
+    label: str  # the variant's name, "(recipe)" after a searched recipe's
+    x: float
+    y: float
+    plus: float = 0.0
+    minus: float = 0.0
+    recipe: bool = False
+
+
+def _point(v: VariantResult, x: float, y: float, plus: float = 0.0, minus: float | None = None) -> Point:
+    label = f"{v.name} (recipe)" if v.recipe else v.name
+    return Point(label, x, y, plus, plus if minus is None else minus, v.recipe is not None)
+
+
+def frontier(points: list[Point], *, x_higher_is_better: bool, y_higher_is_better: bool) -> list[Point]:
+    """The points no other point beats: none is at least as good on both axes and differs."""
+
+    def as_good(a: float, b: float, higher_is_better: bool) -> bool:
         return a >= b if higher_is_better else a <= b
 
-    frontier = {
-        name for name, x, y, _ in points
-        if not any(x2 >= x and better(y2, y) and (x2, y2) != (x, y) for _, x2, y2, _ in points)
-    }  # fmt: skip
+    return [
+        p for p in points
+        if not any(as_good(q.x, p.x, x_higher_is_better) and as_good(q.y, p.y, y_higher_is_better)
+                   and (q.x, q.y) != (p.x, p.y) for q in points)
+    ]  # fmt: skip
+
+
+def _room(values: list[float], *, log: bool, below: float, above: float) -> dict:
+    """Axis settings that take in `values` with room beyond them (fractions of their span) for the labels written
+    beside the points. A log axis gets its range in decades, as plotly wants it: its autorange ignores `include`."""
+    scaled = [math.log10(v) for v in values if v > 0] if log else values
+    lo, hi = min(scaled), max(scaled)
+    span = (hi - lo) or (1.0 if log else max(abs(hi), 1.0) * 0.2)
+    ends = [lo - below * span, hi + above * span]
+    return {"range": ends} if log else {"autorangeoptions": {"include": ends}}
+
+
+def _frontier_figure(
+    points: list[Point], *, x_higher_is_better: bool, y_higher_is_better: bool, y_log: bool = False
+) -> go.Figure:
+    """One marker per point, labelled, stars on the frontier (`frontier`), a diamond for a searched recipe, and the
+    frontier as a dotted line."""
+    on = frontier(points, x_higher_is_better=x_higher_is_better, y_higher_is_better=y_higher_is_better)
     fig = go.Figure()
-    for name, x, y, err in points:
-        on = name in frontier
+    for p in points:
+        symbol = ("star-diamond" if p.recipe else "star") if p in on else ("diamond" if p.recipe else "circle")
         fig.add_scatter(
-            x=[x], y=[y], mode="markers+text", text=[name], textposition="top center", name=name, error_y=err,
-            marker={"size": 14 if on else 9, "symbol": "star" if on else "circle"},
+            x=[p.x], y=[p.y], mode="markers+text", text=[p.label], textposition="top center", name=p.label,
+            cliponaxis=False, marker={"size": 14 if p in on else 9, "symbol": symbol},
+            error_y={"type": "data", "symmetric": False, "array": [p.plus], "arrayminus": [p.minus]}
+            if p.plus or p.minus else None,
         )  # fmt: skip
-    line = sorted((x, y) for name, x, y, _ in points if name in frontier)
+    line = sorted((p.x, p.y) for p in on)
     fig.add_scatter(
-        x=[p[0] for p in line], y=[p[1] for p in line], mode="lines", name="frontier",
+        x=[x for x, _ in line], y=[y for _, y in line], mode="lines", name="frontier",
         line={"dash": "dot", "color": "grey"},
     )  # fmt: skip
+    fig.update_xaxes(**_room([p.x for p in points], log=False, below=0.15, above=0.15))
+    # The y axis takes in the error bars too (a log axis's autorange is replaced, not widened).
+    bars = [v for p in points for v in (p.y - p.minus, p.y, p.y + p.plus)]
+    fig.update_yaxes(**_room(bars, log=y_log, below=0.1, above=0.2))
+    if y_log:
+        fig.update_yaxes(type="log", tickformat=_LOG_TICKS)
     return fig
 
 
-def frontier_chart(results: Results) -> str | None:
+def frontier_figure(results: Results) -> go.Figure | None:
     """The MMLU change against the baseline (paired interval as bars) against speed; stars are the frontier."""
     label, speed = _speed_axis(results)
     points = []
@@ -150,45 +190,69 @@ def frontier_chart(results: Results) -> str | None:
         if q is None or v.name not in speed:
             continue
         if v.is_baseline and q.accuracy is not None:
-            points.append((v.name, speed[v.name], 0.0, {}))
+            points.append(_point(v, speed[v.name], 0.0))
         elif q.delta is not None and q.delta_ci_low is not None and q.delta_ci_high is not None:
-            err = {"type": "data", "symmetric": False, "array": [q.delta_ci_high - q.delta],
-                   "arrayminus": [q.delta - q.delta_ci_low]}  # fmt: skip
-            points.append((v.name, speed[v.name], q.delta, err))
+            points.append(_point(v, speed[v.name], q.delta, q.delta_ci_high - q.delta, q.delta - q.delta_ci_low))
     if not points:
         return None
-    fig = _frontier_figure(points, higher_is_better=True)
+    fig = _frontier_figure(points, x_higher_is_better=True, y_higher_is_better=True)
     fig.add_hline(y=-results.margin_points, line={"dash": "dash", "color": "#b3261e"}, annotation_text="-margin")
     fig.update_layout(title="MMLU change against speed (stars: the frontier; bars: paired interval)", **_LAYOUT)
     fig.update_xaxes(title=label)
     fig.update_yaxes(title=f"MMLU change against {results.baseline} (points)")
-    return _html(fig, "chart-frontier")
+    return fig
 
 
-def kld_frontier_chart(results: Results) -> str | None:
-    """KL divergence from the baseline (log scale, +/- as bars) against speed; lower is better."""
-    label, speed = _speed_axis(results)
+def _kld_points(results: Results, x: Callable[[VariantResult], float | None]) -> list[Point]:
+    """Every variant with a (positive) mean KLD and an x, its +/- as the bar."""
     points = []
     for v in results.variants:
-        q = v.quality
-        if q is not None and q.kld_mean is not None and q.kld_mean > 0 and v.name in speed:
-            err = {"type": "data", "array": [q.kld_mean_sigma or 0.0]}
-            points.append((v.name, speed[v.name], q.kld_mean, err))
+        q, at = v.quality, x(v)
+        if q is not None and q.kld_mean is not None and q.kld_mean > 0 and at is not None:
+            points.append(_point(v, at, q.kld_mean, q.kld_mean_sigma or 0.0))
+    return points
+
+
+def kld_frontier_figure(results: Results) -> go.Figure | None:
+    """KL divergence from the baseline (log scale, +/- as bars) against speed; lower is better."""
+    label, speed = _speed_axis(results)
+    points = _kld_points(results, lambda v: speed.get(v.name))
     if not points:
         return None
-    fig = _frontier_figure(points, higher_is_better=False)
+    fig = _frontier_figure(points, x_higher_is_better=True, y_higher_is_better=False, y_log=True)
     fig.update_layout(title="KL divergence against speed (stars: the frontier)", **_LAYOUT)
     fig.update_xaxes(title=label)
-    fig.update_yaxes(title=f"mean KLD from {results.baseline}", type="log")
-    return _html(fig, "chart-kld-frontier")
+    fig.update_yaxes(title=f"mean KLD from {results.baseline}")
+    return fig
+
+
+def kld_size_figure(results: Results) -> go.Figure | None:
+    """KL divergence from the baseline (log scale, +/- as bars) against file size; smaller and lower are better."""
+    points = _kld_points(results, lambda v: v.size_bytes / 1e6 if v.size_bytes else None)
+    if not points:
+        return None
+    fig = _frontier_figure(points, x_higher_is_better=False, y_higher_is_better=False, y_log=True)
+    fig.update_layout(title="KL divergence against file size (stars: the frontier)", **_LAYOUT)
+    fig.update_xaxes(title="file size (MB)")
+    fig.update_yaxes(title=f"mean KLD from {results.baseline}")
+    return fig
+
+
+# The template's chart key -> the div id and the figure.
+CHARTS: dict[str, tuple[str, Callable[[Results], go.Figure | None]]] = {
+    "throughput": ("chart-throughput", throughput_figure),
+    "ttft": ("chart-ttft", ttft_figure),
+    "latency": ("chart-latency", latency_figure),
+    "frontier": ("chart-frontier", frontier_figure),
+    "kld_frontier": ("chart-kld-frontier", kld_frontier_figure),
+    "kld_size": ("chart-kld-size", kld_size_figure),
+}
+
+
+def _html(fig: go.Figure, div_id: str) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
 
 
 def all_charts(results: Results) -> dict[str, str]:
-    charts = {
-        "throughput": throughput_chart(results),
-        "ttft": ttft_chart(results),
-        "latency": latency_chart(results),
-        "frontier": frontier_chart(results),
-        "kld_frontier": kld_frontier_chart(results),
-    }
-    return {k: v for k, v in charts.items() if v}
+    figures = {key: (div_id, figure(results)) for key, (div_id, figure) in CHARTS.items()}
+    return {key: _html(fig, div_id) for key, (div_id, fig) in figures.items() if fig is not None}

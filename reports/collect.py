@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from harness.config import Experiment
+from harness.kld import paired_kld
 from harness.loadtest.stage import EXTERNAL_MODEL
 from harness.loadtest.summary import LoadSummary
 from harness.manifest import ManifestRecord
 from harness.models.records import load_models_json, load_models_record
+from harness.models.search import SearchRecord
 from harness.records import RecordError, UnitFailure, read_record
 from harness.rundir import RunDir
 from mmlu.dataset import (
@@ -32,6 +34,7 @@ from reports.model import (
     Quality,
     Recommendation,
     Results,
+    SearchSummary,
     Speed,
     StepResult,
     SubjectScore,
@@ -69,6 +72,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             size_bytes=art.size_bytes if art else None,
             bits_per_weight=art.bits_per_weight if art else None,
         )
+        if art is not None and art.recipe is not None:
+            result.recipe = str(run.recipe(name).relative_to(run.root))
+            result.search = _search_summary(art.recipe.parent / "search.json")
         if exp.mmlu.enabled:
             result.quality = _quality(mmlu[name], comparisons.get(name), kld.get(name))
             if result.quality.questions_needed:
@@ -85,6 +91,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
                 if speed is not None:
                     result.speeds[target.label] = speed
         variants.append(result)
+    pair_klds(variants, alpha=exp.mmlu.alpha)
     endpoints = []
     if exp.load.enabled:
         for target in (t for t in exp.targets if not t.target.managed):
@@ -208,7 +215,33 @@ def _quality(mine: MMLUResult | None, cmp: Comparison | None, kld: KLDResult | N
         q.rms_dp_pct = 100 * k.rms_delta_p
         q.rms_dp_sigma = 100 * k.rms_delta_p_sigma if k.rms_delta_p_sigma is not None else None
         q.ppl_ratio, q.ppl_ratio_sigma = k.ppl_ratio, k.ppl_ratio_sigma
+        q.kld_chunks = list(k.chunk_kld)
     return q
+
+
+def _search_summary(path: Path) -> SearchSummary | None:
+    record = _read(path, SearchRecord)
+    if record is None:
+        return None
+    return SearchSummary(
+        budget_bytes=record.budget_bytes, budget_from=record.budget_from, granularity=record.granularity,
+        types=record.types, excluded=record.excluded, groups=len(record.groups), measurements=record.measurements,
+        chosen={g.name: ", ".join(dict.fromkeys(g.options[record.chosen[g.name]].types)) for g in record.groups},
+        predicted_kld=record.predicted_kld, measured_kld=record.measured_kld, file_bytes=record.file_bytes,
+        gap=record.gap, seconds=record.seconds,
+    )  # fmt: skip
+
+
+def pair_klds(variants: list[VariantResult], *, alpha: float) -> None:
+    """Each variant's KLD against every other's, paired on the same held-out chunks (both measured against the
+    same baseline logits, so chunk k is the same text for both)."""
+    measured = [v for v in variants if v.quality and v.quality.kld_chunks]
+    for v in measured:
+        for other in measured:
+            if other is not v:
+                pair = paired_kld(v.quality.kld_chunks, other.quality.kld_chunks, alpha=alpha)  # type: ignore[union-attr]
+                if pair is not None:
+                    v.quality.kld_paired[other.name] = pair  # type: ignore[union-attr]
 
 
 def decide_command(exp: Experiment, run: RunDir, needed: int) -> str:

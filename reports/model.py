@@ -11,10 +11,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from bench.records import Capacity
+from harness.kld import PairedKLD
 from harness.process import exit_reason
 from harness.records import Record
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 Verdict = Literal["non-inferior", "worse", "inconclusive"]
@@ -64,6 +65,9 @@ class Quality(Record):
     rms_dp_sigma: float | None = None
     ppl_ratio: float | None = None
     ppl_ratio_sigma: float | None = None
+    kld_chunks: list[float] = Field(default_factory=list)  # per-chunk mean KLD on the held-out text
+    # This variant's KLD minus each other variant's, paired on the same held-out chunks (harness.kld.paired_kld).
+    kld_paired: dict[str, PairedKLD] = Field(default_factory=dict)
     mmlu_failure: str | None = None  # why the variant's MMLU run failed, when it did
     kld_failure: str | None = None
 
@@ -157,6 +161,24 @@ class Speed(Record):
         return "requests/s" if any(s.rate is not None for s in self.steps) else "users"
 
 
+class SearchSummary(Record):
+    """A searched recipe's search (harness.models.search.SearchRecord, without the measurements)."""
+
+    budget_bytes: int
+    budget_from: str
+    granularity: str
+    types: list[str]
+    excluded: list[str] = Field(default_factory=list)
+    groups: int
+    measurements: int
+    chosen: dict[str, str]  # group -> the tensor types chosen for it
+    predicted_kld: float
+    measured_kld: float | None
+    file_bytes: int
+    gap: float
+    seconds: float
+
+
 class VariantResult(Record):
     name: str
     quant_type: str
@@ -164,6 +186,8 @@ class VariantResult(Record):
     is_baseline: bool = False
     size_bytes: int | None = None
     bits_per_weight: float | None = None
+    recipe: str | None = None  # a searched per-tensor recipe: its --tensor-type-file, relative to the run directory
+    search: SearchSummary | None = None  # how the recipe was found
     quality: Quality | None = None
     speeds: dict[str, Speed] = Field(default_factory=dict)  # by target, in the experiment's order
 
@@ -222,3 +246,17 @@ class Results(Record):
 
     def variant(self, name: str) -> VariantResult | None:
         return next((v for v in self.variants if v.name == name), None)
+
+    def kld_pairs(self) -> list[tuple[str, str, PairedKLD]]:
+        """The paired KLD comparisons the report shows: each recipe against every stock variant, and each pair of
+        stock variants once (in the run's order)."""
+        order = {v.name: i for i, v in enumerate(self.variants)}
+        pairs = []
+        for v in self.variants:
+            for other, pair in v.quality.kld_paired.items() if v.quality else ():
+                theirs = self.variant(other)
+                if theirs is None or theirs.recipe:
+                    continue
+                if v.recipe or order[v.name] < order[other]:
+                    pairs.append((v.name, other, pair))
+        return pairs

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import math
 
-from scipy import stats
-
 from reports.model import Recommendation, Results, VariantResult
 
 RULE = (
     "A variant is shipped only with an MMLU verdict against the baseline. Among the variants whose verdict is "
     "non-inferior, the fastest wins: the highest capacity (concurrent users within the latency objectives) when "
     "the run measured it, else the highest output tokens/s at the largest concurrency step; between equally fast "
-    "variants, the lower KL divergence where the two KLD intervals do not overlap, then the smaller file. If no "
+    "variants, the lower KL divergence where the paired comparison on the same held-out chunks shows it (its "
+    "interval of the difference excludes 0), then the smaller file. If no "
     "variant is non-inferior, nothing is shipped: the headline says whether more questions could decide "
     "(inconclusive, with how many) or every variant loses accuracy (worse), and names the variant closest to "
     "the baseline by KL divergence."
@@ -40,38 +39,29 @@ def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
     return f"output tokens/s at {largest.level:g} {speed.unit}", largest.output_tps
 
 
-def kld_interval(variant: VariantResult, alpha: float) -> tuple[float, float] | None:
-    """Mean KLD +/- z standard errors (z for a two-sided 1 - alpha interval); None without a KLD result."""
-    q = variant.quality
-    if q is None or q.kld_mean is None:
-        return None
-    z = float(stats.norm.ppf(1 - alpha / 2))
-    sigma = q.kld_mean_sigma or 0.0
-    return q.kld_mean - z * sigma, q.kld_mean + z * sigma
+def kld_better(a: VariantResult, b: VariantResult) -> bool:
+    """True when `a`'s KL divergence is shown lower than `b`'s: the paired comparison on the same held-out chunks
+    (reports.collect.pair_klds) has an interval of the difference below 0. The only case KLD tells them apart."""
+    pair = a.quality.kld_paired.get(b.name) if a.quality else None
+    return pair is not None and pair.verdict == "lower"
 
 
-def kld_better(a: VariantResult, b: VariantResult, alpha: float) -> bool:
-    """True when `a`'s KLD interval lies entirely below `b`'s: the only case KL divergence tells them apart."""
-    ia, ib = kld_interval(a, alpha), kld_interval(b, alpha)
-    return ia is not None and ib is not None and ia[1] < ib[0]
-
-
-def choose(candidates: list[VariantResult], alpha: float) -> VariantResult:
+def choose(candidates: list[VariantResult]) -> VariantResult:
     """The rule's order among non-inferior variants: fastest, then KLD where it separates, then smallest."""
     figures = {v.name: speed_figure(v) for v in candidates}
     best = max((f[1] for f in figures.values() if f), default=None)
     fastest = [v for v in candidates if best is None or (figures[v.name] and figures[v.name][1] == best)]
-    unbeaten = [v for v in fastest if not any(kld_better(o, v, alpha) for o in fastest if o is not v)]
+    unbeaten = [v for v in fastest if not any(kld_better(o, v) for o in fastest if o is not v)]
     return min(unbeaten, key=lambda v: (v.size_bytes if v.size_bytes is not None else math.inf, v.name))
 
 
-def closest_by_kld(variants: list[VariantResult], alpha: float) -> tuple[VariantResult | None, list[str]]:
-    """The variant with the lowest mean KLD, and the others whose KLD interval overlaps its own (tied with it)."""
+def closest_by_kld(variants: list[VariantResult]) -> tuple[VariantResult | None, list[str]]:
+    """The variant with the lowest mean KLD, and the others it is not shown lower than (tied with it)."""
     measured = [v for v in variants if v.quality and v.quality.kld_mean is not None]
     if not measured:
         return None, []
     best = min(measured, key=lambda v: (v.quality.kld_mean, v.name))  # type: ignore[union-attr]
-    tied = [v.name for v in measured if v is not best and not kld_better(best, v, alpha)]
+    tied = [v.name for v in measured if v is not best and not kld_better(best, v)]
     return best, tied
 
 
@@ -123,7 +113,7 @@ def recommend(results: Results) -> Recommendation:
         )  # fmt: skip
     judged = [v for v in others if v.quality and v.quality.verdict]
     if not judged:
-        closest, _ = closest_by_kld(others, results.alpha)
+        closest, _ = closest_by_kld(others)
         return Recommendation(
             variant=None, rule=RULE, closest=closest.name if closest else None,
             headline="Nothing to ship yet: no variant has an MMLU verdict against the baseline; run the MMLU stage.",
@@ -134,18 +124,18 @@ def recommend(results: Results) -> Recommendation:
     }
     details = [d for v in judged for d in (_quality_detail(v, baseline, results), _kld_detail(v, baseline)) if d]
     if by_verdict["non-inferior"]:
-        best = choose(by_verdict["non-inferior"], results.alpha)
+        best = choose(by_verdict["non-inferior"])
         headline = _ship_headline(best, baseline, results)
         rest = [v.name for v in by_verdict["non-inferior"] if v is not best]
         if rest:
             details.append("Also non-inferior, but " + ("slower, tied with more KL divergence, or larger: ") +
                            ", ".join(rest) + ".")  # fmt: skip
         return Recommendation(variant=best.name, headline=headline, details=details, rule=RULE)
-    closest, tied = closest_by_kld(judged, results.alpha)
+    closest, tied = closest_by_kld(judged)
     closest_text = ""
     if closest is not None:
         closest_text = f" The closest to {baseline.name} by KL divergence is {closest.name}"
-        closest_text += f" (tied within the intervals with {', '.join(tied)})." if tied else "."
+        closest_text += f" (not shown closer than {', '.join(tied)})." if tied else "."
     if by_verdict["inconclusive"]:
         needed = [v for v in by_verdict["inconclusive"] if v.quality and v.quality.questions_needed]
         most = max((v.quality.questions_needed for v in needed), default=None)  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reports.collect import pair_klds
 from reports.model import Quality, Results, Speed, StepResult, SubjectScore, TargetResult, VariantResult
 
 
@@ -34,6 +35,7 @@ def variant(
         kld_mean=kld, kld_mean_sigma=kld_sigma if kld is not None else None, kld_p99=kld * 10 if kld else None,
         same_top_pct=95.0 if kld else None, same_top_sigma=0.5 if kld else None, rms_dp_pct=3.0 if kld else None,
         rms_dp_sigma=0.2 if kld else None, ppl_ratio=1.01, ppl_ratio_sigma=0.002,
+        kld_chunks=[kld * f for f in (0.9, 1.1, 0.95, 1.05)] if kld else [],  # held-out chunks around the mean
     )  # fmt: skip
     speed = Speed(target="llama-server", api="native", steps=[step(1, tps), step(2, tps * 1.6)], cpu_pct_mean=180.0,
                   rss_mb_max=300.0)  # fmt: skip
@@ -61,4 +63,27 @@ def results(**overrides) -> Results:
         targets=[TargetResult(name="llama-server", kind="llama-server", api="native")],
     )  # fmt: skip
     data.update(overrides)
+    pair_klds(data["variants"], alpha=data["alpha"])  # type: ignore[arg-type]
     return Results(**data)
+
+
+def results_with_search() -> Results:
+    """results() and a searched recipe variant, measured on two targets by a capacity search: steps 1, 2, 4 and 8,
+    then a probe at 3, measured last (the order Speed.steps keeps)."""
+    recipe = variant("Q4_K-mix", "Q4_K_M", acc=39.8, delta=-0.2, verdict="non-inferior", kld=0.015, tps=250,
+                     size=640_000_000, bpw=4.8)  # fmt: skip
+    recipe.recipe = "recipes/Q4_K-mix.txt"  # smaller than Q4_K_M-imat and closer to F16
+    targets = [
+        TargetResult(name="llama-server", kind="llama-server", api="native"),
+        TargetResult(name="llama-cpp-python", kind="llama-cpp-python", api="openai", serializes=True),
+    ]
+    r = results(variants=[*results().variants, recipe], targets=targets)
+    r.load_settings["steps"] = [1, 2, 4, 8]
+    for v in r.variants:
+        tps = v.speeds["llama-server"].steps[0].output_tps
+        v.speeds = {}
+        for target, scale in (("llama-server", 1.0), ("llama-cpp-python", 0.5)):
+            steps = [step(users, tps * scale * gain) for users, gain in ((1, 1), (2, 1.6), (4, 2.2), (8, 2.4), (3, 2))]
+            steps[-1].probe = True
+            v.speeds[target] = Speed(target=target, api="native", steps=steps)
+    return r

@@ -11,6 +11,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from harness.models.quantize import (
     quantize_error,
 )
 from harness.models.records import ImatrixInfo, ModelArtifact, ModelSourceInfo, ModelsRecord
+from harness.models.search import budget_of, make_recipe
 from harness.models.sources import ModelSource, dir_fingerprint, resolve_source
 from harness.records import Record, RecordError, inputs_digest, read_record, write_record
 from harness.stage import Stage, Unit
@@ -163,6 +165,7 @@ def stage_inputs(exp: Experiment, build: Build) -> dict[str, Any]:
         "variants": [v.model_dump(mode="json") for v in exp.variants],
         "imatrix": exp.imatrix.model_dump(mode="json") if uses_imatrix else None,
         "corpus": exp.corpus.model_dump(mode="json") if uses_imatrix else None,
+        "search": exp.search.model_dump(mode="json") if any(v.recipe for v in exp.variants) else None,
         "build": tool_identity(build),
         "tree": str(build.tree) if build.tree else None,
         "cache_dir": str(exp.resolved_cache_dir()),
@@ -222,9 +225,17 @@ def make_models(ctx: RunContext) -> ModelsRecord:
         text = corpus_text(exp.corpus, "imatrix", cache=ctx.cache, llamacpp_tree=build.tree)
         imatrix = make_imatrix(ctx, baseline, text)
 
-    artifacts = {}
-    for n, variant in enumerate(exp.variants, 1):
-        artifacts[variant.name] = make_variant(ctx, variant, baseline, imatrix, step=f"[{n}/{len(exp.variants)}]")
+    made = {}
+    # Stock variants first: a searched recipe's default budget is the size of one of them.
+    order = sorted(enumerate(exp.variants, 1), key=lambda item: item[1].recipe is not None)
+    for n, variant in order:
+        step = f"[{n}/{len(exp.variants)}]"
+        if variant.recipe:
+            assert imatrix is not None  # a recipe variant has imatrix = true (VariantConfig validation)
+            made[variant.name] = make_recipe_variant(ctx, variant, baseline, imatrix, made, step=step)
+        else:
+            made[variant.name] = make_variant(ctx, variant, baseline, imatrix, step=step)
+    artifacts = {v.name: made[v.name] for v in exp.variants}
     link_into_run_dir(ctx, artifacts)
     record = ModelsRecord(
         model=ModelSourceInfo(
@@ -385,6 +396,27 @@ def make_variant(
     )  # fmt: skip
 
 
+def make_recipe_variant(
+    ctx: RunContext, variant: VariantConfig, baseline: Baseline, imatrix: Imatrix, made: dict[str, ModelArtifact],
+    *, step: str,
+) -> ModelArtifact:  # fmt: skip
+    """A `recipe = "search"` variant: the per-tensor recipe searched under its budget (harness.models.search)."""
+    n_params = baseline.info.n_params
+    budget = budget_of(ctx, n_params, {name: a.size_bytes for name, a in made.items()})
+    log.info("models: %s %s: searching a per-tensor recipe within %s bytes (%s)", step, variant.name,
+             f"{budget[0]:,}", budget[1])  # fmt: skip
+    found = make_recipe(
+        ctx, variant, baseline=baseline.path, baseline_key=baseline.key, imatrix=imatrix.path,
+        imatrix_key=imatrix.key, budget=budget, tool=tool_identity(ctx.build), step=step,
+    )  # fmt: skip
+    size = found.path.stat().st_size
+    return ModelArtifact(
+        name=variant.name, type=variant.type, path=found.path, size_bytes=size, n_params=n_params,
+        bits_per_weight=bits_per_weight(size, n_params), imatrix=imatrix.path, source=baseline.path, baseline=False,
+        cache_key=found.key, seconds=found.record.seconds, recipe=found.recipe,
+    )  # fmt: skip
+
+
 def link_into_run_dir(ctx: RunContext, artifacts: dict[str, ModelArtifact]) -> None:
     """run_dir/models/<variant>.gguf -> the cached file, so the run directory shows what it used without copies."""
     ctx.run.models.mkdir(parents=True, exist_ok=True)
@@ -395,6 +427,8 @@ def link_into_run_dir(ctx: RunContext, artifacts: dict[str, ModelArtifact]) -> N
             tmp.unlink()
         os.symlink(artifact.path, tmp)
         os.replace(tmp, link)
+        if artifact.recipe is not None:  # the recipe as a plain file beside its model, for the report to link
+            shutil.copyfile(artifact.recipe, ctx.run.recipe(artifact.name))
 
 
 # ---------------------------------------------------------------- helpers

@@ -23,6 +23,7 @@ class ModelArtifact(Record):
     pure: bool = False
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
+    recipe: Path | None = None  # a searched variant's --tensor-type-file
     cache_key: str = ""
     seconds: float = 0.0  # how long making it took (when it was made; a cached artefact keeps that time)
 

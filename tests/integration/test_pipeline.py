@@ -28,7 +28,7 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert f"open the report: {(run_dir / 'report.html').resolve()}" in result.stdout
     results = json.loads((run_dir / "results.json").read_text())
     names = [v["name"] for v in results["variants"]]
-    assert names == ["F16", "Q4_0", "Q4_K_M-imat"]
+    assert names == ["F16", "Q4_K_M-imat", "recipe"]
     assert results["missing"] == []
     for v in results["variants"]:
         assert v["quality"]["accuracy"] is not None and v["quality"]["n_questions"] >= 100
@@ -56,12 +56,22 @@ def test_demo_end_to_end(env, tmp_path: Path):
         assert f'data-variant="{name}"' in page
     # The rule on the demo's actual results: 114 questions cannot rule out a 1-point loss for either 4-bit
     # variant (their intervals are several points wide), so nothing ships; the report says how many questions
-    # would decide, and names Q4_K_M-imat, whose KL divergence (about 0.03) is far below Q4_0's (about 0.25).
+    # would decide, and names the recipe, whose held-out KL divergence is shown below Q4_K_M-imat's.
     verdicts = {v["name"]: v["quality"]["verdict"] for v in results["variants"] if not v["is_baseline"]}
-    assert verdicts == {"Q4_0": "inconclusive", "Q4_K_M-imat": "inconclusive"}
+    assert verdicts == {"Q4_K_M-imat": "inconclusive", "recipe": "inconclusive"}
     assert all(v["quality"]["questions_needed"] > 114 and v["quality"]["decide_command"]
                for v in results["variants"] if not v["is_baseline"])  # fmt: skip
-    assert results["recommendation"]["variant"] is None and results["recommendation"]["closest"] == "Q4_K_M-imat"
+    assert results["recommendation"]["variant"] is None and results["recommendation"]["closest"] == "recipe"
+    # The searched recipe: within Q4_K_M-imat's size, linked, and compared with it paired on 16 held-out chunks.
+    stock, recipe = results["variants"][1], results["variants"][2]
+    assert recipe["recipe"] == "models/recipe.tensor-types.txt" and (run_dir / recipe["recipe"]).is_file()
+    search = recipe["search"]
+    assert search["budget_bytes"] == stock["size_bytes"] and recipe["size_bytes"] == search["file_bytes"]
+    assert search["file_bytes"] <= search["budget_bytes"] and search["excluded"] == ["Q4_1", "Q5_1"]
+    assert search["groups"] == 8 and search["gap"] == 0.0
+    pair = recipe["quality"]["kld_paired"]["Q4_K_M-imat"]
+    assert pair["chunks"] == 16 and pair["verdict"] == "lower" and pair["ci_high"] < 0
+    assert 'id="kld-paired-table"' in page and 'id="search-recipe"' in page and 'id="chart-kld-size"' in page
     assert results["recommendation"]["headline"].startswith("Nothing to ship yet: not enough questions to decide.")
     assert results["margin_points"] == 1.0 and results["alpha"] == 0.05
     assert results["baseline_provenance"].startswith("the demo's baseline is SmolLM2-135M-Instruct's Q4_1 GGUF")

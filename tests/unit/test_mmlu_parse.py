@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from harness.errors import MMLUError
-from mmlu.kld import parse_kld_output, parse_ppl_output
+from harness.kld import paired_kld, parse_kld_output, parse_ppl_output
+from harness.tools import strip_log_prefix
 from mmlu.multiple_choice import (
     MultipleChoiceOutput,
     check_against_final,
     correctness_from_running,
     parse_multiple_choice_output,
-    strip_log_prefix,
     task_line,
 )
 
@@ -100,6 +100,39 @@ def test_kld_output(era: str) -> None:
         assert (stats.mean_kld, stats.kld_p99, stats.same_top_p) == pytest.approx((0.328612, 1.043873, 0.66138))
     else:  # b3661 prints "99.0%   KLD" twice (where 95 % should be): the first one is the 99th percentile
         assert (stats.mean_kld, stats.kld_p99, stats.same_top_p) == pytest.approx((0.325944, 1.110475, 0.67196))
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_per_chunk_kld_is_recovered_from_the_running_means(era: str) -> None:
+    # The captured lines' KLD column (running means after chunks 1, 2, 3): current 0.36660, 0.33108, 0.32861;
+    # b3661 era 0.35807, 0.32795, 0.32594. Chunk k = k m_k - (k - 1) m_(k-1).
+    stats = parse_kld_output(_read(f"kld-{era}.txt"))
+    expected = {"current": [0.36660, 0.29556, 0.32367], "legacy": [0.35807, 0.29783, 0.32192]}[era]
+    assert stats.chunk_kld == pytest.approx(expected, abs=1e-9)
+    # Their mean is the last running mean, which the final "Mean KLD" line repeats to one more decimal.
+    assert sum(stats.chunk_kld) / 3 == pytest.approx(stats.mean_kld, abs=1e-5)
+
+
+def test_chunks_missing_a_kld_column_give_no_per_chunk_values() -> None:
+    lines = [ln for ln in _read("kld-current.txt").splitlines() if not ln.lstrip().startswith("2 ")]
+    assert parse_kld_output("\n".join(lines)).chunk_kld == []
+
+
+def test_paired_kld_matches_students_sleep_data() -> None:
+    # R's worked example, t.test(extra ~ group, data = sleep, paired = TRUE): mean difference -1.58, t = -4.0621,
+    # df = 9, 95 percent confidence interval -2.4598858 -0.7001142 (Cushny and Peebles' data as Student used it).
+    drug1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    drug2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    pair = paired_kld(drug1, drug2, alpha=0.05)
+    assert pair is not None and pair.chunks == 10 and pair.difference == pytest.approx(-1.58)
+    assert (pair.ci_low, pair.ci_high) == pytest.approx((-2.4598858, -0.7001142), abs=1e-7)
+    assert pair.verdict == "lower" and paired_kld(drug2, drug1, alpha=0.05).verdict == "higher"  # type: ignore[union-attr]
+    # An interval that reaches past 0: no difference shown; fewer than 2 chunks: nothing to say.
+    assert paired_kld([0.1, 0.3, 0.2], [0.2, 0.2, 0.2], alpha=0.05).verdict == "no different"  # type: ignore[union-attr]
+    assert paired_kld([0.1], [0.2], alpha=0.05) is None
+    # The same difference on every chunk has no spread: the interval is that difference.
+    same = paired_kld([0.1, 0.2, 0.3], [0.2, 0.3, 0.4], alpha=0.05)
+    assert same is not None and same.ci_low == same.ci_high == pytest.approx(-0.1) and same.verdict == "lower"
 
 
 @pytest.mark.parametrize("era", ERAS)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
+import pytest
+
+from reports.collect import pair_klds
 from reports.model import Results
 from reports.recommend import RULE, recommend
 from reports.render import render_report
-from tests.factories import results, variant
+from tests.factories import results, results_with_search, variant
 
 
 def test_ships_the_fastest_non_inferior_variant():
@@ -36,14 +40,25 @@ def test_says_4_bit_only_when_it_is():
     assert "4-bit" not in rec.headline
 
 
-def test_equal_speed_kld_decides_only_where_the_intervals_do_not_overlap():
+def test_equal_speed_kld_decides_only_where_the_paired_comparison_shows_it():
     r = results()
     r.variants[1].speeds = r.variants[3].model_copy(deep=True).speeds  # Q8_0 exactly as fast as Q4_K_M-imat
-    # KLD 0.0005 +/- 0.001 against 0.02 +/- 0.001: apart, the lower one wins although its file is larger.
+    q8, q4 = r.variants[1].quality, r.variants[3].quality
+    # Per-chunk KLD that varies a lot from chunk to chunk (each variant's own interval is wide, and the two overlap)
+    # but Q8_0 is lower on every chunk: paired, it is shown lower, and wins although its file is larger.
+    q8.kld_chunks, q4.kld_chunks = [0.001, 0.011, 0.021, 0.031], [0.002, 0.0125, 0.0225, 0.032]
+    q8.kld_mean_sigma = q4.kld_mean_sigma = 0.01
+    pair_klds(r.variants, alpha=r.alpha)
+    assert q8.kld_paired["Q4_K_M-imat"].verdict == "lower" and q4.kld_paired["Q8_0"].verdict == "higher"
     assert recommend(r).variant == "Q8_0"
-    # With +/- 0.01 the intervals overlap: tied on KLD, the smaller file wins.
-    for v in r.variants[1:]:
-        v.quality.kld_mean_sigma = 0.01
+    # Lower on some chunks and higher on others: no difference shown, so the smaller file wins.
+    q8.kld_chunks = [0.0, 0.0245, 0.0, 0.0445]
+    pair_klds(r.variants, alpha=r.alpha)
+    assert q8.kld_paired["Q4_K_M-imat"].verdict == "no different"
+    assert recommend(r).variant == "Q4_K_M-imat"
+    # Without per-chunk values (a KLD record of an older run) nothing is shown: tied, the smaller file wins.
+    for v in r.variants:
+        v.quality.kld_paired = {}
     assert recommend(r).variant == "Q4_K_M-imat"
 
 
@@ -76,12 +91,17 @@ def test_every_variant_worse_says_so_and_ties_on_kld_are_named():
     r = results()
     for v in r.variants[1:]:
         v.quality.verdict = "worse"
-        v.quality.kld_mean_sigma = 0.01  # Q8_0 (0.0005) and Q4_K_M-imat (0.02) overlap; Q4_0 (0.08) does not
+    # Paired on the held-out chunks, Q8_0 is not shown lower than Q4_K_M-imat (lower on two chunks, higher on two);
+    # it is shown lower than Q4_0 (0.08 on every chunk).
+    r.variants[1].quality.kld_chunks = [0.0, 0.04, 0.0, 0.04]
+    r.variants[3].quality.kld_chunks = [0.02] * 4
+    r.variants[2].quality.kld_chunks = [0.08] * 4
+    pair_klds(r.variants, alpha=r.alpha)
     rec = recommend(r)
     assert rec.variant is None and rec.closest == "Q8_0"
     assert rec.headline == (
         "Nothing to ship: every variant loses MMLU accuracy against F16 (Q8_0, Q4_0, Q4_K_M-imat). The closest to "
-        "F16 by KL divergence is Q8_0 (tied within the intervals with Q4_K_M-imat)."
+        "F16 by KL divergence is Q8_0 (not shown closer than Q4_K_M-imat)."
     )
 
 
@@ -220,8 +240,9 @@ def test_capacity_is_the_speed_figure_when_the_run_measured_it():
     rec = recommend(r)
     assert rec.variant == "Q8_0"
     assert "it serves 6 concurrent users within the latency objectives against 2 for F16" in rec.headline
-    for v in r.variants[1:]:
-        v.quality.kld_mean_sigma = 0.01  # KLD intervals overlap: tied, the smaller file wins
+    r.variants[1].quality.kld_chunks = [0.0, 0.04, 0.0, 0.04]  # against 0.02 per chunk: not shown lower
+    r.variants[3].quality.kld_chunks = [0.02] * 4
+    pair_klds(r.variants, alpha=r.alpha)  # tied on KLD: the smaller file wins
     assert recommend(r).variant == "Q4_K_M-imat"
 
 
@@ -247,3 +268,91 @@ def test_a_step_missed_for_failures_shows_the_verdicts_own_figure(tmp_path):
             "failed)</div>") in page  # fmt: skip
     assert '<div class="slo-detail muted">TTFT p90 &lt;= 2 s: 1 s (ok; 0 of 20 over the limit)</div>' in page
     assert "Latency percentiles are of the requests that succeeded" in page
+
+
+def test_load_charts_draw_each_line_in_the_order_of_the_level():
+    from reports.charts import latency_figure, throughput_figure, ttft_figure
+
+    r = results_with_search()  # steps 1, 2, 4, 8, then the search's probe at 3
+    for figure in (throughput_figure, ttft_figure, latency_figure):
+        fig = figure(r)
+        assert {t.type for t in fig.data} == {"scatter"}  # lines, not a box per step
+        lines = [t for t in fig.data if "lines" in t.mode]
+        assert len(lines) == 10 and all(list(t.x) == [1, 2, 3, 4, 8] for t in lines)  # 5 variants on 2 targets
+        assert list(fig.layout.xaxis.tickvals) == [1, 2, 3, 4, 8]  # a tick at every measured level, the probe's too
+        assert list(fig.layout.xaxis.ticktext) == ["1", "2", "3", "4", "8"]
+    # Each point is its own step's: F16 on llama-server at 3 users serves 2x its 1-user rate, between 2 and 4 users.
+    assert list(throughput_figure(r).data[0].y) == pytest.approx([100, 160, 200, 220, 240])
+    ttft = ttft_figure(r).data[0]
+    assert list(ttft.y) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.6]) and ttft.name == "F16 (llama-server) p50"
+    assert list(ttft.error_y.array) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.8])  # up to p90
+    e2e = latency_figure(r).data[0]
+    assert list(e2e.y) == [2.0] * 5 and list(e2e.error_y.array) == [1.0] * 5  # p50, bar to p99
+    assert e2e.text[0] == "p50 2 s, p90 2.5 s, p99 3 s"
+
+
+def test_kld_size_chart_marks_the_frontier_and_the_recipe():
+    from reports.charts import kld_size_figure
+
+    r = results_with_search()
+    r.variants.append(variant("Q5_0", "Q5_0", acc=40.0, delta=0.0, kld=0.01, size=1_200_000_000))
+    fig = kld_size_figure(r)
+    points = {t.name: t for t in fig.data if t.mode == "markers+text"}
+    assert set(points) == {"Q8_0", "Q4_0", "Q4_K_M-imat", "Q4_K-mix (recipe)", "Q5_0"}  # F16 is the reference
+    # Smaller and lower are better: Q4_K-mix beats Q4_K_M-imat on both, Q8_0 beats Q5_0.
+    symbols = {name: t.marker.symbol for name, t in points.items()}
+    assert symbols == {"Q8_0": "star", "Q4_0": "star", "Q4_K-mix (recipe)": "star-diamond", "Q4_K_M-imat": "circle",
+                       "Q5_0": "circle"}  # fmt: skip
+    mix = points["Q4_K-mix (recipe)"]
+    assert mix.x == (640.0,) and mix.text == ("Q4_K-mix (recipe)",) and mix.error_y.array == (0.001,)
+    assert mix.cliponaxis is False  # its label may reach past the plot's edge
+    line = next(t for t in fig.data if t.name == "frontier")
+    assert list(line.x) == [600.0, 640.0, 1100.0] and list(line.y) == [0.08, 0.015, 0.0005]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.tickformat == "~g"
+    # The y range (in decades) takes in every point and bar, with room above the top one (Q4_0) for its label.
+    low, high = fig.layout.yaxis.range
+    assert low < math.log10(0.0005) and high > math.log10(0.08 + 0.001) + 0.4
+
+
+def test_the_frontier_is_one_rule_whichever_way_each_axis_is_better():
+    from reports.charts import frontier_figure, kld_frontier_figure
+
+    def stars(fig):
+        return {t.name for t in fig.data if t.mode == "markers+text" and t.marker.symbol.startswith("star")}
+
+    r = results()  # peak tokens/s: F16 160, Q8_0 240, Q4_K_M-imat 384, Q4_0 416
+    assert stars(frontier_figure(r)) == {"Q8_0", "Q4_K_M-imat", "Q4_0"}  # F16 is slower than Q8_0 and no better
+    assert stars(kld_frontier_figure(r)) == {"Q8_0", "Q4_K_M-imat", "Q4_0"}
+    r.variants[3].quality.kld_mean = 0.1  # Q4_K_M-imat: now slower than Q4_0 and further from F16
+    assert stars(kld_frontier_figure(r)) == {"Q8_0", "Q4_0"}
+
+
+def test_a_searched_recipe_is_linked_and_drawn_against_size(tmp_path):
+    page = render_report(results_with_search(), tmp_path / "report.html").read_text()
+    assert page.count('class="recipe"') == 1 and '<a class="recipe" href="recipes/Q4_K-mix.txt"' in page
+    assert 'id="chart-kld-size"' in page and 'id="wrap-kld_size"' in page
+
+
+def test_the_recipe_is_compared_paired_with_every_stock_variant_and_its_search_is_shown(tmp_path):
+    from reports.model import SearchSummary
+
+    r = results_with_search()
+    recipe = r.variant("Q4_K-mix")
+    recipe.search = SearchSummary(
+        budget_bytes=650_000_000, budget_from="the size of Q4_K_M-imat", granularity="block", types=["Q4_K", "Q6_K"],
+        groups=15, measurements=30, chosen={"token_embd.weight": "Q6_K", "blk.0-14.ffn_down.weight": "Q4_K"},
+        predicted_kld=0.0091, measured_kld=0.0088, file_bytes=640_000_000, gap=0.0, seconds=384.0,
+    )  # fmt: skip
+    # The recipe against each stock variant (never a stock variant against the recipe twice), each stock pair once.
+    pairs = [(a, b) for a, b, _ in r.kld_pairs()]
+    assert [p for p in pairs if "Q4_K-mix" in p] == [("Q4_K-mix", n) for n in ("Q8_0", "Q4_0", "Q4_K_M-imat")]
+    assert ("Q8_0", "Q4_0") in pairs and ("Q4_0", "Q8_0") not in pairs and len(pairs) == 6
+    # Chunks 0.9, 1.1, 0.95, 1.05 x the mean: 0.015 against Q4_K_M-imat's 0.02 is lower on every chunk.
+    assert recipe.quality.kld_paired["Q4_K_M-imat"].verdict == "lower"
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert 'id="kld-paired-table"' in page and 'data-pair="Q4_K-mix|Q4_K_M-imat"' in page
+    row = re.search(r'data-pair="Q4_K-mix\|Q4_K_M-imat">(.*?)</tr>', page, re.S).group(1)
+    assert "-0.00500" in row and ">lower<" in row
+    assert 'id="search-Q4_K-mix"' in page and "30 measurements of 15 tensor groups" in page
+    assert "predicted by the sum 0.00910, measured 0.00880" in page and "(proven optimal)" in page
+    assert "--tensor-type-file recipes/Q4_K-mix.txt" in page

@@ -1,0 +1,87 @@
+"""Benchmark: does a searched per-tensor recipe beat the best stock 4-bit types at the same size, on held-out text?
+
+Runs `harness/experiments/recipe.toml` (the demo's model: F16, Q4_K_M-imat, IQ4_XS-imat and a recipe searched
+within Q4_K_M-imat's file size; MMLU and KLD, no load) and prints, from its results.json: the search's wall time
+(as recorded when the sensitivities were measured, and this run's), the recipe's size against the budget, the
+additive prediction of its calibration KLD against the measured one, and its held-out KLD against each stock
+variant, paired on the same chunks, with the interval and verdict. Cached measurements make a second run fast:
+pass --fresh to measure again.
+
+    .venv/bin/python benchmarks/recipe_search.py [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_output_arguments, report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "harness" / "experiments" / "recipe.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", type=Path, default=EXPERIMENT)
+    parser.add_argument("--fresh", action="store_true", help="forget remembered sensitivities and recipes first")
+    parser.add_argument("--run-dir", type=Path, help="default: a temporary directory")
+    add_output_arguments(parser)
+    return report(parser.parse_args(argv), run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.fresh:
+        for entry in (args.cache_dir / "models").glob("sensitivity-*.json"):
+            entry.unlink()
+        for entry in (args.cache_dir / "models").glob("recipe-*"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="recipe-bench-")) / "run"
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(args.experiment), "--run-dir", str(run_dir), "--no-progress"],
+        check=True, cwd=REPO, env={**os.environ, "LLAMASYS_CACHE_DIR": str(args.cache_dir)},
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    results = json.loads((run_dir / "results.json").read_text())
+    figures: dict = {"run_wall_s": round(wall, 1), "run_dir": str(run_dir), "variants": {}, "recipes": {}}
+    for v in results["variants"]:
+        q = v.get("quality") or {}
+        figures["variants"][v["name"]] = {
+            "size_bytes": v["size_bytes"], "bpw": round(v["bits_per_weight"], 3), "kld_mean": q.get("kld_mean"),
+            "kld_chunks": len(q.get("kld_chunks") or []), "mmlu_accuracy": q.get("accuracy"),
+            "mmlu_verdict": q.get("verdict"),
+        }  # fmt: skip
+        search = v.get("search")
+        if not search:
+            continue
+        paired = {
+            other: {"difference": p["difference"], "ci": [p["ci_low"], p["ci_high"]], "verdict": p["verdict"],
+                    "chunks": p["chunks"]}
+            for other, p in q.get("kld_paired", {}).items() if not results_variant(results, other).get("recipe")
+        }  # fmt: skip
+        figures["recipes"][v["name"]] = {
+            "search_wall_s": search["seconds"], "measurements": search["measurements"], "groups": search["groups"],
+            "budget_bytes": search["budget_bytes"], "budget_from": search["budget_from"],
+            "file_bytes": search["file_bytes"], "calibration_kld_predicted": search["predicted_kld"],
+            "calibration_kld_measured": search["measured_kld"], "optimality_gap": search["gap"],
+            "held_out_paired": paired,
+        }  # fmt: skip
+    return figures
+
+
+def results_variant(results: dict, name: str) -> dict:
+    return next(v for v in results["variants"] if v["name"] == name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -126,6 +126,9 @@ class VariantConfig(Section):
     # "search": a per-tensor recipe found by the `[search]` section under its size budget (`type` then names the file
     # type llama-quantize writes in the GGUF's metadata; every searched tensor's own type comes from the recipe).
     recipe: Literal["search"] | None = None
+    # A recipe's own budget: the file size of this stock variant (instead of [search]'s budget), e.g. to search one
+    # recipe at Q4_K_M-imat's size and another at IQ4_XS-imat's on the same measurements.
+    match: str | None = None
 
     @field_validator("type")
     @classmethod
@@ -147,6 +150,8 @@ class VariantConfig(Section):
             raise ValueError(
                 f"variant {self.name}: a searched recipe needs a quantized type, imatrix = true and pure = false"
             )
+        if self.match and not self.recipe:
+            raise ValueError(f'variant {self.name}: match is the budget of a searched recipe (recipe = "search")')
         return self
 
     @property
@@ -503,19 +508,22 @@ class Experiment(Section):
         if not any(v.recipe for v in self.variants):
             return self
         cfg = self.search
-        if cfg.budget_bytes is None and cfg.budget_bpw is None:
-            stock = self.budget_variant()
-            if stock is None:
-                wanted = f"no stock variant named {cfg.match!r}" if cfg.match else "no stock 4-bit imatrix variant"
-                raise ValueError(f"search: {wanted} to take the size budget from; set search.budget_bpw or add one")
+        for variant in (v for v in self.variants if v.recipe):
+            by_size = variant.match or (cfg.budget_bytes is None and cfg.budget_bpw is None)
+            if by_size and self.budget_variant(variant) is None:
+                name = variant.match or cfg.match
+                wanted = f"no stock variant named {name!r}" if name else "no stock 4-bit imatrix variant"
+                raise ValueError(f"variant {variant.name}: {wanted} to take the size budget from; set "
+                                 "search.budget_bpw or add one")  # fmt: skip
         return self
 
-    def budget_variant(self) -> VariantConfig | None:
-        """The stock variant whose file size is a recipe's default budget: `search.match`, else the first 4-bit
-        variant with an importance matrix."""
+    def budget_variant(self, recipe: VariantConfig | None = None) -> VariantConfig | None:
+        """The stock variant whose file size is a recipe's budget: the recipe's own `match`, `search.match`, else the
+        first 4-bit variant with an importance matrix."""
         stock = [v for v in self.variants if not v.recipe and not v.is_baseline]
-        if self.search.match:
-            return next((v for v in stock if v.name == self.search.match), None)
+        name = (recipe.match if recipe else None) or self.search.match
+        if name:
+            return next((v for v in stock if v.name == name), None)
         return next((v for v in stock if v.imatrix and v.type.startswith(("Q4_", "IQ4_"))), None)
 
     @property

@@ -402,7 +402,7 @@ def make_recipe_variant(
 ) -> ModelArtifact:  # fmt: skip
     """A `recipe = "search"` variant: the per-tensor recipe searched under its budget (harness.models.search)."""
     n_params = baseline.info.n_params
-    budget = budget_of(ctx, n_params, {name: a.size_bytes for name, a in made.items()})
+    budget = budget_of(ctx, variant, n_params, {name: a.size_bytes for name, a in made.items() if not a.recipe})
     log.info("models: %s %s: searching a per-tensor recipe within %s bytes (%s)", step, variant.name,
              f"{budget[0]:,}", budget[1])  # fmt: skip
     found = make_recipe(

@@ -366,14 +366,14 @@ def _header_bytes(model: Path) -> int:
     return min(int(t.data_offset) for t in reader.tensors)
 
 
-def budget_of(ctx: RunContext, n_params: int, sizes: dict[str, int]) -> tuple[int, str]:
-    """The recipe's budget in bytes and where it came from: search.budget_bytes, budget_bpw, or the file size of the
-    stock variant it must match (`sizes`: the stock variants made, by name)."""
+def budget_of(ctx: RunContext, variant: VariantConfig, n_params: int, sizes: dict[str, int]) -> tuple[int, str]:
+    """A recipe's budget in bytes and where it came from: its own `match`, search.budget_bytes, budget_bpw, or the
+    file size of the stock variant it must match (`sizes`: the stock variants made, by name)."""
     cfg = ctx.experiment.search
-    if cfg.budget_bytes is not None:
+    if not variant.match and cfg.budget_bytes is not None:
         return cfg.budget_bytes, f"search.budget_bytes = {cfg.budget_bytes:,}"
-    if cfg.budget_bpw is not None:
+    if not variant.match and cfg.budget_bpw is not None:
         return int(cfg.budget_bpw * n_params / 8), f"search.budget_bpw = {cfg.budget_bpw:g}"
-    stock = ctx.experiment.budget_variant()
+    stock = ctx.experiment.budget_variant(variant)
     assert stock is not None and stock.name in sizes  # Experiment validation; the stage makes stock ones first
     return sizes[stock.name], f"the size of {stock.name}"

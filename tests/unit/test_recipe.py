@@ -124,3 +124,17 @@ def test_a_recipe_variant_needs_an_imatrix_and_a_budget():
         Experiment(variants=[*base, recipe, stock], search={"types": ["Q4_1"]})
     with pytest.raises(ValueError, match="fewer than the 100 tokens llama-perplexity needs"):
         SearchConfig(chunks=2, ctx_size=64)
+
+
+def test_each_recipe_may_take_its_own_stock_variants_size():
+    f16 = VariantConfig(name="F16", type="F16")
+    big = VariantConfig(name="Q4_K_M-imat", type="Q4_K_M", imatrix=True)
+    small = VariantConfig(name="IQ4_XS-imat", type="IQ4_XS", imatrix=True)
+    at_big = VariantConfig(name="r1", type="Q4_K_M", imatrix=True, recipe="search")
+    at_small = VariantConfig(name="r2", type="IQ4_XS", imatrix=True, recipe="search", match="IQ4_XS-imat")
+    exp = Experiment(variants=[f16, big, small, at_big, at_small], search={"budget_bpw": 5.0})
+    assert exp.budget_variant(at_small) == small and exp.budget_variant(at_big) == big
+    with pytest.raises(ValueError, match="variant r2: no stock variant named 'Q3'"):
+        Experiment(variants=[f16, big, at_small.model_copy(update={"match": "Q3"})])
+    with pytest.raises(ValueError, match="match is the budget of a searched recipe"):
+        VariantConfig(name="x", type="Q4_0", match="Q4_K_M-imat")

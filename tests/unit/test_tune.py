@@ -1,0 +1,49 @@
+"""The tune screen's pure parts: the candidate settings, llama-bench's arguments and its captured JSON (b11312)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.tune import Setting, bench_args, candidates, parse_bench, screen_rows
+
+DATA = Path(__file__).parents[1] / "data" / "tune"
+
+
+def test_candidates_never_quantize_the_v_cache_without_flash_attention():
+    settings = candidates([1, 2], [512], [128, 512, 1024], [False, True], ["f16", "q8_0"])
+    assert Setting(1, 512, 512, False, "q8_0", "q8_0") not in settings  # llama.cpp refuses that context
+    assert Setting(1, 512, 512, True, "q8_0", "q8_0") in settings
+    assert all(s.ubatch <= s.batch for s in settings) and len(settings) == 2 * 2 * 3  # 1024 > 512 dropped
+    assert Setting(2, 512, 128, True, "q8_0", "q8_0").server_args() == [
+        "-b", "512", "-ub", "128", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on",
+    ]  # fmt: skip
+    assert Setting().describe() == "(defaults)"
+
+
+def test_one_llama_bench_run_per_flash_attention_value():
+    settings = candidates([1, 2], [2048], [512], [False, True], ["f16", "q8_0"])
+    runs = bench_args(Path("m.gguf"), settings, prompt_tokens=256, output_tokens=32, repetitions=2)
+    assert len(runs) == 2
+    off, on = runs
+    assert off[off.index("-fa") + 1] == "off" and off[off.index("-ctv") + 1] == "f16"
+    assert on[on.index("-fa") + 1] == "on" and on[on.index("-ctv") + 1] == "f16,q8_0"
+    assert off[off.index("-d") + 1] == "0,256" and off[off.index("-t") + 1] == "1,2"
+
+
+def test_captured_llama_bench_json_becomes_ranked_predictions():
+    # b11312 on the build probe model: -p 64 -n 16 -d 0,64 -t 1,2 -fa off,on -ctk f16,q8_0 -r 2 -o json.
+    rows = parse_bench("log line\n" + (DATA / "llama-bench-b11312.json").read_text() + "\nmore log")
+    assert len(rows) == 32
+    ranked = screen_rows(rows, prompt_tokens=64, output_tokens=16)
+    assert len(ranked) == 8  # 2 threads x 2 flash attention x 2 K-cache types, each with its pp and its tg at depth
+    first = ranked[0]
+    assert first.predicted_s == pytest.approx(64 / first.pp_tps + 16 / first.tg_tps)
+    assert [r.predicted_s for r in ranked] == sorted(r.predicted_s for r in ranked)
+    # The pp row is the one at depth 0, the tg row the one at depth 64 (the load's prompt length).
+    row = next(r for r in ranked if r.threads == 1 and not r.flash_attn and r.cache_k == "f16")
+    assert (row.pp_tps, row.tg_tps) == (pytest.approx(16263.001884), pytest.approx(5812, abs=1))
+    with pytest.raises(HarnessError, match="no JSON results"):
+        parse_bench("error: failed to create context")

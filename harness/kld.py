@@ -273,9 +273,12 @@ def run_kld(
     log_path: Path,
     compute: Compute,
     desc: str = "KLD",
+    extra_args: Sequence[str] = (),
 ) -> KLDStats:
-    """KL divergence of `model` against the saved baseline log-probabilities."""
+    """KL divergence of `model` against the saved baseline log-probabilities; `extra_args` are settings that change
+    the numerics (a KV-cache type, flash attention), measured as they would be served."""
     args = ["-m", str(model), "--kl-divergence-base", str(base_file), "--kl-divergence", "-c", str(ctx_size)]
+    args += list(extra_args)
     run = _complete_run(
         tools, args, complete=_has_statistics, log_path=log_path,
         compute=compute, progress=LineProgress(chunks, desc, "chunk", _chunk_position),

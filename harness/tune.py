@@ -6,7 +6,12 @@ model, prompt processing at the load's prompt length and generation at its depth
 one request's time from the two rates: prompt / pp + output / tg. The settings with the lowest prediction go on to be
 measured under load; the rest cannot plausibly win.
 
-Not yet here (see the issue's note): the Locust trials of the survivors, the quality guard, energy, the report.
+The quality guard (`guard`): a setting that changes the numerics (a quantized KV cache, flash attention) is measured
+for KL divergence against the baseline with the same flags in llama-perplexity, paired on the same held-out chunks
+against the variant with the default setting; it is accepted only when the paired interval's upper end is within
+`margin` (its extra loss shown to be at most the margin).
+
+Not yet here (see the issue's note): the Locust trials of the survivors, the search over them, energy, the report.
 A quantized V cache needs flash attention (llama.cpp refuses the context otherwise), so such combinations are never
 generated; llama-bench runs the Cartesian product of its comma lists, so the screen runs once per flash-attention
 value with the V-cache types that value allows.
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.kld import KLDStats, paired_kld, run_kld
 from harness.records import Record
 from harness.tools import Compute, ToolRunner
 
@@ -50,6 +56,17 @@ class Setting:
     def describe(self) -> str:
         parts = [f"-t {self.threads}" if self.threads else ""] + self.server_args()
         return " ".join(p for p in parts if p) or "(defaults)"
+
+    @property
+    def changes_numerics(self) -> bool:
+        """Whether llama.cpp computes other logits with this setting (threads and batch sizes aside)."""
+        return bool(self.flash_attn) or self.cache_k not in (None, "f16") or self.cache_v not in (None, "f16")
+
+    def numerics_args(self) -> list[str]:
+        """The flags llama-perplexity needs to compute as the server would with this setting."""
+        args = [] if self.cache_k is None else ["-ctk", self.cache_k]
+        args += [] if self.cache_v is None else ["-ctv", self.cache_v]
+        return args + ([] if self.flash_attn is None else ["-fa", "on" if self.flash_attn else "off"])
 
     @property
     def valid(self) -> bool:
@@ -155,3 +172,38 @@ def screen(
     wanted = {s.describe() for s in settings}
     return [r for r in screen_rows(rows, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
             if r.setting in wanted]  # fmt: skip
+
+
+class Guard(Record):
+    """A setting's extra KL divergence over the default setting's, on the same held-out chunks."""
+
+    setting: str
+    kld: float  # mean KLD against the baseline with the setting
+    default_kld: float
+    difference: float
+    ci_high: float
+    chunks: int
+    margin: float
+    accepted: bool
+    why: str
+
+
+def guard(
+    tools: ToolRunner, model: Path, setting: Setting, *, base_file: Path, default: KLDStats, margin: float,
+    alpha: float, ctx_size: int, chunks: int, log_path: Path, compute: Compute,
+) -> Guard:  # fmt: skip
+    """Measure `setting`'s KLD with its flags and accept it only if its loss over `default` (the variant's KLD with
+    default flags, on the same base logits) is shown within `margin`: the upper end of the paired interval."""
+    mine = run_kld(tools, model, base_file, ctx_size=ctx_size, chunks=chunks, log_path=log_path, compute=compute,
+                   desc=f"KLD {setting.describe()}", extra_args=setting.numerics_args())  # fmt: skip
+    pair = paired_kld(mine.chunk_kld, default.chunk_kld, alpha=alpha)
+    if pair is None:
+        raise HarnessError(f"the quality guard needs at least 2 KLD chunks; got {len(mine.chunk_kld)}")
+    accepted = pair.ci_high <= margin
+    why = (
+        f"extra KLD {pair.difference:+.5f} (up to {pair.ci_high:+.5f}) {'within' if accepted else 'not shown within'} "
+        f"the margin {margin:g}"
+    )
+    return Guard(setting=setting.describe(), kld=mine.mean_kld, default_kld=default.mean_kld,
+                 difference=pair.difference, ci_high=pair.ci_high, chunks=pair.chunks, margin=margin,
+                 accepted=accepted, why=why)  # fmt: skip

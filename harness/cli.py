@@ -86,11 +86,13 @@ def make_parser() -> argparse.ArgumentParser:
         ("models", "convert the model to F16 GGUF and make the quantized variants"),
         ("mmlu", "MMLU and KL divergence of every variant against the baseline"),
         ("load", "Locust load on llama-server for every variant at each concurrency step"),
+        ("tune", "llama-server settings for the most users within [slo], quality guarded (needs [tune])"),
     ):
         p = sub.add_parser(stage, help=f"one stage: {text} (earlier stages reused or run as needed)")
         _common(p)
-        # `llamasys mmlu` is MMLU and KL divergence (two stages of the pipeline).
-        chosen = ("build", "models", stage, "kld" if stage == "mmlu" else stage, "report")
+        # `llamasys mmlu` is MMLU and KL divergence (two stages of the pipeline); `tune` starts from the load's.
+        more = {"mmlu": ("kld",), "tune": ("load",)}.get(stage, ())
+        chosen = ("build", "models", stage, *more, "report")
         p.set_defaults(func=cmd_run, stages=tuple(s for s in STAGES if s in chosen))
 
     p = sub.add_parser("report", help="re-render report.html from results.json; several run dirs go side by side")

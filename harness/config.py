@@ -327,6 +327,23 @@ class MMLUConfig(Section):
         return self
 
 
+class TuneConfig(Section):
+    """`[tune]`: which llama-server settings to search for the variants named (default: every quantized variant),
+    screened by llama-bench and the survivors measured under the load at the defaults' capacity boundary."""
+
+    enabled: bool = False
+    variants: list[str] = Field(default_factory=list)
+    threads: list[int] = Field(default_factory=list)  # default: 1 and every core
+    batch: list[int] = Field(default_factory=lambda: [2048])
+    ubatch: list[int] = Field(default_factory=lambda: [128, 512])
+    flash_attn: list[bool] = Field(default_factory=lambda: [False, True])
+    cache_types: list[str] = Field(default_factory=lambda: ["f16", "q8_0"])  # K and V alike
+    survivors: int = Field(default=2, ge=1)  # the best-predicted settings measured under load
+    repetitions: int = Field(default=2, ge=1)  # llama-bench -r
+    kld_margin: float = Field(default=0.005, ge=0)  # the largest extra mean KLD a setting may cost
+    time_budget_s: float = Field(default=1200, gt=0)
+
+
 class LoadConfig(Section):
     """The Locust speed stage: fixed-length streamed completions at each load level (users, or requests/s).
 
@@ -457,6 +474,7 @@ class Experiment(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     slo: SloConfig = Field(default_factory=SloConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     # The systems the load stage measures, every variant on each (default: the llama-server the harness starts).
     targets: list[SerializeAsAny[TargetConfig]] = Field(default_factory=lambda: [target_config({})], min_length=1)
 

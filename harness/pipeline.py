@@ -26,16 +26,17 @@ from harness.storage import check_writable, sole_writer
 log = logging.getLogger(__name__)
 
 # Every stage in order: "build" makes the context the others run with, "report" always ends a run.
-STAGES = ("build", "models", "mmlu", "kld", "load", "report")
+STAGES = ("build", "models", "mmlu", "kld", "load", "tune", "report")
 
 
 def stages() -> list[Stage]:
     """The stages between the build and the report, in order (imported here: MMLU pulls in scipy and datasets)."""
     from harness.loadtest import LoadStage
     from harness.models.pipeline import ModelsStage
+    from harness.tune import TuneStage
     from mmlu import KLDStage, QualityStage
 
-    return [ModelsStage(), QualityStage(), KLDStage(), LoadStage()]
+    return [ModelsStage(), QualityStage(), KLDStage(), LoadStage(), TuneStage()]
 
 
 def open_run_dir(exp: Experiment) -> RunDir:

@@ -72,6 +72,11 @@ class RunDir:
     def load_summary(self, target: str, variant: str) -> Path:
         return self.load(target, variant) / "summary.json"
 
+    def tune(self, variant: str) -> Path:
+        """The tune stage's result for a variant (its trials run in tune/<variant>/<setting>/, run directories of
+        their own)."""
+        return self.root / "tune" / f"{variant}.json"
+
     @property
     def results(self) -> Path:
         return self.root / "results.json"

@@ -11,7 +11,14 @@ for KL divergence against the baseline with the same flags in llama-perplexity, 
 against the variant with the default setting; it is accepted only when the paired interval's upper end is within
 `margin` (its extra loss shown to be at most the margin).
 
-Not yet here (see the issue's note): the Locust trials of the survivors, the search over them, energy, the report.
+The stage (`TuneStage`, after the load stage): per tuned variant, the screen, the guard for the best-predicted
+survivors that change numerics, then each accepted survivor measured under the load as ordinary steps: a run of its
+own in `tune/<variant>/<n>/` (the experiment with the setting's flags in `[server]`, llama-server only, starting at
+the defaults' first missed level and searching from there), so its records, verification, early stop and resume are
+the load stage's. The defaults are the load stage's own measurement of the variant in this run. The chosen setting
+has the highest capacity within `[slo]` (ties: the higher goodput at its capacity, then the defaults).
+
+Not yet here: energy (NVML / RAPL), a library search (optuna / scipy qmc) when the survivors are more than a few.
 A quantized V cache needs flash attention (llama.cpp refuses the context otherwise), so such combinations are never
 generated; llama-bench runs the Cartesian product of its comma lists, so the screen runs once per flash-attention
 value with the V-cache types that value allows.
@@ -22,14 +29,32 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import os
+import re
+import shlex
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from harness.errors import HarnessError
-from harness.kld import KLDStats, paired_kld, run_kld
-from harness.records import Record
+from harness.cache import file_identity
+from harness.config import TargetConfig
+from harness.context import RunContext
+from harness.corpus import corpus_text
+from harness.errors import ConfigError, HarnessError, LoadTestError
+from harness.kld import KLDStats, base_logits, paired_kld, run_kld
+from harness.loadtest.attempts import load_inputs
+from harness.loadtest.stage import LoadStage
+from harness.loadtest.summary import LoadSummary
+from harness.models.records import ModelsRecord
+from harness.records import Record, RecordError, StageRecord, read_record, write_record
+from harness.rundir import RunDir
+from harness.stage import Stage, Unit
 from harness.tools import Compute, ToolRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, order=True)
@@ -85,6 +110,22 @@ def candidates(
         if ub <= b and setting.valid:
             out.append(setting)
     return out
+
+
+def merge_args(base: Sequence[str], setting: Sequence[str]) -> list[str]:
+    """`[server] extra_args` with the setting's flags (each a flag and its value) in place of any it sets."""
+    flags = set(setting[0::2])
+    kept: list[str] = []
+    skip = False
+    for i, arg in enumerate(base):
+        if skip:
+            skip = False
+            continue
+        if arg in flags and i + 1 < len(base):
+            skip = True
+            continue
+        kept.append(arg)
+    return [*kept, *setting]
 
 
 class ScreenRow(Record):
@@ -207,3 +248,202 @@ def guard(
     return Guard(setting=setting.describe(), kld=mine.mean_kld, default_kld=default.mean_kld,
                  difference=pair.difference, ci_high=pair.ci_high, chunks=pair.chunks, margin=margin,
                  accepted=accepted, why=why)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class Trial(Record):
+    """One setting measured under the load (or the defaults, from the load stage)."""
+
+    setting: str
+    server_args: list[str]
+    threads: int | None
+    capacity_low: float | None
+    capacity_high: float | None
+    goodput_rps: float | None  # at its capacity level
+    output_tps: float | None
+    summary: str  # its load summary, relative to the run directory
+    complete: bool = True
+    error: str | None = None
+
+
+class TuneResult(StageRecord):
+    """tune/<variant>.json: the screen, the guard, the trials and the chosen command line."""
+
+    variant: str
+    target: str
+    screen: list[ScreenRow]
+    guards: list[Guard]
+    trials: list[Trial]  # the defaults first
+    chosen: str  # the chosen trial's setting
+    command: str  # the llama-server command line to serve it with
+    stopped_by: str  # "survivors" (all measured) or "time budget"
+    seconds: float
+
+
+class TuneStage(Stage[TuneResult]):
+    """Server settings for each tuned variant (see the module docstring)."""
+
+    name = "tune"
+    what = "tune"
+    record = TuneResult
+    error = LoadTestError
+
+    def enabled(self, ctx: RunContext) -> bool:
+        return ctx.experiment.tune.enabled and ctx.experiment.load.enabled
+
+    def units(self, ctx: RunContext) -> list[Unit]:
+        names = ctx.experiment.tune.variants or [n for n, a in ctx.models().items() if not a.baseline]
+        return [Unit(f"tune/{n}", variant=n, label=f"tune {n}") for n in names]
+
+    def output(self, ctx: RunContext, unit: Unit) -> Path:
+        return ctx.run.tune(unit.variant)  # type: ignore[arg-type]
+
+    def inputs(self, ctx: RunContext, unit: Unit) -> Any:
+        target = _server_target(ctx)
+        summary = ctx.run.load_summary(target.label, unit.variant)  # type: ignore[arg-type]
+        return {
+            "stage": "tune/1", "tune": ctx.experiment.tune.model_dump(mode="json"),
+            "defaults": file_identity(summary) if summary.is_file() else None,
+            "load": load_inputs(ctx, target, ctx.models()[unit.variant].path),  # type: ignore[index]
+        }  # fmt: skip
+
+    def make(self, ctx: RunContext, units: list[Unit]) -> Iterator[tuple[Unit, TuneResult | HarnessError]]:
+        for unit in units:
+            try:
+                yield unit, _Tuning(ctx, unit.variant).run()  # type: ignore[arg-type]
+            except HarnessError as exc:
+                yield unit, exc
+
+
+def _server_target(ctx: RunContext) -> TargetConfig:
+    """The target whose server takes llama-server's flags (the one whose reference is the build's llama-bench)."""
+    for target in ctx.experiment.targets:
+        if target.target.runs_llama_bench:
+            return target
+    raise ConfigError("tune: the settings searched are llama-server's; add a llama-server target")
+
+
+class _Tuning:
+    def __init__(self, ctx: RunContext, variant: str) -> None:
+        self.ctx, self.variant = ctx, variant
+        self.cfg = ctx.experiment.tune
+        self.target = _server_target(ctx)
+        self.model = ctx.models()[variant].path
+        self.root = ctx.run.root / "tune" / variant
+        self.started = time.monotonic()
+
+    def run(self) -> TuneResult:
+        defaults = self._defaults()
+        if defaults.capacity_low is None:
+            raise LoadTestError(f"tune {self.variant}: the defaults have no capacity: tuning needs [slo] objectives")
+        load = self.ctx.experiment.load
+        settings = candidates(self.cfg.threads or sorted({1, os.cpu_count() or 1}), self.cfg.batch,
+                              self.cfg.ubatch, self.cfg.flash_attn, self.cfg.cache_types)  # fmt: skip
+        ranked = screen(self.ctx.tools, self.model, settings, prompt_tokens=load.prompt_tokens,
+                        output_tokens=load.output_tokens, repetitions=self.cfg.repetitions,
+                        log_path=self.root / "screen.log", compute=self.ctx.compute(None))  # fmt: skip
+        by_name = {s.describe(): s for s in settings}
+        guards: list[Guard] = []
+        trials = [defaults]
+        stopped = "survivors"
+        survivors = [by_name[r.setting] for r in ranked]
+        measured = 0
+        for setting in survivors:
+            if measured >= self.cfg.survivors:
+                break
+            if time.monotonic() - self.started > self.cfg.time_budget_s:
+                stopped = "time budget"
+                break
+            if setting.changes_numerics:
+                checked = self._guard(setting)
+                guards.append(checked)
+                if not checked.accepted:
+                    log.info("tune: %s: %s rejected: %s", self.variant, setting.describe(), checked.why)
+                    continue
+            trials.append(self._trial(setting, defaults))
+            measured += 1
+        best = max(trials, key=_rank)
+        return TuneResult(
+            variant=self.variant, target=self.target.label, screen=ranked, guards=guards, trials=trials,
+            chosen=best.setting, command=self._command(best), stopped_by=stopped,
+            seconds=round(time.monotonic() - self.started, 1),
+        )  # fmt: skip
+
+    def _defaults(self) -> Trial:
+        path = self.ctx.run.load_summary(self.target.label, self.variant)
+        try:
+            summary = read_record(path, LoadSummary)
+        except (FileNotFoundError, RecordError):
+            raise LoadTestError(f"tune {self.variant}: no load measurement of the defaults ({path}): run the load "
+                                "stage first") from None  # fmt: skip
+        server = self.ctx.experiment.server
+        return _trial_of(summary, "(defaults)", list(server.extra_args), server.threads, path, self.ctx.run.root)
+
+    def _trial(self, setting: Setting, defaults: Trial) -> Trial:
+        """`setting` under the load: the experiment with its flags, from the defaults' first missed level up or
+        down by the capacity search, in a run directory of its own (resumable like any load)."""
+        exp = self.ctx.experiment
+        start = defaults.capacity_high if defaults.capacity_high is not None else defaults.capacity_low
+        server = exp.server.model_copy(update={
+            "threads": setting.threads or exp.server.threads,
+            "extra_args": merge_args(exp.server.extra_args, setting.server_args()),
+        })  # fmt: skip
+        load = exp.load.model_copy(update={"steps": [start], "search": True})
+        trial_exp = exp.model_copy(update={"server": server, "load": load, "targets": [self.target]})
+        run = RunDir(self.root / (re.sub(r"[^A-Za-z0-9]+", "_", setting.describe()).strip("_") or "defaults"))
+        _copy_models(self.ctx.run, run, self.variant)
+        trial_ctx = RunContext.of(trial_exp, self.ctx.build, run)
+        log.info("tune: %s: %s under the load from level %g", self.variant, setting.describe(), start)
+        summaries = LoadStage().run(trial_ctx)
+        summary = next(iter(summaries.values()))
+        path = run.load_summary(self.target.label, self.variant)
+        return _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root)
+
+    def _guard(self, setting: Setting) -> Guard:
+        exp = self.ctx.experiment
+        cfg = exp.mmlu
+        compute = self.ctx.compute(cfg.threads)
+        baseline = self.ctx.models()[self.ctx.baseline].path
+        text = corpus_text(exp.corpus, "kld", cache=self.ctx.cache, llamacpp_tree=self.ctx.build.tree)
+        base, _ = base_logits(self.ctx.tools, baseline, text, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
+                              cache=self.ctx.cache, log_path=self.root / "base.log", compute=compute)  # fmt: skip
+        default = run_kld(self.ctx.tools, self.model, base, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
+                          log_path=self.root / "kld-defaults.log", compute=compute)  # fmt: skip
+        return guard(self.ctx.tools, self.model, setting, base_file=base, default=default, margin=self.cfg.kld_margin,
+                     alpha=cfg.alpha, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
+                     log_path=self.root / "kld-settings.log", compute=compute)  # fmt: skip
+
+    def _command(self, trial: Trial) -> str:
+        sizing = self.ctx.experiment.sizing()
+        args = ["llama-server", "-m", str(self.model), "--host", "127.0.0.1", "-np", str(sizing.parallel),
+                "-c", str(sizing.ctx_size)]  # fmt: skip
+        if trial.threads:
+            args += ["-t", str(trial.threads)]
+        return shlex.join(args + trial.server_args)
+
+
+def _trial_of(summary: LoadSummary, setting: str, server_args: list[str], threads: int | None, path: Path,
+              root: Path) -> Trial:  # fmt: skip
+    cap = summary.capacity
+    at = next((s for s in summary.steps if cap is not None and s.level == cap.low), None)
+    return Trial(
+        setting=setting, server_args=list(server_args), threads=threads,
+        capacity_low=cap.low if cap else None, capacity_high=cap.high if cap else None,
+        goodput_rps=at.goodput_rps if at else None, output_tps=at.output_tokens_per_s if at else None,
+        summary=str(path.relative_to(root)), complete=summary.complete, error=summary.error,
+    )  # fmt: skip
+
+
+def _rank(trial: Trial) -> tuple:
+    """Higher capacity, then higher goodput at it, then the defaults (a setting must be better to be chosen)."""
+    return (trial.capacity_low or 0, trial.goodput_rps or 0, trial.setting == "(defaults)")
+
+
+def _copy_models(source: RunDir, run: RunDir, variant: str) -> None:
+    """The trial's models.json: the parent run's, listing only the tuned variant (and the files where they are)."""
+    record = read_record(source.models_json, ModelsRecord)
+    mine = record.model_copy(update={"variants": [v for v in record.variants if v.name == variant]})
+    run.models.mkdir(parents=True, exist_ok=True)
+    write_record(run.models_json, mine)

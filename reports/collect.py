@@ -21,6 +21,7 @@ from harness.models.records import load_models_json, load_models_record
 from harness.models.search import SearchRecord
 from harness.records import RecordError, UnitFailure, read_record
 from harness.rundir import RunDir
+from harness.tune import TuneResult
 from mmlu.dataset import (
     MMLU_LARGEST_TEST_SUBJECT,
     MMLU_SMALLEST_TEST_SUBJECT,
@@ -99,6 +100,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             speed = _speed_of(exp, run, target.label, model, missing)
             if speed is not None:
                 endpoints.append(EndpointResult(target=target.label, url=target.url or "", model=model, speed=speed))
+    tuning = [t for t in (_read(run.tune(v.name), TuneResult) for v in variants) if t is not None]
     results = Results(
         name=exp.name,
         model=_model_label(exp),
@@ -125,6 +127,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             for t in exp.targets
         ],
         endpoints=endpoints,
+        tuning=tuning,
         load_settings=_load_settings(exp),
     )
     results.recommendation = (

@@ -14,6 +14,7 @@ from bench.records import Capacity
 from harness.kld import PairedKLD
 from harness.process import exit_reason
 from harness.records import Record
+from harness.tune import TuneResult
 
 SCHEMA_VERSION = 4
 
@@ -242,6 +243,7 @@ class Results(Record):
     load_settings: dict[str, Any] = Field(default_factory=dict)
     targets: list[TargetResult] = Field(default_factory=list)
     endpoints: list[EndpointResult] = Field(default_factory=list)
+    tuning: list[TuneResult] = Field(default_factory=list)  # the tune stage's, per tuned variant
     schema_version: int = SCHEMA_VERSION
 
     def variant(self, name: str) -> VariantResult | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from harness.buildcheck import probe_model, probe_text
 from harness.cache import CacheDir
 from harness.kld import base_logits, run_kld
 from harness.tune import Setting, candidates, guard, screen
+from tests.integration.helpers import llamasys
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +47,93 @@ def test_a_kv_cache_that_loses_quality_beyond_the_margin_is_rejected(current_bui
     assert "-ctk q4_0 -ctv q4_0 -fa on" in (tmp_path / "q4.log").read_text()  # measured as it would be served
     loose = guard(current_build.tools, model, q4, margin=10.0, log_path=tmp_path / "q4-loose.log", **kwargs)
     assert loose.accepted and loose.kld == pytest.approx(tight.kld, rel=1e-6)
+
+
+TUNE_TOML = """
+name = "tune"
+[llamacpp]
+source = "pypi"
+ref = "0.3.36"
+[model]
+source = "demo"
+pretokenizer = "smollm"
+[[variants]]
+name = "F16"
+type = "F16"
+[[variants]]
+name = "Q4_K_M-imat"
+type = "Q4_K_M"
+imatrix = true
+[imatrix]
+chunks = 8
+ctx_size = 256
+[corpus]
+source = "llamacpp-docs"
+[mmlu]
+enabled = false
+[load]
+prompt_tokens = 256
+output_tokens = 16
+steps = [1]
+requests_per_user = 2
+min_requests = 4
+search = true
+max_users = 2
+[slo]
+ttft_s = { limit = 2.5, quantile = 0.9 }
+[[targets]]
+kind = "llama-server"
+[server]
+threads = 1
+# A bad default: prompts prefilled one token at a time. The tune grid's one candidate restores -ub 512.
+extra_args = ["-ub", "1"]
+[tune]
+enabled = true
+variants = ["Q4_K_M-imat"]
+threads = [1]
+batch = [2048]
+ubatch = [512]
+flash_attn = [false]
+cache_types = ["f16"]
+survivors = 1
+repetitions = 1
+"""
+
+
+def test_a_grid_against_a_real_llama_server_finds_the_better_setting(current_build: Build, cache_dir: Path,
+                                                                    tmp_path: Path):  # fmt: skip
+    experiment = tmp_path / "tune.toml"
+    experiment.write_text(TUNE_TOML)
+    run_dir = tmp_path / "run"
+    env = {"LLAMASYS_CACHE_DIR": str(cache_dir)}
+    result = llamasys("run", str(experiment), "--run-dir", str(run_dir), "--no-progress", env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = json.loads((run_dir / "tune" / "Q4_K_M-imat.json").read_text())
+    defaults, trial = tuned["trials"]
+    assert defaults["setting"] == "(defaults)" and defaults["server_args"] == ["-ub", "1"]
+    # The setting's flags replace [server]'s own -ub 1.
+    assert trial["setting"] == "-t 1 -b 2048 -ub 512 -ctk f16 -ctv f16 -fa off"
+    assert trial["server_args"] == ["-b", "2048", "-ub", "512", "-ctk", "f16", "-ctv", "f16", "-fa", "off"]
+    # Prefilling 256 tokens at once is much faster than one at a time: the trial's TTFT is lower, so it serves at
+    # least as many users within the objective, with more goodput, and is chosen.
+    summary = json.loads((run_dir / trial["summary"]).read_text())
+    base = json.loads((run_dir / defaults["summary"]).read_text())
+    assert summary["steps"][0]["ttft_s"]["p50"] < base["steps"][0]["ttft_s"]["p50"]
+    assert (trial["capacity_low"], trial["goodput_rps"] or 0) > (defaults["capacity_low"], defaults["goodput_rps"] or 0)
+    assert tuned["chosen"] == trial["setting"] and "-ub 512" in tuned["command"]
+    assert tuned["command"].startswith("llama-server -m ") and "-np 2" in tuned["command"]
+    assert [r["setting"] for r in tuned["screen"]] == [trial["setting"]]
+    page = (run_dir / "report.html").read_text()
+    assert 'id="tune-Q4_K_M-imat"' in page and "-ub 512" in page
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["tune"]["state"] == "done"
+    # Run again: nothing is measured again (the tune result and each trial's load are fresh).
+    result_file, trial_file = run_dir / "tune" / "Q4_K_M-imat.json", run_dir / trial["summary"]
+    before = result_file.stat().st_mtime_ns, trial_file.stat().st_mtime_ns
+    again = llamasys("run", str(experiment), "--run-dir", str(run_dir), "--no-progress", env=env, timeout=600)
+    assert again.returncode == 0 and (result_file.stat().st_mtime_ns, trial_file.stat().st_mtime_ns) == before
+    # Trials are load runs of their own: a tuning that stopped after them (here: its result removed) keeps them.
+    result_file.unlink()
+    resumed = llamasys("run", str(experiment), "--run-dir", str(run_dir), "--no-progress", env=env, timeout=600)
+    assert resumed.returncode == 0 and result_file.is_file() and trial_file.stat().st_mtime_ns == before[1]
+    assert json.loads(result_file.read_text())["chosen"] == trial["setting"]

@@ -356,3 +356,29 @@ def test_the_recipe_is_compared_paired_with_every_stock_variant_and_its_search_i
     assert 'id="search-Q4_K-mix"' in page and "30 measurements of 15 tensor groups" in page
     assert "predicted by the sum 0.00910, measured 0.00880" in page and "(proven optimal)" in page
     assert "--tensor-type-file recipes/Q4_K-mix.txt" in page
+
+
+def test_the_tuned_command_line_its_trials_guards_and_screen_are_shown(tmp_path):
+    from harness.tune import Guard, ScreenRow, Trial, TuneResult
+
+    row = ScreenRow(setting="-t 2 -b 2048 -ub 512 -ctk q8_0 -ctv q8_0 -fa on", threads=2, batch=2048, ubatch=512,
+                    flash_attn=True, cache_k="q8_0", cache_v="q8_0", pp_tps=480.0, tg_tps=150.0,
+                    predicted_s=0.75)  # fmt: skip
+    trials = [
+        Trial(setting="(defaults)", server_args=[], threads=1, capacity_low=1, capacity_high=2, goodput_rps=0.4,
+              output_tps=12.0, summary="load/llama-server/Q4_K_M-imat/summary.json"),
+        Trial(setting="-t 2 -b 2048 -ub 512", server_args=["-b", "2048", "-ub", "512"], threads=2, capacity_low=3,
+              capacity_high=4, goodput_rps=0.9, output_tps=30.0, summary="tune/Q4_K_M-imat/t_2/load/summary.json"),
+    ]  # fmt: skip
+    rejected = Guard(setting=row.setting, kld=0.03, default_kld=0.02, difference=0.01, ci_high=0.012, chunks=16,
+                     margin=0.005, accepted=False,
+                     why="extra KLD +0.01000 (up to +0.01200) not shown within the margin")  # fmt: skip
+    r = results()
+    r.tuning = [TuneResult(variant="Q4_K_M-imat", target="llama-server", screen=[row], guards=[rejected], trials=trials,
+                           chosen=trials[1].setting, command="llama-server -m m.gguf -np 4 -t 2 -b 2048 -ub 512",
+                           stopped_by="survivors", seconds=300.0)]  # fmt: skip
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert 'id="tune-Q4_K_M-imat"' in page and "llama-server -m m.gguf -np 4 -t 2 -b 2048 -ub 512" in page
+    assert '<tr class="chosen"><td class="l">-t 2 -b 2048 -ub 512</td><td>3</td>' in page
+    assert "rejected: extra KLD +0.01000 (up to +0.01200) not shown within the margin" in page
+    assert 'href="tune/Q4_K_M-imat/t_2/load/summary.json"' in page and "0.750" in page

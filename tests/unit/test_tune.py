@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.tune import Setting, bench_args, candidates, parse_bench, screen_rows
+from harness.tune import Setting, bench_args, candidates, merge_args, parse_bench, screen_rows
 
 DATA = Path(__file__).parents[1] / "data" / "tune"
 
@@ -47,3 +47,10 @@ def test_captured_llama_bench_json_becomes_ranked_predictions():
     assert (row.pp_tps, row.tg_tps) == (pytest.approx(16263.001884), pytest.approx(5812, abs=1))
     with pytest.raises(HarnessError, match="no JSON results"):
         parse_bench("error: failed to create context")
+
+
+def test_a_settings_flags_replace_the_servers_own():
+    assert merge_args(["-ub", "1", "--mlock", "-b", "64"], ["-b", "2048", "-ub", "512"]) == [
+        "--mlock", "-b", "2048", "-ub", "512",
+    ]  # fmt: skip
+    assert merge_args([], ["-fa", "on"]) == ["-fa", "on"]

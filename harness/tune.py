@@ -294,7 +294,11 @@ class TuneStage(Stage[TuneResult]):
         return ctx.experiment.tune.enabled and ctx.experiment.load.enabled
 
     def units(self, ctx: RunContext) -> list[Unit]:
-        names = ctx.experiment.tune.variants or [n for n, a in ctx.models().items() if not a.baseline]
+        models = ctx.models()
+        names = ctx.experiment.tune.variants or [n for n, a in models.items() if not a.baseline]
+        unknown = [n for n in names if n not in models]
+        if unknown:
+            raise ConfigError(f"tune.variants: no variant named {unknown[0]!r}; variants: {', '.join(models)}")
         return [Unit(f"tune/{n}", variant=n, label=f"tune {n}") for n in names]
 
     def output(self, ctx: RunContext, unit: Unit) -> Path:
@@ -362,7 +366,13 @@ class _Tuning:
                 if not checked.accepted:
                     log.info("tune: %s: %s rejected: %s", self.variant, setting.describe(), checked.why)
                     continue
-            trials.append(self._trial(setting, defaults))
+            try:
+                trials.append(self._trial(setting, defaults))
+            except HarnessError as exc:  # its server failed: recorded, and the other settings go on
+                log.error("tune: %s: %s failed: %s", self.variant, setting.describe(), exc)
+                trials.append(Trial(setting=setting.describe(), server_args=setting.server_args(),
+                                    threads=setting.threads, capacity_low=None, capacity_high=None, goodput_rps=None,
+                                    output_tps=None, summary="", complete=False, error=str(exc)))  # fmt: skip
             measured += 1
         best = max(trials, key=_rank)
         return TuneResult(

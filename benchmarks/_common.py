@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from harness.cache import default_cache_dir
 from harness.errors import HarnessError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,3 +35,21 @@ def report(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict]) 
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
+    """--experiment (default: one of harness/experiments/) and --run-dir (default: a fresh temporary directory)."""
+    parser.add_argument("--experiment", type=Path, default=default, help="default: %(default)s")
+    parser.add_argument("--run-dir", type=Path, help="default: a fresh temporary directory")
+
+
+def run_experiment(args: argparse.Namespace, prefix: str) -> tuple[Path, float]:
+    """`llamasys run` of args.experiment from this checkout's sources, in args.run_dir (or a fresh one) with
+    args.cache_dir: the run directory and the run's wall time in seconds."""
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix=f"{prefix}-")) / "run"
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(args.experiment), "--run-dir", str(run_dir), "--no-progress"],
+        check=True, cwd=REPO, env={**os.environ, "LLAMASYS_CACHE_DIR": str(args.cache_dir)},
+    )  # fmt: skip
+    return run_dir, time.monotonic() - started

@@ -14,27 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import add_output_arguments, report  # noqa: E402
+from benchmarks._common import REPO, add_experiment_arguments, add_output_arguments, report, run_experiment  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "harness" / "experiments" / "recipe.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", type=Path, default=EXPERIMENT)
+    add_experiment_arguments(parser, EXPERIMENT)
     parser.add_argument("--fresh", action="store_true", help="forget remembered sensitivities and recipes first")
-    parser.add_argument("--run-dir", type=Path, help="default: a temporary directory")
     add_output_arguments(parser)
     return report(parser.parse_args(argv), run)
 
@@ -45,13 +39,7 @@ def run(args: argparse.Namespace) -> dict:
             entry.unlink()
         for entry in (args.cache_dir / "models").glob("recipe-*"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="recipe-bench-")) / "run"
-    started = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-m", "harness.cli", "run", str(args.experiment), "--run-dir", str(run_dir), "--no-progress"],
-        check=True, cwd=REPO, env={**os.environ, "LLAMASYS_CACHE_DIR": str(args.cache_dir)},
-    )  # fmt: skip
-    wall = time.monotonic() - started
+    run_dir, wall = run_experiment(args, "recipe-bench")
     results = json.loads((run_dir / "results.json").read_text())
     figures: dict = {"run_wall_s": round(wall, 1), "run_dir": str(run_dir), "variants": {}, "recipes": {}}
     for v in results["variants"]:

@@ -14,39 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scipy import stats  # noqa: E402
 
-from benchmarks._common import add_output_arguments, report  # noqa: E402
+from benchmarks._common import REPO, add_experiment_arguments, add_output_arguments, report, run_experiment  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "harness" / "experiments" / "tune.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", type=Path, default=EXPERIMENT)
-    parser.add_argument("--run-dir", type=Path, help="default: a fresh temporary directory")
+    add_experiment_arguments(parser, EXPERIMENT)
     add_output_arguments(parser)
     return report(parser.parse_args(argv), run)
 
 
 def run(args: argparse.Namespace) -> dict:
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="tune-bench-")) / "run"
-    started = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-m", "harness.cli", "run", str(args.experiment), "--run-dir", str(run_dir), "--no-progress"],
-        check=True, cwd=REPO, env={**os.environ, "LLAMASYS_CACHE_DIR": str(args.cache_dir)},
-    )  # fmt: skip
-    figures: dict = {"run_wall_s": round(time.monotonic() - started, 1), "run_dir": str(run_dir), "variants": {}}
+    run_dir, wall = run_experiment(args, "tune-bench")
+    figures: dict = {"run_wall_s": round(wall, 1), "run_dir": str(run_dir), "variants": {}}
     for path in sorted((run_dir / "tune").glob("*.json")):
         tuned = json.loads(path.read_text())
         predicted = {row["setting"]: row["predicted_s"] for row in tuned["screen"]}

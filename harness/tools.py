@@ -66,21 +66,24 @@ def error_line(lines: Sequence[str], *, prefer: Sequence[str] = (), empty: str =
     return lines[-1].strip() if lines else empty
 
 
-def llama_bench_rates(lines: Sequence[str]) -> dict[str, float]:
-    """`llama-bench -o json` output -> {"pp": tokens/s, "tg": tokens/s} for the tests it ran (both eras print a JSON
-    list of rows with n_prompt, n_gen and avg_ts; log lines may come before and after it)."""
-    text = "\n".join(lines)
+def llama_bench_rows(text: str) -> list[dict]:
+    """`llama-bench -o json` rows with their avg_ts (both eras print one JSON list; log lines may come before and
+    after it); [] when there is none or it cannot be read."""
     start, end = text.find("["), text.rfind("]")
     try:
         rows = json.loads(text[start : end + 1]) if start >= 0 and end > start else []
     except ValueError:
-        return {}
+        return []
+    return [r for r in rows if isinstance(r, dict) and "avg_ts" in r] if isinstance(rows, list) else []
+
+
+def llama_bench_rates(lines: Sequence[str]) -> dict[str, float]:
+    """`llama-bench -o json` output -> {"pp": tokens/s, "tg": tokens/s} for the tests it ran."""
     rates: dict[str, float] = {}
-    for row in rows if isinstance(rows, list) else []:
-        if isinstance(row, dict) and "avg_ts" in row:
-            kind = "tg" if row.get("n_gen") else "pp" if row.get("n_prompt") else None
-            if kind:
-                rates[kind] = float(row["avg_ts"])
+    for row in llama_bench_rows("\n".join(lines)):
+        kind = "tg" if row.get("n_gen") else "pp" if row.get("n_prompt") else None
+        if kind:
+            rates[kind] = float(row["avg_ts"])
     return rates
 
 

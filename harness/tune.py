@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import re
@@ -52,7 +51,7 @@ from harness.models.records import ModelsRecord
 from harness.records import Record, RecordError, StageRecord, read_record, write_record
 from harness.rundir import RunDir
 from harness.stage import Stage, Unit
-from harness.tools import Compute, ToolRunner
+from harness.tools import Compute, ToolRunner, llama_bench_rows
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +143,11 @@ class ScreenRow(Record):
 
 
 def parse_bench(text: str) -> list[dict]:
-    """`llama-bench -o json` rows (log lines may surround the JSON list)."""
-    start, end = text.find("["), text.rfind("]")
-    if start < 0 or end <= start:
+    """`llama-bench -o json` rows; no rows is an error here (the screen needs every setting's)."""
+    rows = llama_bench_rows(text)
+    if not rows:
         raise HarnessError("llama-bench printed no JSON results")
-    try:
-        rows = json.loads(text[start : end + 1])
-    except ValueError as exc:
-        raise HarnessError(f"llama-bench printed unreadable JSON: {exc}") from None
-    return [r for r in rows if isinstance(r, dict) and "avg_ts" in r]
+    return rows
 
 
 def screen_rows(rows: Iterable[dict], *, prompt_tokens: int, output_tokens: int) -> list[ScreenRow]:

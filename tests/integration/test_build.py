@@ -108,7 +108,8 @@ def test_cuda_configure_accepts_our_flags(current_build: Build, tmp_path: Path):
 def test_the_build_is_proven_on_this_machine_in_every_default_weight_type(any_build: Build):
     check = any_build.check
     assert check is not None and check.ok, check
-    assert list(check.types) == ["F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"]
+    # A check that covered more types (another experiment's, on a warm cache) is reused, so: at least these.
+    assert {"F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"} <= set(check.types), list(check.types)
     for result in check.types.values():
         assert result.prompt_tps and result.prompt_tps > 0 and result.generation_tps and result.generation_tps > 0
     for tool in ("llama-perplexity", "llama-bench", "llama-server"):

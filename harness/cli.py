@@ -106,23 +106,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def experiment_from_args(args: argparse.Namespace, *, default: Path | None = None) -> Experiment:
-    overrides = list(args.overrides)
+    """The experiment file (or `default`) under the environment, `--set` and this command's own options."""
+    values: dict[str, object] = {}
     for option, key in (("source", "llamacpp.source"), ("ref", "llamacpp.ref"), ("backend", "llamacpp.backend"),
                         ("cuda_architectures", "llamacpp.cuda_architectures")):  # fmt: skip
-        value = getattr(args, option, None)
-        if value is not None:
-            overrides.append(f"{key}={_toml_string(value)}")
+        if getattr(args, option, None) is not None:
+            values[key] = getattr(args, option)
     if getattr(args, "path", None) is not None:
-        overrides.append(f"llamacpp.path={_toml_string(str(args.path.resolve()))}")
+        values["llamacpp.path"] = args.path.resolve()
     if args.run_dir is not None:
-        overrides.append(f"run_dir={_toml_string(str(args.run_dir))}")
+        values["run_dir"] = args.run_dir
     if args.cache_dir is not None:
-        overrides.append(f"cache_dir={_toml_string(str(args.cache_dir.resolve()))}")
-    return load_experiment(args.experiment or default, overrides=overrides)
-
-
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        values["cache_dir"] = args.cache_dir.resolve()
+    return load_experiment(args.experiment or default, overrides=args.overrides, values=values)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -9,11 +9,21 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from bench.plan import LoadPlan, plan_error
 from bench.slo import Objective
@@ -23,6 +33,8 @@ from harness.server import ServerConfig, ServerSizing
 from harness.targets import TargetConfig, target_config
 
 ENV_PREFIX = "LLAMASYS_"
+# LLAMASYS_* variables that are not experiment settings (the tests' artifact directory).
+NOT_SETTINGS = ("LLAMASYS_TEST_ARTIFACTS",)
 _PLAN = LoadPlan()  # the load plan's defaults: one home
 
 # llama-quantize type names (as `llama-quantize --help` lists them) that a variant may ask for.
@@ -583,46 +595,91 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, _parse_value(raw.strip())
 
 
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
-    """LLAMASYS_SECTION__KEY=value -> (section.key, value, variable name). `__` separates levels."""
-    found = []
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == "LLAMASYS_EXPERIMENT":
-            continue
-        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-        found.append((dotted, _parse_value(raw), name))
-    return found
+# Where the layers come from in the current load_experiment call (a file, an environment), for _Layers' sources.
+_LAYERS: ContextVar[tuple[Path | None, Mapping[str, str]]] = ContextVar("_LAYERS")
+
+
+class _Layers(Experiment, BaseSettings):
+    """The experiment as pydantic-settings builds it: init arguments (the CLI) < LLAMASYS_* environment < the TOML
+    file < defaults, merged table by table. `load_experiment` hands the result on as a plain `Experiment`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: Any, **_: Any
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path, environ = _LAYERS.get()
+        file = (_ExperimentFile(settings_cls, path),) if path is not None else ()
+        return (init_settings, _Environment(settings_cls, environ), *file)
+
+
+class _Environment(EnvSettingsSource):
+    """`LLAMASYS_SECTION__KEY=value` from a given mapping (the process environment by default): `__` between
+    levels, lists and tables as JSON (`LLAMASYS_LOAD__STEPS='[1, 2, 4]'`)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._given = {k: v for k, v in environ.items() if k.upper() not in NOT_SETTINGS}
+        super().__init__(settings_cls)
+        # pydantic-settings reads only the variables that name a field; one that names none is a typo to report.
+        for name in sorted(self._given):
+            head = name.upper().removeprefix(ENV_PREFIX).split("__")[0].lower()
+            if name.upper().startswith(ENV_PREFIX) and head not in settings_cls.model_fields:
+                raise ConfigError(
+                    f"environment variable {name}: unknown key '{head}'; allowed keys: "
+                    + ", ".join(sorted(settings_cls.model_fields))
+                )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._given, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class _ExperimentFile(TomlConfigSettingsSource):
+    """The experiment file; relative paths in it are relative to the file, as a user reading it expects."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        _resolve_relative_paths(data, Path(file_path).resolve().parent)
+        return data
 
 
 def load_experiment(
     path: Path | None = None,
     *,
     overrides: Iterable[str] = (),
+    values: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Experiment:
-    """Build the experiment from defaults < TOML file < LLAMASYS_* environment < CLI `KEY=VALUE` overrides."""
-    data: dict[str, Any] = {}
-    origin = "defaults"
-    if path is not None:
-        origin = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"experiment file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read experiment file {path}: {exc.strerror}") from None
-        _resolve_relative_paths(data, Path(path).resolve().parent)
-    for dotted, value, var in env_overrides(os.environ if environ is None else environ):
-        _set_dotted(data, dotted, value, source=f"environment variable {var}")
+    """Build the experiment from defaults < TOML file < LLAMASYS_* environment < CLI (pydantic-settings' layering).
+
+    The CLI's layer is `overrides` (the `KEY=VALUE` strings of `--set`, each value read as TOML), then `values`
+    (dotted key -> value, from a command's own options such as `--ref`, which win over `--set`)."""
+    origin = "defaults" if path is None else str(path)
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    cli: dict[str, Any] = {}
     for text in overrides:
         dotted, value = parse_override(text)
-        _set_dotted(data, dotted, value, source=f"--set {text}")
+        _set_dotted(cli, dotted, value, source=f"--set {text}")
+    for dotted, value in (values or {}).items():
+        _set_dotted(cli, dotted, value, source=f"option {dotted}")
+    token = _LAYERS.set((Path(path) if path is not None else None, os.environ if environ is None else environ))
     try:
-        return Experiment.model_validate(data)
+        layered = _Layers(**cli)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read experiment file {path}: {exc.strerror}") from None
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from None
+    except SettingsError as exc:  # an environment value that should be JSON and is not
+        raise ConfigError(f"environment: {exc}") from None
+    finally:
+        _LAYERS.reset(token)
+    return Experiment.model_validate(dict(layered))
 
 
 def _parse_value(raw: str) -> Any:

@@ -82,6 +82,26 @@ def test_malformed_and_missing_files(tmp_path):
 def test_env_typo_is_an_error_naming_the_variable():
     with pytest.raises(ConfigError, match="unknown key 'bakend'"):
         load_experiment(None, environ={"LLAMASYS_LLAMACPP__BAKEND": "cpu"})
+    # pydantic-settings itself reads only variables naming a field; a top-level typo must not pass silently.
+    with pytest.raises(ConfigError, match="environment variable LLAMASYS_COLOUR: unknown key 'colour'"):
+        load_experiment(None, environ={"LLAMASYS_COLOUR": "blue"})
+    with pytest.raises(ConfigError, match='environment: error parsing value for field "load"'):
+        load_experiment(None, environ={"LLAMASYS_LOAD__STEPS": "[1,"})
+
+
+def test_env_values_keep_their_text_and_tables_merge_key_by_key(tmp_path):
+    path = write(tmp_path, '[llamacpp]\nbackend = "cuda"\n[load]\nsteps = [1, 2]\nprompt_tokens = 512\n')
+    exp = load_experiment(path, environ={"LLAMASYS_LLAMACPP__REF": "3661", "llamasys_load__steps": "[4]"})
+    assert exp.llamacpp.ref == "3661"  # a string field given digits stays the text given (not the number)
+    assert (exp.llamacpp.backend, exp.load.steps, exp.load.prompt_tokens) == ("cuda", [4], 512)
+
+
+def test_a_commands_own_options_beat_set(tmp_path):
+    exp = load_experiment(
+        None, environ={}, overrides=['llamacpp.ref="b1"', "run_dir='a'"],
+        values={"llamacpp.ref": "b3661", "cache_dir": tmp_path / "c"},
+    )  # fmt: skip
+    assert (exp.llamacpp.ref, exp.run_dir, exp.cache_dir) == ("b3661", Path("a"), tmp_path / "c")
 
 
 def test_override_syntax():

@@ -11,17 +11,21 @@ import logging
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import console
-from harness.config import Experiment
+from harness.config import Experiment, load_experiment
 from harness.context import RunContext
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, HarnessError, ReportError
 from harness.llamacpp import ensure_build
-from harness.manifest import Manifest
-from harness.records import write_record
+from harness.manifest import Manifest, ManifestRecord
+from harness.records import read_record, write_record
 from harness.rundir import RunDir
 from harness.stage import Stage
 from harness.storage import check_writable, sole_writer
+
+if TYPE_CHECKING:
+    from reports.model import Results
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +124,31 @@ def _render(exp: Experiment, run: RunDir, manifest: Manifest) -> None:
 
 def rerender(run_dirs: Sequence[Path]) -> Path:
     """`llamasys report RUN_DIR [RUN_DIR...]`: re-render from results.json; several runs go side by side."""
-    from reports.render import load_results, render_report
+    from reports.render import render_report
 
     runs = [RunDir(Path(p)) for p in run_dirs]
-    results = [load_results(r.results) for r in runs]
+    results = [_results_of(r) for r in runs]
     target = runs[0].report
     with sole_writer(runs[0].root):
         render_report(results[0], target, run_dir=runs[0].root, runs=results if len(results) > 1 else None)
     return target
+
+
+def _results_of(run: RunDir) -> Results:
+    """The run's results.json; one an older version wrote (another schema) is collected again from the run's own
+    records (experiment.toml, manifest.json and the stage outputs), which is the migration, and saved."""
+    from reports.collect import collect_results
+    from reports.render import load_results
+
+    try:
+        return load_results(run.results)
+    except ReportError:
+        if not (run.results.is_file() and run.experiment.is_file() and run.manifest.is_file()):
+            raise
+    exp = load_experiment(run.experiment, environ={})
+    manifest = read_record(run.manifest, ManifestRecord)
+    log.warning("%s was written by another version: collecting it again from the run's records", run.results)
+    with sole_writer(run.root):
+        results = collect_results(exp, run, manifest)
+        write_record(run.results, results)
+    return results

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import plotly.graph_objects as go
 
-from reports.model import Results, StepResult, VariantResult
+from harness.loadtest.summary import Percentiles, StepSummary
+from reports.model import Results, VariantResult
 
 _LAYOUT = {"template": "plotly_white", "height": 380, "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
 # d3 format of a log axis's tick labels: the whole value (0.003, 0.02), where plotly's default names a tick between
@@ -26,7 +27,7 @@ class Line(NamedTuple):
 
     label: str
     unit: str  # users, or requests/s
-    steps: list[StepResult]
+    steps: list[StepSummary]
 
 
 def _series(results: Results) -> list[Line]:
@@ -59,7 +60,7 @@ def throughput_figure(results: Results) -> go.Figure | None:
     fig = go.Figure()
     for line in lines:
         x = [s.level for s in line.steps]
-        fig.add_scatter(x=x, y=[s.output_tps for s in line.steps], mode="lines+markers", name=line.label)
+        fig.add_scatter(x=x, y=[s.output_tokens_per_s for s in line.steps], mode="lines+markers", name=line.label)
         if any(s.goodput_tps is not None for s in line.steps):
             fig.add_scatter(x=x, y=[s.goodput_tps for s in line.steps], mode="lines+markers",
                             name=f"{line.label} goodput", line={"dash": "dot"})  # fmt: skip
@@ -70,20 +71,22 @@ def throughput_figure(results: Results) -> go.Figure | None:
 
 
 def _percentile_figure(results: Results, metric: str, upper: str, what: str, y_title: str) -> go.Figure | None:
-    """A latency's p50 (`metric`: a StepResult percentile dict, ttft_s or e2e_s) against the load, one line per
-    series with a bar up to its `upper` percentile; the hover names every percentile."""
+    """A latency's p50 (`metric`: a step's Percentiles, ttft_s or e2e_s) against the load, one line per series with
+    a bar up to its `upper` percentile; the hover names every percentile."""
     lines = _series(results)
     fig = go.Figure()
     for line in lines:
-        quantiles = [(s.level, getattr(s, metric)) for s in line.steps if getattr(s, metric).get("p50") is not None]
+        quantiles: list[tuple[float, Percentiles]] = [
+            (s.level, getattr(s, metric)) for s in line.steps if getattr(s, metric) is not None
+        ]
         if not quantiles:
             continue
-        p50 = [q["p50"] for _, q in quantiles]
+        p50 = [q.p50 for _, q in quantiles]
         fig.add_scatter(
             x=[level for level, _ in quantiles], y=p50, mode="lines+markers", name=f"{line.label} p50",
             error_y={"type": "data", "symmetric": False, "arrayminus": [0] * len(p50),
-                     "array": [max(q.get(upper, m) - m, 0.0) for (_, q), m in zip(quantiles, p50, strict=True)]},
-            text=[", ".join(f"{k} {v:.3g} s" for k, v in q.items() if k.startswith("p")) for _, q in quantiles],
+                     "array": [max(getattr(q, upper) - m, 0.0) for (_, q), m in zip(quantiles, p50, strict=True)]},
+            text=[f"p50 {q.p50:.3g} s, p90 {q.p90:.3g} s, p99 {q.p99:.3g} s" for _, q in quantiles],
         )  # fmt: skip
     if not fig.data:
         return None
@@ -110,7 +113,7 @@ def _speed_axis(results: Results) -> tuple[str, dict[str, float]]:
         unit = next(iter(speeds.values())).capacity.unit  # type: ignore[union-attr]
         label = "concurrent users" if unit == "users" else "requests/s"
         return f"capacity: {label} within the objectives", {n: float(s.capacity.low) for n, s in speeds.items()}  # type: ignore[union-attr]
-    return "peak output tokens/s", {n: max(st.output_tps for st in s.steps) for n, s in speeds.items()}
+    return "peak output tokens/s", {n: max(st.output_tokens_per_s for st in s.steps) for n, s in speeds.items()}
 
 
 class Point(NamedTuple):

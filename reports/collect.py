@@ -30,14 +30,12 @@ from mmlu.dataset import (
 )
 from mmlu.results import Comparison, KLDResult, MMLUResult, compare_all
 from reports.model import (
-    AttemptResult,
     EndpointResult,
     Quality,
     Recommendation,
     Results,
     SearchSummary,
     Speed,
-    StepResult,
     SubjectScore,
     TargetResult,
     VariantResult,
@@ -291,18 +289,6 @@ def _speed_of(exp: Experiment, run: RunDir, target: str, variant: str, missing: 
 
 
 def _speed(summary: LoadSummary, run: RunDir) -> Speed:
-    shared = set(StepResult.model_fields) & set(type(summary.steps[0]).model_fields) if summary.steps else set()
-    percentiles = {"ttft_s", "tpot_s", "itl_s", "e2e_s"}
-    steps = [
-        StepResult(
-            **s.model_dump(include=shared - percentiles),
-            **{k: _pct(getattr(s, k)) for k in percentiles},
-            output_tps=s.output_tokens_per_s,
-            output_tps_per_user=s.output_tokens_per_s_per_user,
-            input_tps=s.input_tokens_per_s,
-        )
-        for s in summary.steps
-    ]
     cpu = [s.resources.get("cpu_percent_mean") for s in summary.steps]
     rss = [s.resources.get("rss_bytes_max") for s in summary.steps]
     gpu = [s.resources.get("gpu_util_percent_mean") for s in summary.steps]
@@ -317,7 +303,7 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         target=summary.target,
         api=summary.api,
         serializes=summary.serializes,
-        steps=steps,
+        steps=summary.steps,
         objectives=summary.objectives,
         capacity=summary.capacity,
         llama_bench_tg_tps=decode.llama_bench_tg_tps if decode else None,
@@ -330,14 +316,7 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         gpu_util_pct_mean=_mean(gpu),
         gpu_mem_mb_max=_max(gmem, scale=2**20),
         files=files,
-        attempts=[
-            AttemptResult(
-                **a.model_dump(include=set(AttemptResult.model_fields)),
-                server_started_at=a.server.get("started_at"),
-                server_pid=a.server.get("pid"),
-            )
-            for a in summary.attempts
-        ],
+        attempts=summary.attempts,
         complete=summary.complete,
         error=summary.error,
     )

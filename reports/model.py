@@ -12,11 +12,12 @@ from pydantic import Field
 
 from bench.records import Capacity
 from harness.kld import PairedKLD
-from harness.process import exit_reason
+from harness.loadtest.summary import Attempt, StepSummary
 from harness.records import Record
 from harness.tune import TuneResult
 
-SCHEMA_VERSION = 4
+# 5: a speed's steps and attempts are the load stage's StepSummary and Attempt records (no copies).
+SCHEMA_VERSION = 5
 
 
 Verdict = Literal["non-inferior", "worse", "inconclusive"]
@@ -73,70 +74,13 @@ class Quality(Record):
     kld_failure: str | None = None
 
 
-class StepResult(Record):
-    """One load level: users (closed loop), or an offered rate (open loop)."""
-
-    users: int  # closed loop: the level; open loop: the bound on requests in flight
-    rate: float | None = None  # open loop: the offered rate, requests/s
-    arrival: str = "users"
-    achieved_rate: float | None = None  # open loop: requests sent per second of the window
-    late_requests: int = 0
-    dropped_requests: int = 0
-    after_window_requests: int = 0  # measured requests that finished after the window (counted, never dropped)
-    requests: int
-    failures: int
-    duration_s: float
-    request_rate: float
-    output_tps: float  # all users together: tokens streamed in the step's window / the window
-    output_tps_per_user: float
-    input_tps: float = 0.0  # prompt tokens of the step's successful requests / its duration (embeddings' figure)
-    slo_passed: bool | None = None  # met every latency objective (None: no objectives)
-    slo_decided: str | None = None  # "within" / "missed": shown by the anytime-valid test (an early stop's claim)
-    slo_detail: str | None = None
-    good_requests: int | None = None
-    goodput_rps: float | None = None  # requests that met every objective, per second
-    goodput_tps: float | None = None  # their output tokens per second
-    probe: bool = False  # a step of the capacity search
-    early_stop: bool = False  # ended as soon as its verdict was certain
-    bandwidth_share: float | None = None  # aggregate decode tokens/s / the memory-bandwidth bound
-    attempt: int = 1  # which attempt (Speed.attempts) measured it
-    ttft_s: dict[str, float] = Field(default_factory=dict)  # p50 / p90 / p99
-    tpot_s: dict[str, float] = Field(default_factory=dict)
-    itl_s: dict[str, float] = Field(default_factory=dict)
-    e2e_s: dict[str, float] = Field(default_factory=dict)
-
-    @property
-    def level(self) -> float:
-        return self.rate if self.rate is not None else self.users
-
-
-class AttemptResult(Record):
-    """One attempt at a variant's load (a resumed run, or a restart after the server died adds one)."""
-
-    number: int
-    outcome: str  # complete | interrupted | server died | failed
-    started_at: float
-    steps: list[int | float] = Field(default_factory=list)  # levels of the steps it measured that the results use
-    error: str | None = None
-    server_started_at: float | None = None
-    server_pid: int | None = None
-    server_exit_code: int | None = None
-    server_log_tail: list[str] = Field(default_factory=list)
-    failed_requests: int = 0
-
-    @property
-    def server_exit(self) -> str | None:
-        """How the server ended (`killed by SIGILL: ...`), when it died."""
-        return None if self.server_exit_code is None else exit_reason(self.server_exit_code)
-
-
 class Speed(Record):
     """One target's measurement of one variant (or of an external endpoint's model)."""
 
     target: str = ""
     api: str = ""
     serializes: bool = False  # the server handles one request at a time: concurrent users queue
-    steps: list[StepResult] = Field(default_factory=list)
+    steps: list[StepSummary] = Field(default_factory=list)  # the load stage's own step records
     objectives: list[str] = Field(default_factory=list)
     capacity: Capacity | None = None
     llama_bench_tg_tps: float | None = None  # single-stream generation rate of the same model (llama-bench tg)
@@ -149,11 +93,11 @@ class Speed(Record):
     gpu_util_pct_mean: float | None = None
     gpu_mem_mb_max: float | None = None
     files: dict[str, str] = Field(default_factory=dict)  # label -> path relative to the run directory
-    attempts: list[AttemptResult] = Field(default_factory=list)
+    attempts: list[Attempt] = Field(default_factory=list)  # the load stage's own attempt records
     complete: bool = True  # False: the load stopped before every step; `error` says why
     error: str | None = None
 
-    def step(self, level: float) -> StepResult | None:
+    def step(self, level: float) -> StepSummary | None:
         return next((s for s in self.steps if s.level == level), None)
 
     @property

@@ -36,7 +36,7 @@ def speed_figure(variant: VariantResult) -> tuple[str, float] | None:
     if speed.capacity is not None:
         return "capacity", float(speed.capacity.low)
     largest = max((s for s in speed.steps if not s.probe), key=lambda s: s.level)
-    return f"output tokens/s at {largest.level:g} {speed.unit}", largest.output_tps
+    return f"output tokens/s at {largest.level:g} {speed.unit}", largest.output_tokens_per_s
 
 
 def kld_better(a: VariantResult, b: VariantResult) -> bool:
@@ -70,9 +70,9 @@ def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> t
         return None
     level = max(s.level for s in variant.speed.steps if not s.probe)
     mine, theirs = variant.speed.step(level), baseline.speed.step(level)
-    if not mine or not theirs or theirs.output_tps <= 0:
+    if not mine or not theirs or theirs.output_tokens_per_s <= 0:
         return None
-    return mine.output_tps / theirs.output_tps, f"{level:g} {variant.speed.unit}"
+    return mine.output_tokens_per_s / theirs.output_tokens_per_s, f"{level:g} {variant.speed.unit}"
 
 
 def _plural(n: int, word: str) -> str:

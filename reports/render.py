@@ -10,6 +10,7 @@ import jinja2
 from plotly.offline import get_plotlyjs
 
 from harness.errors import ReportError
+from harness.loadtest.summary import Percentiles
 from harness.records import RecordError, atomic_write, read_record
 from harness.rundir import RunDir
 from reports.charts import all_charts
@@ -34,6 +35,11 @@ def _ms(value: float | None) -> str:
     return _fmt(value * 1000 if value is not None else None, ".1f")
 
 
+def _quantile(percentiles: Percentiles | None, which: str) -> float | None:
+    """`{{ s.ttft_s | q("p90") }}`: one figure of a step's percentiles, None when the step has none."""
+    return None if percentiles is None else getattr(percentiles, which)
+
+
 def _timestamp(value: float | None) -> str:
     """Wall-clock seconds as local date and time (when an attempt or a server started)."""
     if value is None:
@@ -44,6 +50,7 @@ def _timestamp(value: float | None) -> str:
 _ENV.filters["fmt"] = _fmt
 _ENV.filters["ms"] = _ms
 _ENV.filters["timestamp"] = _timestamp
+_ENV.filters["q"] = _quantile
 
 
 def render_report(

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from harness.loadtest.summary import Percentiles, StepSummary
 from reports.collect import pair_klds
-from reports.model import Quality, Results, Speed, StepResult, SubjectScore, TargetResult, VariantResult
+from reports.model import Quality, Results, Speed, SubjectScore, TargetResult, VariantResult
 
 
-def step(users: int, tps: float) -> StepResult:
-    return StepResult(
-        users=users, requests=4 * users, failures=0, duration_s=10.0, request_rate=0.4 * users,
-        output_tps=tps, output_tps_per_user=tps / users,
-        ttft_s={"p50": 0.2 * users, "p90": 0.3 * users, "p99": 0.4 * users, "n": 4 * users},
-        tpot_s={"p50": 0.01, "p90": 0.012, "p99": 0.02, "n": 4 * users},
-        itl_s={"p50": 0.01, "p90": 0.012, "p99": 0.03, "n": 124 * users},
-        e2e_s={"p50": 2.0, "p90": 2.5, "p99": 3.0, "min": 1.5, "n": 4 * users},
+def step(users: int, tps: float) -> StepSummary:
+    return StepSummary(
+        step=users, users=users, requests=4 * users, failures=0, unmeasured=0, duration_s=10.0,
+        request_rate=0.4 * users, output_tokens_per_s=tps, output_tokens_per_s_per_user=tps / users,
+        ttft_s=Percentiles(p50=0.2 * users, p90=0.3 * users, p99=0.4 * users, mean=0.25 * users, n=4 * users),
+        tpot_s=Percentiles(p50=0.01, p90=0.012, p99=0.02, mean=0.011, n=4 * users),
+        itl_s=Percentiles(p50=0.01, p90=0.012, p99=0.03, mean=0.011, n=124 * users),
+        e2e_s=Percentiles(p50=2.0, p90=2.5, p99=3.0, mean=2.1, n=4 * users),
     )  # fmt: skip
 
 
@@ -80,7 +81,7 @@ def results_with_search() -> Results:
     r = results(variants=[*results().variants, recipe], targets=targets)
     r.load_settings["steps"] = [1, 2, 4, 8]
     for v in r.variants:
-        tps = v.speeds["llama-server"].steps[0].output_tps
+        tps = v.speeds["llama-server"].steps[0].output_tokens_per_s
         v.speeds = {}
         for target, scale in (("llama-server", 1.0), ("llama-cpp-python", 0.5)):
             steps = [step(users, tps * scale * gain) for users, gain in ((1, 1), (2, 1.6), (4, 2.2), (8, 2.4), (3, 2))]

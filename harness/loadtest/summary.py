@@ -19,6 +19,7 @@ from bench.search import CapacitySearch
 from bench.slo import Objective, add_sample, evaluate, meets
 from bench.timing import token_arrivals
 from harness.bandwidth import Bandwidth, DecodeCost, bound_tokens_per_s
+from harness.process import exit_reason
 from harness.records import Record, StageRecord
 
 LOAD_MODELS = {
@@ -125,6 +126,19 @@ class Attempt(Record):
     server_log_tail: list[str] = Field(default_factory=list)
     steps: list[int | float] = Field(default_factory=list)  # levels of the steps it measured whole
     failed_requests: int = 0
+
+    @property
+    def server_started_at(self) -> float | None:
+        return self.server.get("started_at")
+
+    @property
+    def server_pid(self) -> int | None:
+        return self.server.get("pid")
+
+    @property
+    def server_exit(self) -> str | None:
+        """How the server ended (`killed by SIGILL: ...`), when it died."""
+        return None if self.server_exit_code is None else exit_reason(self.server_exit_code)
 
 
 class Attempts(Record):

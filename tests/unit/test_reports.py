@@ -9,7 +9,7 @@ import re
 import pytest
 
 from reports.collect import pair_klds
-from reports.model import Results
+from reports.model import SCHEMA_VERSION, Results
 from reports.recommend import RULE, recommend
 from reports.render import render_report
 from tests.factories import results, results_with_search, variant
@@ -34,7 +34,7 @@ def test_says_4_bit_only_when_it_is():
     r = results()
     r.variants[1].speeds = results().variants[3].model_copy(deep=True).speeds  # Q8_0 as fast as Q4_K_M-imat ...
     for s in r.variants[1].speed.steps:
-        s.output_tps *= 2  # ... and then faster
+        s.output_tokens_per_s *= 2  # ... and then faster
     rec = recommend(r)
     assert rec.variant == "Q8_0" and rec.headline.startswith("Ship Q8_0 (Q8_0): non-inferior")
     assert "4-bit" not in rec.headline
@@ -114,7 +114,7 @@ def test_says_when_the_choice_is_slower():
     r = results()
     for v, tps in ((r.variants[1], 40.0), (r.variants[3], 50.0)):  # both non-inferior variants slower than F16
         for s in v.speed.steps:
-            s.output_tps = tps
+            s.output_tokens_per_s = tps
     assert "on this hardware it is slower: 0.31x the output tokens/s of F16 at 2 users" in recommend(r).headline
 
 
@@ -172,7 +172,7 @@ def test_partial_report_says_what_is_missing(tmp_path):
 
 
 def test_a_partial_load_and_a_restarted_server_are_shown_not_compared(tmp_path):
-    from reports.model import AttemptResult
+    from harness.loadtest.summary import Attempt
     from reports.recommend import speed_figure
 
     r = results()
@@ -181,9 +181,9 @@ def test_a_partial_load_and_a_restarted_server_are_shown_not_compared(tmp_path):
     assert speed_figure(r.variants[2]) is None  # steps 1..4 of 8 cannot stand beside a whole run
     restarted = r.variants[1].speed
     restarted.attempts = [
-        AttemptResult(number=1, outcome="server died", started_at=1.7e9, steps=[1, 2], server_exit_code=-9,
-                      server_log_tail=["srv  update_slots: <last line>"], failed_requests=2),
-        AttemptResult(number=2, outcome="complete", started_at=1.7e9 + 60, steps=[4, 8]),
+        Attempt(number=1, run_id="r1", steps_digest="d", outcome="server died", started_at=1.7e9, steps=[1, 2],
+                server_exit_code=-9, server_log_tail=["srv  update_slots: <last line>"], failed_requests=2),
+        Attempt(number=2, run_id="r2", steps_digest="d", outcome="complete", started_at=1.7e9 + 60, steps=[4, 8]),
     ]  # fmt: skip
     r.recommendation = recommend(r)
     page = render_report(r, tmp_path / "report.html").read_text()
@@ -207,6 +207,28 @@ def test_llamasys_report_rerenders_and_compares_runs(tmp_path, capsys):
     assert f"report: {(tmp_path / 'a' / 'report.html').resolve()}" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 8
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_results_json_of_an_older_schema_is_collected_again_from_the_runs_records(tmp_path, capsys):
+    from harness.cli import main
+    from harness.config import Experiment
+    from harness.manifest import ManifestRecord
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "experiment.toml").write_text(Experiment(name="old", run_dir=run).to_toml())
+    (run / "manifest.json").write_text(ManifestRecord(name="old", created="2026-01-01T00:00:00Z").model_dump_json())
+    old = results(name="old").model_dump(mode="json")
+    old["schema_version"] = 4
+    for step in old["variants"][0]["speeds"]["llama-server"]["steps"]:  # schema 4's StepResult copy
+        step["output_tps"] = step.pop("output_tokens_per_s")
+        del step["step"], step["unmeasured"]
+    (run / "results.json").write_text(json.dumps(old))
+    assert main(["report", str(run)]) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["schema_version"] == SCHEMA_VERSION and again["name"] == "old"
+    assert "written by another version: collecting it again" in capsys.readouterr().err
+    assert (run / "report.html").is_file()
 
 
 def test_targets_side_by_side_and_an_external_endpoint(tmp_path):
@@ -260,7 +282,7 @@ def test_a_step_missed_for_failures_shows_the_verdicts_own_figure(tmp_path):
     # 18 successful requests whose p90 is 1.9 s and 2 failed ones: the successful requests' percentile is under the
     # limit, the step's (over every measured request) falls on the failures.
     verdict = evaluate({"ttft_s": [1.0] * 17 + [1.9, FAILED, FAILED]}, [Objective("ttft_s", 2.0, 0.9)])
-    bad.failures, bad.ttft_s["p90"] = 2, 1.9
+    bad.failures, bad.ttft_s.p90 = 2, 1.9
     bad.slo_passed, bad.slo_detail = verdict.passed, verdict.describe()
     assert bad.slo_passed is False
     page = render_report(r, tmp_path / "report.html").read_text()

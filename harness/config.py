@@ -350,7 +350,10 @@ class TuneConfig(Section):
     ubatch: list[int] = Field(default_factory=lambda: [128, 512])
     flash_attn: list[bool] = Field(default_factory=lambda: [False, True])
     cache_types: list[str] = Field(default_factory=lambda: ["f16", "q8_0"])  # K and V alike
-    survivors: int = Field(default=2, ge=1)  # the best-predicted settings measured under load
+    survivors: int = Field(default=2, ge=1)  # settings measured under load (the search's budget)
+    # The screen drops a setting predicted slower than this many times the best prediction: it cannot win.
+    screen_keep: float = Field(default=1.5, ge=1)
+    seed: int = 0  # the search's (optuna TPE) when the survivors outnumber the budget
     repetitions: int = Field(default=2, ge=1)  # llama-bench -r
     kld_margin: float = Field(default=0.005, ge=0)  # the largest extra mean KLD a setting may cost
     time_budget_s: float = Field(default=1200, gt=0)

@@ -1,4 +1,4 @@
-"""Server settings for `[tune]` (issue 22), phase one: the llama-bench screen.
+"""Server settings for `[tune]` (issue 22): a llama-bench screen, a search under the load, a quality guard.
 
 A setting is one llama-server command line's worth of performance flags (threads, batch and micro-batch, flash
 attention, KV-cache types, GPU layers). The screen measures every candidate with llama-bench on the variant's own
@@ -11,14 +11,16 @@ for KL divergence against the baseline with the same flags in llama-perplexity, 
 against the variant with the default setting; it is accepted only when the paired interval's upper end is within
 `margin` (its extra loss shown to be at most the margin).
 
-The stage (`TuneStage`, after the load stage): per tuned variant, the screen, the guard for the best-predicted
-survivors that change numerics, then each accepted survivor measured under the load as ordinary steps: a run of its
-own in `tune/<variant>/<n>/` (the experiment with the setting's flags in `[server]`, llama-server only, starting at
-the defaults' first missed level and searching from there), so its records, verification, early stop and resume are
-the load stage's. The defaults are the load stage's own measurement of the variant in this run. The chosen setting
-has the highest capacity within `[slo]` (ties: the higher goodput at its capacity, then the defaults).
+The stage (`TuneStage`, after the load stage): per tuned variant, the screen; its survivors (predicted within
+`screen_keep` times the best) searched for the best capacity within `[slo]`: as many as `survivors` (the budget of
+load measurements) each in turn, more by optuna's seeded TPE sampler over the settings' dimensions (`search`). Each
+setting that changes numerics passes the guard first; each accepted one is measured under the load as ordinary
+steps: a run of its own in `tune/<variant>/<setting>/` (the experiment with the setting's flags in `[server]`,
+llama-server only, starting at the defaults' first missed level and searching from there), so its records,
+verification, early stop and resume are the load stage's. The defaults are the load stage's own measurement of the
+variant in this run. The chosen setting has the highest capacity (ties: the higher goodput at its capacity, then the
+defaults). Energy per output token is the load's (harness.energy: RAPL, NVML, where readable).
 
-Not yet here: energy (NVML / RAPL), a library search (optuna / scipy qmc) when the survivors are more than a few.
 A quantized V cache needs flash attention (llama.cpp refuses the context otherwise), so such combinations are never
 generated; llama-bench runs the Cartesian product of its comma lists, so the screen runs once per flash-attention
 value with the V-cache types that value allows.
@@ -33,7 +35,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +260,8 @@ class Trial(Record):
     capacity_high: float | None
     goodput_rps: float | None  # at its capacity level
     output_tps: float | None
+    e2e_p90_s: float | None = None  # at its capacity level: the latency side of the report's Pareto front
+    joules_per_output_token: float | None = None  # at its capacity level, where the hardware counts energy
     summary: str  # its load summary, relative to the run directory
     complete: bool = True
     error: str | None = None
@@ -346,21 +350,15 @@ class _Tuning:
         by_name = {s.describe(): s for s in settings}
         guards: list[Guard] = []
         trials = [defaults]
-        stopped = "survivors"
-        survivors = [by_name[r.setting] for r in ranked]
-        measured = 0
-        for setting in survivors:
-            if measured >= self.cfg.survivors:
-                break
-            if time.monotonic() - self.started > self.cfg.time_budget_s:
-                stopped = "time budget"
-                break
+        kept = [by_name[r.setting] for r in survivors(ranked, self.cfg.screen_keep)]
+
+        def measure(setting: Setting) -> float | None:
             if setting.changes_numerics:
                 checked = self._guard(setting)
                 guards.append(checked)
                 if not checked.accepted:
                     log.info("tune: %s: %s rejected: %s", self.variant, setting.describe(), checked.why)
-                    continue
+                    return None
             try:
                 trials.append(self._trial(setting, defaults))
             except HarnessError as exc:  # its server failed: recorded, and the other settings go on
@@ -368,7 +366,11 @@ class _Tuning:
                 trials.append(Trial(setting=setting.describe(), server_args=setting.server_args(),
                                     threads=setting.threads, capacity_low=None, capacity_high=None, goodput_rps=None,
                                     output_tps=None, summary="", complete=False, error=str(exc)))  # fmt: skip
-            measured += 1
+            return objective(trials[-1])
+
+        over = lambda: time.monotonic() - self.started > self.cfg.time_budget_s  # noqa: E731
+        done = search(kept, self.cfg.survivors, measure, stop=over, seed=self.cfg.seed)
+        stopped = "time budget" if over() and len(done) < min(self.cfg.survivors, len(kept)) else "survivors"
         best = max(trials, key=_rank)
         return TuneResult(
             variant=self.variant, target=self.target.label, screen=ranked, guards=guards, trials=trials,
@@ -437,8 +439,74 @@ def _trial_of(summary: LoadSummary, setting: str, server_args: list[str], thread
         setting=setting, server_args=list(server_args), threads=threads,
         capacity_low=cap.low if cap else None, capacity_high=cap.high if cap else None,
         goodput_rps=at.goodput_rps if at else None, output_tps=at.output_tokens_per_s if at else None,
+        e2e_p90_s=at.e2e_s.p90 if at and at.e2e_s else None,
+        joules_per_output_token=at.joules_per_output_token if at else None,
         summary=str(path.relative_to(root)), complete=summary.complete, error=summary.error,
     )  # fmt: skip
+
+
+def survivors(ranked: Sequence[ScreenRow], keep: float) -> list[ScreenRow]:
+    """The screened settings that may still win: predicted within `keep` times the best prediction."""
+    if not ranked:
+        return []
+    best = ranked[0].predicted_s
+    return [r for r in ranked if r.predicted_s <= keep * best]
+
+
+def objective(trial: Trial) -> float:
+    """What the search maximises: capacity, goodput at it breaking ties (a failed trial: 0)."""
+    return (trial.capacity_low or 0) + (trial.goodput_rps or 0) / 1000
+
+
+DIMENSIONS = ("threads", "batch", "ubatch", "flash_attn", "cache_k")  # cache_v follows cache_k (candidates)
+
+
+def search(
+    kept: Sequence[Setting], budget: int, measure: Callable[[Setting], float | None], *, stop: Callable[[], bool],
+    seed: int, max_asks: int = 200,
+) -> list[Setting]:  # fmt: skip
+    """Measure up to `budget` of the screen's survivors `kept` (best-predicted first) and return them in order.
+
+    As many as the budget: each, in the screen's order. More: the screen's best-predicted half of the budget, then
+    optuna's TPE sampler (seeded, so a resumed run asks for the same settings in the same order and finds their load
+    runs done) over the settings' dimensions; a combination the screen dropped is told as 0 and not measured
+    (benchmarks/tune_search.py: the split keeps most of the screen's top when the screen ranks well, and finds the
+    best more often when it ranks no better than chance). `measure` returns
+    the objective, or None when it did not measure the setting under the load (the quality guard rejected it: not
+    counted against the budget)."""
+    if len(kept) <= budget:
+        done = []
+        for setting in kept:
+            if len(done) >= budget or stop():
+                break
+            if measure(setting) is not None:
+                done.append(setting)
+        return done
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {d: sorted({getattr(s, d) for s in kept}, key=repr) for d in DIMENSIONS}
+    by_key = {tuple(getattr(s, d) for d in DIMENSIONS): s for s in kept}
+    first = max(1, budget // 2)  # the screen's best-predicted half of the budget, then the sampler's choice
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=first)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for setting in kept[:first]:
+        study.enqueue_trial({d: getattr(setting, d) for d in DIMENSIONS})
+    values: dict[tuple, float | None] = {}
+    done = []
+    for _ in range(max_asks):
+        if len(done) >= budget or len(values) == len(by_key) or stop():
+            break
+        trial = study.ask()
+        key = tuple(trial.suggest_categorical(d, space[d]) for d in DIMENSIONS)
+        if key in by_key and key not in values:
+            values[key] = measure(by_key[key])
+            if values[key] is not None:
+                done.append(by_key[key])
+        # Dropped by the screen, or rejected by the guard: told as the worst outcome (0 users), so the sampler
+        # learns to leave it; a setting asked for again is told its measured value again.
+        study.tell(trial, values.get(key) or 0.0)
+    return done
 
 
 def _rank(trial: Trial) -> tuple:

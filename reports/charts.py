@@ -241,6 +241,24 @@ def kld_size_figure(results: Results) -> go.Figure | None:
     return fig
 
 
+def tune_front_figure(results: Results) -> go.Figure | None:
+    """Each tuned variant's trials (the defaults among them): capacity within the objectives against E2E p90 at that
+    capacity; stars are the Pareto front (no trial serves more users at a lower latency)."""
+    several = len(results.tuning) > 1
+    points = [
+        Point(f"{t.variant}: {tr.setting}" if several else tr.setting, tr.e2e_p90_s, float(tr.capacity_low))
+        for t in results.tuning for tr in t.trials
+        if tr.capacity_low is not None and tr.capacity_low > 0 and tr.e2e_p90_s is not None
+    ]  # fmt: skip
+    if len(points) < 2:
+        return None
+    fig = _frontier_figure(points, x_higher_is_better=False, y_higher_is_better=True)
+    fig.update_layout(title="Server settings: capacity against latency (stars: the Pareto front)", **_LAYOUT)
+    fig.update_xaxes(title="E2E p90 at its capacity (s)")
+    fig.update_yaxes(title="capacity within the objectives")
+    return fig
+
+
 # The template's chart key -> the div id and the figure.
 CHARTS: dict[str, tuple[str, Callable[[Results], go.Figure | None]]] = {
     "throughput": ("chart-throughput", throughput_figure),
@@ -249,6 +267,7 @@ CHARTS: dict[str, tuple[str, Callable[[Results], go.Figure | None]]] = {
     "frontier": ("chart-frontier", frontier_figure),
     "kld_frontier": ("chart-kld-frontier", kld_frontier_figure),
     "kld_size": ("chart-kld-size", kld_size_figure),
+    "tune_front": ("chart-tune-front", tune_front_figure),
 }
 
 

@@ -315,6 +315,7 @@ def _speed(summary: LoadSummary, run: RunDir) -> Speed:
         rss_mb_max=_max(rss, scale=2**20),
         gpu_util_pct_mean=_mean(gpu),
         gpu_mem_mb_max=_max(gmem, scale=2**20),
+        energy=summary.energy,
         files=files,
         attempts=summary.attempts,
         complete=summary.complete,

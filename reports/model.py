@@ -92,6 +92,7 @@ class Speed(Record):
     rss_mb_max: float | None = None
     gpu_util_pct_mean: float | None = None
     gpu_mem_mb_max: float | None = None
+    energy: str | None = None  # the energy counters read, or "not available (why)" (harness.energy)
     files: dict[str, str] = Field(default_factory=dict)  # label -> path relative to the run directory
     attempts: list[Attempt] = Field(default_factory=list)  # the load stage's own attempt records
     complete: bool = True  # False: the load stopped before every step; `error` says why

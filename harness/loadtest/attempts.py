@@ -31,7 +31,15 @@ from harness.loadtest.runner import (
 )
 from harness.loadtest.sampling import ResourceSampler
 from harness.loadtest.serverplan import ServerPlan, deadline_s, expected_requests, plan_variant, warm_up
-from harness.loadtest.summary import LOAD_MODELS, Attempt, Attempts, LoadSummary, capacity, summarize_step
+from harness.loadtest.summary import (
+    LOAD_MODELS,
+    Attempt,
+    Attempts,
+    LoadSummary,
+    capacity,
+    energy_source,
+    summarize_step,
+)
 from harness.process import exit_reason
 from harness.records import RecordError, inputs_digest, read_record, write_record
 from harness.server import Endpoint
@@ -360,6 +368,7 @@ class VariantLoad:
             objectives=[o.describe() for o in objectives],
             capacity=found,
             decode=decode,
+            energy=energy_source(samples),
             server=last.server if last else {},
             locust={"user": user, "processes": cfg.processes},
             files={

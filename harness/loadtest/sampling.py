@@ -1,5 +1,6 @@
-"""Samples of the server under load: process CPU and memory (psutil), GPU (NVML, when present) and llama-server's
-own Prometheus /metrics, written as JSON lines while the load runs."""
+"""Samples of the server under load: process CPU and memory (psutil), GPU (NVML, when present), the energy counters
+the hardware keeps (harness.energy: RAPL, NVML) and llama-server's own Prometheus /metrics, written as JSON lines
+while the load runs. The first line says where the energy figures come from (or why there are none)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from harness.energy import RaplCounter, nvml_joules
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,15 @@ class _Gpu:
         except nvml.NVMLError as exc:
             logger.info("GPU sample failed (NVML: %s)", exc)
             return {}
-        return {"gpu_util_percent": float(max(util)), "gpu_mem_bytes": float(used)}
+        sample = {"gpu_util_percent": float(max(util)), "gpu_mem_bytes": float(used)}
+        if (joules := nvml_joules(nvml, self.handles)) is not None:
+            sample["gpu_energy_j"] = joules
+        return sample
+
+    def energy_source(self) -> str | None:
+        if self.nvml is None or not self.handles or nvml_joules(self.nvml, self.handles) is None:
+            return None
+        return f"NVML total energy ({len(self.handles)} GPU{'s' if len(self.handles) > 1 else ''})"
 
     def close(self) -> None:
         if self.nvml is not None:
@@ -104,6 +115,7 @@ class ResourceSampler:
 
     def _run(self) -> None:
         gpu = _Gpu()
+        rapl = RaplCounter()
         try:
             proc = psutil.Process(self.pid)
             proc.cpu_percent()  # the first call only starts the measurement interval
@@ -111,8 +123,10 @@ class ResourceSampler:
             return
         try:
             with open(self.path, "a", encoding="utf-8") as fh:
+                energy = {"cpu": rapl.source, "cpu_why_not": rapl.why_not, "gpu": gpu.energy_source()}
+                fh.write(json.dumps({"t": time.time(), "energy": energy}) + "\n")
                 while not self._stop.wait(self.interval_s):
-                    sample = self._sample(proc, gpu)
+                    sample = self._sample(proc, gpu, rapl)
                     if sample is None:
                         return
                     self.samples.append(sample)
@@ -121,7 +135,7 @@ class ResourceSampler:
         finally:
             gpu.close()
 
-    def _sample(self, proc: psutil.Process, gpu: _Gpu) -> dict[str, Any] | None:
+    def _sample(self, proc: psutil.Process, gpu: _Gpu, rapl: RaplCounter) -> dict[str, Any] | None:
         try:
             with proc.oneshot():
                 sample: dict[str, Any] = {
@@ -133,6 +147,8 @@ class ResourceSampler:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return None
         sample.update(gpu.sample(self.pid))
+        if (joules := rapl.joules()) is not None:
+            sample["cpu_energy_j"] = joules
         if self.metrics_url:
             sample["metrics"] = self._scrape()
         return sample

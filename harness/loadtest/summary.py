@@ -19,6 +19,7 @@ from bench.search import CapacitySearch
 from bench.slo import Objective, add_sample, evaluate, meets
 from bench.timing import token_arrivals
 from harness.bandwidth import Bandwidth, DecodeCost, bound_tokens_per_s
+from harness.energy import mean_power
 from harness.process import exit_reason
 from harness.records import Record, StageRecord
 
@@ -92,6 +93,8 @@ class StepSummary(Record):
     decode_tps: float | None = None
     bound_tps: float | None = None
     bandwidth_share: float | None = None
+    # The hardware's energy counters (harness.energy) over the step: mean power / output tokens per second.
+    joules_per_output_token: float | None = None
 
     @property
     def level(self) -> float:
@@ -165,6 +168,7 @@ class LoadSummary(StageRecord):
     objectives: list[str] = Field(default_factory=list)  # the [slo] objectives, described
     capacity: Capacity | None = None
     decode: Decode | None = None
+    energy: str | None = None  # the energy counters read (harness.energy), or "not available (why)"
     server: dict[str, Any] = Field(default_factory=dict)
     locust: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
@@ -208,6 +212,7 @@ def summarize_step(
             "slo_decided": step.slo_decided, "slo_detail": verdict.describe(), "good_requests": len(good),
             "goodput_rps": len(good) / duration, "goodput_tps": sum(r.output_tokens or 0 for r in good) / duration,
         }  # fmt: skip
+    resources = summarize_resources(samples, step.started_at, last_end)
     open_loop = step.rate is not None
     if open_loop:
         sent = [r for r in measured if not r.dropped]
@@ -240,7 +245,8 @@ def summarize_step(
         server_prompt_ms=Percentiles.of(_timing(ok, "prompt_ms")),
         server_predicted_ms=Percentiles.of(_timing(ok, "predicted_ms")),
         failure_reasons=dict(Counter((r.error or "unknown")[:200] for r in failed).most_common(10)),
-        resources=summarize_resources(samples, step.started_at, last_end),
+        resources=resources,
+        joules_per_output_token=joules_per_token(resources, tokens / window),
         drain_timed_out=step.drain_timed_out,
         probe=step.probe,
         early_stop=step.early_stop,
@@ -268,6 +274,24 @@ def capacity(
     else:
         stopped = "resolution"
     return Capacity(low=low, high=high, stopped_by=stopped, bound=bound, unit=unit)
+
+
+def joules_per_token(resources: dict[str, float | None], output_tps: float) -> float | None:
+    """Joules per output token: the CPU packages' and GPUs' mean power over the step / its output tokens/s; None
+    when neither counter is readable or nothing was generated (never an estimate)."""
+    watts = [w for w in (resources.get("cpu_power_w"), resources.get("gpu_power_w")) if w is not None]
+    return sum(watts) / output_tps if watts and output_tps > 0 else None
+
+
+def energy_source(samples: Sequence[dict[str, Any]]) -> str:
+    """Where a load's energy figures come from, from the sampler's first line: the counters, or why there are none."""
+    energy = next((s["energy"] for s in samples if isinstance(s.get("energy"), dict)), None)
+    if energy is None:
+        return "not available (no resource samples)"
+    found = [e for e in (energy.get("cpu"), energy.get("gpu")) if e]
+    if found:
+        return ", ".join(found)
+    return f"not available ({energy.get('cpu_why_not') or 'no RAPL counters'}; no NVML energy counter)"
 
 
 def window_tokens(step: StepRecord, requests: Iterable[RequestRecord]) -> int:
@@ -310,11 +334,14 @@ def summarize_resources(samples: Sequence[dict[str, Any]], start: float, end: fl
             return None
         return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
 
+    def power(key: str) -> float | None:
+        return mean_power([(s["t"], float(s[key])) for s in window if isinstance(s.get(key), int | float)])
+
     cpu, rss = values("cpu_percent"), values("rss_bytes")
     gpu_util, gpu_mem = values("gpu_util_percent"), values("gpu_mem_bytes")
     processing = [v for _, v in metric("llamacpp:requests_processing")]
     return {
-        "samples": float(len(window)),
+        "samples": float(len(values("rss_bytes"))),
         "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
         "cpu_percent_max": max(cpu) if cpu else None,
         "rss_bytes_max": max(rss) if rss else None,
@@ -322,6 +349,8 @@ def summarize_resources(samples: Sequence[dict[str, Any]], start: float, end: fl
         "gpu_util_percent_max": max(gpu_util) if gpu_util else None,
         "gpu_mem_bytes_max": max(gpu_mem) if gpu_mem else None,
         "server_requests_processing_max": max(processing) if processing else None,
+        "cpu_power_w": power("cpu_energy_j"),  # the CPU packages' (RAPL), every process on them
+        "gpu_power_w": power("gpu_energy_j"),  # the GPUs' (NVML)
         "server_prompt_tokens_per_s": rate("llamacpp:prompt_tokens_total"),
         "server_output_tokens_per_s": rate("llamacpp:tokens_predicted_total"),
     }

@@ -24,6 +24,7 @@ from scipy import stats
 from harness.build import Build
 from harness.config import Experiment, LoadConfig, ObjectiveConfig, ServerConfig, SloConfig
 from harness.context import RunContext
+from harness.energy import RaplCounter
 from harness.errors import LoadTestError
 from harness.loadtest import LoadSummary, run_load_stage, run_variant, serve_with_web_ui
 from harness.loadtest.runner import (
@@ -100,6 +101,14 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
         assert step.output_tokens_per_s > 0
         # The server really ran `users` requests at once (its own /metrics, sampled during the window).
         assert step.resources["server_requests_processing_max"] == step.users
+    # Energy from the hardware's counters where this machine has one readable, else "not available" and why.
+    rapl = RaplCounter()
+    if rapl.source:
+        assert summary.energy == rapl.source
+        assert all(s.joules_per_output_token and s.joules_per_output_token > 0 for s in summary.steps)
+    else:
+        assert summary.energy == f"not available ({rapl.why_not}; no NVML energy counter)"
+        assert all(s.joules_per_output_token is None for s in summary.steps)
     # Client timings agree with the server's own at one user: TTFT vs prefill, decode time vs generation.
     single = [r for r in requests if r.measured and r.users == 1]
     assert len(single) >= 2
@@ -113,8 +122,9 @@ def test_native_steps_exact_counts_and_server_agreement(tmp_path: Path, current_
     assert locust_csv_requests(out / "locust_stats.csv") == len(requests)
     for name in ("summary.json", "server.log", "resources.jsonl", "locust.html", "locust.log"):
         assert (out / name).stat().st_size > 0, name
-    samples = [json.loads(line) for line in (out / "resources.jsonl").read_text().splitlines()]
-    assert all(s["rss_bytes"] > 0 for s in samples) and any(s.get("metrics") for s in samples)
+    header, *samples = [json.loads(line) for line in (out / "resources.jsonl").read_text().splitlines()]
+    assert set(header) == {"t", "energy"}  # each attempt's sampler says first where energy figures come from
+    assert all(s["rss_bytes"] > 0 for s in samples if "energy" not in s) and any(s.get("metrics") for s in samples)
     assert read_record(out / "summary.json", LoadSummary) == summary
 
     # A second run with nothing changed is skipped: no server, no Locust, the same summary.

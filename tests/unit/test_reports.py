@@ -382,15 +382,20 @@ def test_the_recipe_is_compared_paired_with_every_stock_variant_and_its_search_i
 
 def test_the_tuned_command_line_its_trials_guards_and_screen_are_shown(tmp_path):
     from harness.tune import Guard, ScreenRow, Trial, TuneResult
+    from reports.charts import Point, frontier
 
     row = ScreenRow(setting="-t 2 -b 2048 -ub 512 -ctk q8_0 -ctv q8_0 -fa on", threads=2, batch=2048, ubatch=512,
                     flash_attn=True, cache_k="q8_0", cache_v="q8_0", pp_tps=480.0, tg_tps=150.0,
                     predicted_s=0.75)  # fmt: skip
     trials = [
         Trial(setting="(defaults)", server_args=[], threads=1, capacity_low=1, capacity_high=2, goodput_rps=0.4,
-              output_tps=12.0, summary="load/llama-server/Q4_K_M-imat/summary.json"),
+              output_tps=12.0, summary="load/llama-server/Q4_K_M-imat/summary.json", e2e_p90_s=20.0),
         Trial(setting="-t 2 -b 2048 -ub 512", server_args=["-b", "2048", "-ub", "512"], threads=2, capacity_low=3,
-              capacity_high=4, goodput_rps=0.9, output_tps=30.0, summary="tune/Q4_K_M-imat/t_2/load/summary.json"),
+              capacity_high=4, goodput_rps=0.9, output_tps=30.0, summary="tune/Q4_K_M-imat/t_2/load/summary.json",
+              e2e_p90_s=30.0),
+        Trial(setting="-t 1 -b 2048 -ub 128", server_args=["-b", "2048", "-ub", "128"], threads=1, capacity_low=1,
+              capacity_high=2, goodput_rps=0.3, output_tps=10.0, summary="tune/Q4_K_M-imat/t_1/load/summary.json",
+              e2e_p90_s=25.0),
     ]  # fmt: skip
     rejected = Guard(setting=row.setting, kld=0.03, default_kld=0.02, difference=0.01, ci_high=0.012, chunks=16,
                      margin=0.005, accepted=False,
@@ -404,3 +409,21 @@ def test_the_tuned_command_line_its_trials_guards_and_screen_are_shown(tmp_path)
     assert '<tr class="chosen"><td class="l">-t 2 -b 2048 -ub 512</td><td>3</td>' in page
     assert "rejected: extra KLD +0.01000 (up to +0.01200) not shown within the margin" in page
     assert 'href="tune/Q4_K_M-imat/t_2/load/summary.json"' in page and "0.750" in page
+    # The Pareto front of capacity against latency: the defaults (1 user at 20 s) and -t 2 (3 users at 30 s) are on
+    # it; -t 1 -ub 128 (1 user at 25 s) is beaten by the defaults.
+    assert 'id="chart-tune-front"' in page
+    points = [Point(tr.setting, tr.e2e_p90_s, tr.capacity_low) for tr in trials]
+    on = frontier(points, x_higher_is_better=False, y_higher_is_better=True)
+    assert [p.label for p in on] == ["(defaults)", "-t 2 -b 2048 -ub 512"]
+
+
+def test_energy_per_output_token_is_shown_where_the_counters_gave_it_and_why_not_elsewhere(tmp_path):
+    r = results()
+    measured = r.variants[1].speed
+    measured.energy = "RAPL (package-0)"
+    measured.steps[0].joules_per_output_token = 0.125
+    r.variants[2].speed.energy = "not available (no RAPL powercap zones (/sys/class/powercap/intel-rapl:N))"
+    page = render_report(r, tmp_path / "report.html").read_text()
+    assert page.count("<th>J / output token</th>") == 1 and "<td>0.125</td>" in page
+    assert "Energy: RAPL (package-0): joules per output token are the" in page
+    assert "Energy: not available (no RAPL powercap zones" in page

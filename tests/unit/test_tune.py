@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.tune import Setting, bench_args, candidates, merge_args, parse_bench, screen_rows
+from harness.tune import Setting, bench_args, candidates, merge_args, parse_bench, screen_rows, search, survivors
 
 DATA = Path(__file__).parents[1] / "data" / "tune"
 
@@ -54,3 +54,48 @@ def test_a_settings_flags_replace_the_servers_own():
         "--mlock", "-b", "2048", "-ub", "512",
     ]  # fmt: skip
     assert merge_args([], ["-fa", "on"]) == ["-fa", "on"]
+
+
+def test_survivors_are_the_settings_predicted_within_the_keep_factor():
+    rows = parse_bench((DATA / "llama-bench-b11312.json").read_text())
+    ranked = screen_rows(rows, prompt_tokens=64, output_tokens=16)
+    kept = survivors(ranked, 1.5)
+    assert kept[0] == ranked[0] and all(r.predicted_s <= 1.5 * ranked[0].predicted_s for r in kept)
+    assert len(survivors(ranked, 1.0)) >= 1 and survivors([], 2.0) == []
+
+
+def _grid() -> list[Setting]:
+    return candidates([1, 2, 4], [512, 2048], [128, 512], [False, True], ["f16", "q8_0"])
+
+
+def _capacity(s: Setting) -> float:
+    """A made-up landscape: more threads and flash attention serve more users."""
+    return s.threads + (2 if s.flash_attn else 0) + (s.ubatch == 512)
+
+
+def test_few_survivors_are_each_measured_in_the_screens_order():
+    kept = _grid()[:3]
+    seen: list[Setting] = []
+    done = search(kept, 5, lambda s: seen.append(s) or _capacity(s), stop=lambda: False, seed=0)
+    assert done == seen == kept
+
+
+def test_many_survivors_are_searched_by_optuna_within_the_budget_and_replayed_the_same_on_resume():
+    kept = _grid()
+    runs = []
+    for _ in range(2):  # a resumed run asks for the same settings in the same order (the load runs are then done)
+        seen: list[Setting] = []
+        done = search(kept, 6, lambda s, seen=seen: seen.append(s) or _capacity(s), stop=lambda: False, seed=3)
+        runs.append(seen)
+        assert done == seen and len(seen) == 6 and len(set(seen)) == 6  # never one setting twice
+        assert seen[:3] == kept[:3] and set(seen) <= set(kept)  # the screen's best half first; only survivors
+    assert runs[0] == runs[1]
+    # A setting the guard rejects (None) is not measured and does not count against the budget.
+    rejected = [s for s in kept if s.cache_k == "q8_0"]
+    seen = []
+    done = search(kept, 4, lambda s: seen.append(s) or (None if s in rejected else _capacity(s)),
+                  stop=lambda: False, seed=3)  # fmt: skip
+    assert len(done) == 4 and not set(done) & set(rejected) and len(seen) >= 4
+    # The time budget stops the search between measurements.
+    calls: list[Setting] = []
+    assert len(search(kept, 6, lambda s: calls.append(s) or 1.0, stop=lambda: len(calls) >= 2, seed=3)) == 2

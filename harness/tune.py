@@ -85,8 +85,12 @@ class Setting:
 
     @property
     def changes_numerics(self) -> bool:
-        """Whether llama.cpp computes other logits with this setting (threads and batch sizes aside)."""
-        return bool(self.flash_attn) or self.cache_k not in (None, "f16") or self.cache_v not in (None, "f16")
+        """Whether llama.cpp may compute other logits with this setting than with its defaults (threads and batch
+        sizes aside): a quantized KV cache, or flash attention set either way. The default `-fa auto` of current
+        builds turns flash attention on where the backend has it (the CPU's included: b11312's graph then holds
+        FLASH_ATTN_EXT) and b3661's default is off, so which of on and off is the change depends on the build; the
+        guard measures both and finds the default's twin at exactly 0 extra KLD."""
+        return self.flash_attn is not None or self.cache_k not in (None, "f16") or self.cache_v not in (None, "f16")
 
     def numerics_args(self) -> list[str]:
         """The flags llama-perplexity needs to compute as the server would with this setting."""

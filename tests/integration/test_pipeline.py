@@ -78,6 +78,15 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert 'id="provenance"' in page and 'id="to-decide"' in page
     assert 'id="targets-table"' in page and 'data-target="llama-cpp-python"' in page
     assert 'id="capacity-table"' in page and 'id="chart-kld-frontier"' in page
+    # How to serve it: the small grid screened, the best-predicted setting measured against this run's defaults.
+    (tuned,) = results["tuning"]
+    assert tuned["variant"] == "Q4_K_M-imat" and len(tuned["screen"]) == 4 and tuned["stopped_by"] == "survivors"
+    defaults, *measured = tuned["trials"]
+    assert defaults["setting"] == "(defaults)" and len(measured) + len(tuned["guards"]) >= 1
+    assert all(t["complete"] and t["capacity_low"] is not None for t in tuned["trials"])
+    assert tuned["chosen"] in [t["setting"] for t in tuned["trials"]] and tuned["command"].startswith("llama-server")
+    assert all("-fa " in g["setting"] for g in tuned["guards"])  # of this grid, only flash attention may change them
+    assert 'id="tune-Q4_K_M-imat"' in page and html.escape(tuned["command"]) in page
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {k: v["state"] for k, v in manifest["stages"].items()} == {
         "build": "done", "models": "done", "mmlu": "done", "kld": "done", "load": "done", "report": "done",

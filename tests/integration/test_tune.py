@@ -47,6 +47,10 @@ def test_a_kv_cache_that_loses_quality_beyond_the_margin_is_rejected(current_bui
     assert "-ctk q4_0 -ctv q4_0 -fa on" in (tmp_path / "q4.log").read_text()  # measured as it would be served
     loose = guard(current_build.tools, model, q4, margin=10.0, log_path=tmp_path / "q4-loose.log", **kwargs)
     assert loose.accepted and loose.kld == pytest.approx(tight.kld, rel=1e-6)
+    # b11312's default -fa auto already runs flash attention on the CPU: -fa on is the defaults' twin, to the bit.
+    twin = guard(current_build.tools, model, Setting(flash_attn=True), margin=1e-4, log_path=tmp_path / "fa.log",
+                 **kwargs)  # fmt: skip
+    assert twin.accepted and twin.difference == 0.0 and twin.kld == default.mean_kld
 
 
 TUNE_TOML = """
@@ -123,6 +127,8 @@ def test_a_grid_against_a_real_llama_server_finds_the_better_setting(current_bui
     assert tuned["chosen"] == trial["setting"] and "-ub 512" in tuned["command"]
     assert tuned["command"].startswith("llama-server -m ") and "-np 2" in tuned["command"]
     assert [r["setting"] for r in tuned["screen"]] == [trial["setting"]]
+    # -fa off is not b11312's default (-fa auto runs flash attention on the CPU): guarded, and kept.
+    assert [(g["setting"], g["accepted"]) for g in tuned["guards"]] == [(trial["setting"], True)]
     page = (run_dir / "report.html").read_text()
     assert 'id="tune-Q4_K_M-imat"' in page and "-ub 512" in page
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -99,3 +99,11 @@ def test_many_survivors_are_searched_by_optuna_within_the_budget_and_replayed_th
     # The time budget stops the search between measurements.
     calls: list[Setting] = []
     assert len(search(kept, 6, lambda s: calls.append(s) or 1.0, stop=lambda: len(calls) >= 2, seed=3)) == 2
+
+
+def test_flash_attention_set_either_way_and_a_quantized_cache_are_guarded():
+    # Which of -fa on / off is the build's default depends on the build (b11312: auto, on for the CPU; b3661: off).
+    assert Setting(flash_attn=True).changes_numerics and Setting(flash_attn=False).changes_numerics
+    assert Setting(cache_k="q8_0", cache_v="q8_0").changes_numerics
+    assert not Setting(threads=2, batch=512, ubatch=128, cache_k="f16", cache_v="f16").changes_numerics
+    assert Setting(flash_attn=False).numerics_args() == ["-fa", "off"]

@@ -1,7 +1,7 @@
 """Benchmark: what tuning llama-server's settings gains on the demo model, and how well llama-bench predicts it.
 
 Runs `harness/experiments/tune.toml` (the demo's model and load on llama-server; the tune stage over 12 settings for
-Q4_K_M-imat, the 4 best-predicted measured under the load) in a fresh run directory and prints, from its results:
+Q4_K_M-imat, 4 of the survivors measured under the load) in a fresh run directory and prints, from its results:
 the tune stage's wall time, each trial's capacity interval [last pass, first miss] within the objectives and its
 goodput against the defaults measured in the same run, the chosen command line, the guard's verdicts, and the
 Spearman rank correlation between the screen's predicted request time and the trials' measured E2E p50 at their

@@ -340,6 +340,9 @@ class _Tuning:
         self.model = ctx.models()[variant].path
         self.root = ctx.run.root / "tune" / variant
         self.started = time.monotonic()
+        self._guards: dict[tuple[str, ...], Guard] = {}  # by the setting's numerics flags
+        self._base: Path | None = None  # the baseline's logits on the held-out text
+        self._default_kld: KLDStats | None = None  # the variant's KLD with the default flags
 
     def run(self) -> TuneResult:
         defaults = self._defaults()
@@ -397,6 +400,8 @@ class _Tuning:
         down by the capacity search, in a run directory of its own (resumable like any load)."""
         exp = self.ctx.experiment
         start = defaults.capacity_high if defaults.capacity_high is not None else defaults.capacity_low
+        if exp.plan().arrival.unit == "users":
+            start = int(start)  # type: ignore[arg-type]  # a user count (the records hold it as a float)
         server = exp.server.model_copy(update={
             "threads": setting.threads or exp.server.threads,
             "extra_args": merge_args(exp.server.extra_args, setting.server_args()),
@@ -413,18 +418,29 @@ class _Tuning:
         return _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root)
 
     def _guard(self, setting: Setting) -> Guard:
-        exp = self.ctx.experiment
-        cfg = exp.mmlu
-        compute = self.ctx.compute(cfg.threads)
-        baseline = self.ctx.models()[self.ctx.baseline].path
-        text = corpus_text(exp.corpus, "kld", cache=self.ctx.cache, llamacpp_tree=self.ctx.build.tree)
-        base, _ = base_logits(self.ctx.tools, baseline, text, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
-                              cache=self.ctx.cache, log_path=self.root / "base.log", compute=compute)  # fmt: skip
-        default = run_kld(self.ctx.tools, self.model, base, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
-                          log_path=self.root / "kld-defaults.log", compute=compute)  # fmt: skip
-        return guard(self.ctx.tools, self.model, setting, base_file=base, default=default, margin=self.cfg.kld_margin,
-                     alpha=cfg.alpha, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
-                     log_path=self.root / "kld-settings.log", compute=compute)  # fmt: skip
+        """The guard's verdict on `setting`, measured once per set of numerics flags (threads and batch sizes do not
+        change the logits llama-perplexity computes: two settings that differ only there share one measurement)."""
+        key = tuple(setting.numerics_args())
+        if key not in self._guards:
+            exp = self.ctx.experiment
+            cfg = exp.mmlu
+            compute = self.ctx.compute(cfg.threads)
+            if self._default_kld is None:
+                baseline = self.ctx.models()[self.ctx.baseline].path
+                text = corpus_text(exp.corpus, "kld", cache=self.ctx.cache, llamacpp_tree=self.ctx.build.tree)
+                self._base, _ = base_logits(self.ctx.tools, baseline, text, ctx_size=cfg.ctx_size,
+                                            chunks=cfg.kld_chunks, cache=self.ctx.cache,
+                                            log_path=self.root / "base.log", compute=compute)  # fmt: skip
+                self._default_kld = run_kld(self.ctx.tools, self.model, self._base, ctx_size=cfg.ctx_size,
+                                            chunks=cfg.kld_chunks, log_path=self.root / "kld-defaults.log",
+                                            compute=compute)  # fmt: skip
+            assert self._base is not None
+            self._guards[key] = guard(
+                self.ctx.tools, self.model, setting, base_file=self._base, default=self._default_kld,
+                margin=self.cfg.kld_margin, alpha=cfg.alpha, ctx_size=cfg.ctx_size, chunks=cfg.kld_chunks,
+                log_path=self.root / "kld-settings.log", compute=compute,
+            )  # fmt: skip
+        return self._guards[key].model_copy(update={"setting": setting.describe()})
 
     def _command(self, trial: Trial) -> str:
         sizing = self.ctx.experiment.sizing()

@@ -350,6 +350,8 @@ class TuneConfig(Section):
     ubatch: list[int] = Field(default_factory=lambda: [128, 512])
     flash_attn: list[bool] = Field(default_factory=lambda: [False, True])
     cache_types: list[str] = Field(default_factory=lambda: ["f16", "q8_0"])  # K and V alike
+    # -ngl values to search on a GPU build (default: none, [server] gpu_layers as it is); an error on a CPU build.
+    gpu_layers: list[int] = Field(default_factory=list)
     survivors: int = Field(default=2, ge=1)  # settings measured under load (the search's budget)
     # The screen drops a setting predicted slower than this many times the best prediction: it cannot win.
     screen_keep: float = Field(default=1.5, ge=1)
@@ -505,6 +507,12 @@ class Experiment(Section):
             except ValueError as exc:
                 raise ValueError(f"entry {i + 1}: {exc}") from None
         return out
+
+    @model_validator(mode="after")
+    def _gpu_layers_on_a_gpu(self) -> Experiment:
+        if self.tune.gpu_layers and self.llamacpp.backend != "cuda":
+            raise ValueError("tune.gpu_layers: only a GPU build offloads layers (llamacpp.backend = 'cuda')")
+        return self
 
     @model_validator(mode="after")
     def _a_valid_plan(self) -> Experiment:

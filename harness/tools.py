@@ -92,7 +92,7 @@ class Compute:
     """Where a tool computes: CPU threads (None = the tool's default) and, on a GPU build, layers offloaded."""
 
     threads: int | None = None
-    gpu_layers: int = 999
+    gpu_layers: int | None = 999  # None: no -ngl flag (a caller passing its own, e.g. llama-bench's comma list)
     backend: str = "cpu"
 
     @property
@@ -103,7 +103,7 @@ class Compute:
         """The flags that say so to `tool`; llama-quantize takes its thread count as the last positional argument."""
         if tool == "llama-quantize":
             return [str(self.threads)] if self.threads else []
-        args = ["-ngl", str(self.gpu_layers)] if self.has_gpu else []
+        args = ["-ngl", str(self.gpu_layers)] if self.has_gpu and self.gpu_layers is not None else []
         return args + (["-t", str(self.threads)] if self.threads else [])
 
 

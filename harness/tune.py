@@ -68,9 +68,11 @@ class Setting:
     flash_attn: bool | None = None
     cache_k: str | None = None
     cache_v: str | None = None
+    gpu_layers: int | None = None  # -ngl, searched on a GPU build only
 
     def server_args(self) -> list[str]:
-        """The flags as llama-server (b11312) takes them; threads come from the Compute the runner adds."""
+        """The flags as llama-server (b11312) takes them; threads and GPU layers come from the Compute the runner
+        adds (the trial sets them in `[server]`)."""
         args: list[str] = []
         for flag, value in (("-b", self.batch), ("-ub", self.ubatch), ("-ctk", self.cache_k), ("-ctv", self.cache_v)):
             if value is not None:
@@ -81,6 +83,7 @@ class Setting:
 
     def describe(self) -> str:
         parts = [f"-t {self.threads}" if self.threads else ""] + self.server_args()
+        parts += [] if self.gpu_layers is None else ["-ngl", str(self.gpu_layers)]
         return " ".join(p for p in parts if p) or "(defaults)"
 
     @property
@@ -106,12 +109,12 @@ class Setting:
 
 def candidates(
     threads: Sequence[int], batch: Sequence[int], ubatch: Sequence[int], flash_attn: Sequence[bool],
-    cache_types: Sequence[str],
+    cache_types: Sequence[str], gpu_layers: Sequence[int | None] = (None,),
 ) -> list[Setting]:  # fmt: skip
     """Every valid combination (the K and V caches take the same type; micro-batch at most the batch)."""
     out = []
-    for t, b, ub, fa, ct in itertools.product(threads, batch, ubatch, flash_attn, cache_types):
-        setting = Setting(threads=t, batch=b, ubatch=ub, flash_attn=fa, cache_k=ct, cache_v=ct)
+    for t, b, ub, fa, ct, ngl in itertools.product(threads, batch, ubatch, flash_attn, cache_types, gpu_layers):
+        setting = Setting(threads=t, batch=b, ubatch=ub, flash_attn=fa, cache_k=ct, cache_v=ct, gpu_layers=ngl)
         if ub <= b and setting.valid:
             out.append(setting)
     return out
@@ -143,6 +146,7 @@ class ScreenRow(Record):
     flash_attn: bool
     cache_k: str
     cache_v: str
+    gpu_layers: int | None = None
     pp_tps: float  # prompt processing at the load's prompt length
     tg_tps: float  # generation at the load's depth
     predicted_s: float  # prompt / pp + output / tg
@@ -156,25 +160,28 @@ def parse_bench(text: str) -> list[dict]:
     return rows
 
 
-def screen_rows(rows: Iterable[dict], *, prompt_tokens: int, output_tokens: int) -> list[ScreenRow]:
+def screen_rows(
+    rows: Iterable[dict], *, prompt_tokens: int, output_tokens: int, gpu_layers: bool = False
+) -> list[ScreenRow]:
     """Pair each setting's pp (n_prompt = prompt_tokens at depth 0) and tg (n_gen = output_tokens at depth
-    prompt_tokens) rows into a prediction, lowest predicted time first."""
+    prompt_tokens) rows into a prediction, lowest predicted time first (`gpu_layers`: the settings name -ngl)."""
     pp: dict[tuple, float] = {}
     tg: dict[tuple, float] = {}
     for r in rows:
         key = (int(r["n_threads"]), int(r["n_batch"]), int(r["n_ubatch"]), bool(r["flash_attn"]), r["type_k"],
-               r["type_v"])  # fmt: skip
+               r["type_v"], int(r["n_gpu_layers"]) if gpu_layers else None)  # fmt: skip
         if r["n_prompt"] == prompt_tokens and r["n_gen"] == 0 and r["n_depth"] == 0:
             pp[key] = float(r["avg_ts"])
         elif r["n_gen"] == output_tokens and r["n_prompt"] == 0 and r["n_depth"] == prompt_tokens:
             tg[key] = float(r["avg_ts"])
     out = []
-    for key in sorted(pp.keys() & tg.keys()):
-        t, b, ub, fa, ck, cv = key
-        setting = Setting(threads=t, batch=b, ubatch=ub, flash_attn=fa, cache_k=ck, cache_v=cv)
+    for key in sorted(pp.keys() & tg.keys(), key=repr):
+        t, b, ub, fa, ck, cv, ngl = key
+        setting = Setting(threads=t, batch=b, ubatch=ub, flash_attn=fa, cache_k=ck, cache_v=cv, gpu_layers=ngl)
         predicted = prompt_tokens / pp[key] + output_tokens / tg[key]
         out.append(ScreenRow(setting=setting.describe(), threads=t, batch=b, ubatch=ub, flash_attn=fa, cache_k=ck,
-                             cache_v=cv, pp_tps=pp[key], tg_tps=tg[key], predicted_s=predicted))  # fmt: skip
+                             cache_v=cv, gpu_layers=ngl, pp_tps=pp[key], tg_tps=tg[key],
+                             predicted_s=predicted))  # fmt: skip
     return sorted(out, key=lambda r: (r.predicted_s, r.setting))
 
 
@@ -189,10 +196,11 @@ def bench_args(model: Path, settings: Sequence[Setting], *, prompt_tokens: int, 
         def values(attr: str, group: list[Setting] = mine) -> str:
             return ",".join(str(v) for v in sorted({getattr(s, attr) for s in group}))
 
+        ngl = ["-ngl", values("gpu_layers")] if any(s.gpu_layers is not None for s in mine) else []
         runs.append([
             "-m", str(model), "-p", str(prompt_tokens), "-n", str(output_tokens), "-d", f"0,{prompt_tokens}",
             "-t", values("threads"), "-b", values("batch"), "-ub", values("ubatch"), "-fa", "on" if fa else "off",
-            "-ctk", values("cache_k"), "-ctv", values("cache_v"), "-r", str(repetitions), "-o", "json",
+            "-ctk", values("cache_k"), "-ctv", values("cache_v"), *ngl, "-r", str(repetitions), "-o", "json",
         ])  # fmt: skip
     return runs
 
@@ -202,8 +210,10 @@ def screen(
     repetitions: int, log_path: Path, compute: Compute | None = None,
 ) -> list[ScreenRow]:  # fmt: skip
     """Measure every setting with llama-bench and rank them by predicted request time (`compute` adds only its GPU
-    layers: the settings carry the threads)."""
-    compute = dataclasses.replace(compute, threads=None) if compute else None
+    layers, and only when the settings do not name theirs: the settings carry the threads)."""
+    searched = any(s.gpu_layers is not None for s in settings)
+    if compute:
+        compute = dataclasses.replace(compute, threads=None, gpu_layers=None if searched else compute.gpu_layers)
     rows: list[dict] = []
     for args in bench_args(model, settings, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                            repetitions=repetitions):  # fmt: skip
@@ -212,8 +222,8 @@ def screen(
             raise run.error(HarnessError, "llama-bench (tune screen)")
         rows += parse_bench("\n".join(run.lines))
     wanted = {s.describe() for s in settings}
-    return [r for r in screen_rows(rows, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-            if r.setting in wanted]  # fmt: skip
+    return [r for r in screen_rows(rows, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                   gpu_layers=searched) if r.setting in wanted]  # fmt: skip
 
 
 class Guard(Record):
@@ -260,6 +270,7 @@ class Trial(Record):
     setting: str
     server_args: list[str]
     threads: int | None
+    gpu_layers: int | None = None  # -ngl, when the trial set it (a GPU build)
     capacity_low: float | None
     capacity_high: float | None
     goodput_rps: float | None  # at its capacity level
@@ -350,7 +361,8 @@ class _Tuning:
             raise LoadTestError(f"tune {self.variant}: the defaults have no capacity: tuning needs [slo] objectives")
         load = self.ctx.experiment.load
         settings = candidates(self.cfg.threads or sorted({1, os.cpu_count() or 1}), self.cfg.batch,
-                              self.cfg.ubatch, self.cfg.flash_attn, self.cfg.cache_types)  # fmt: skip
+                              self.cfg.ubatch, self.cfg.flash_attn, self.cfg.cache_types,
+                              self.cfg.gpu_layers or [None])  # fmt: skip
         ranked = screen(self.ctx.tools, self.model, settings, prompt_tokens=load.prompt_tokens,
                         output_tokens=load.output_tokens, repetitions=self.cfg.repetitions,
                         log_path=self.root / "screen.log", compute=self.ctx.compute(None))  # fmt: skip
@@ -404,6 +416,7 @@ class _Tuning:
             start = int(start)  # type: ignore[arg-type]  # a user count (the records hold it as a float)
         server = exp.server.model_copy(update={
             "threads": setting.threads or exp.server.threads,
+            "gpu_layers": exp.server.gpu_layers if setting.gpu_layers is None else setting.gpu_layers,
             "extra_args": merge_args(exp.server.extra_args, setting.server_args()),
         })  # fmt: skip
         load = exp.load.model_copy(update={"steps": [start], "search": True})
@@ -415,7 +428,8 @@ class _Tuning:
         summaries = LoadStage().run(trial_ctx)
         summary = next(iter(summaries.values()))
         path = run.load_summary(self.target.label, self.variant)
-        return _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root)
+        trial = _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root)
+        return trial.model_copy(update={"gpu_layers": setting.gpu_layers})
 
     def _guard(self, setting: Setting) -> Guard:
         """The guard's verdict on `setting`, measured once per set of numerics flags (threads and batch sizes do not
@@ -448,6 +462,11 @@ class _Tuning:
                 "-c", str(sizing.ctx_size)]  # fmt: skip
         if trial.threads:
             args += ["-t", str(trial.threads)]
+        if self.ctx.build.has_gpu:
+            args += [
+                "-ngl",
+                str(trial.gpu_layers if trial.gpu_layers is not None else self.ctx.experiment.server.gpu_layers),
+            ]
         return shlex.join(args + trial.server_args)
 
 
@@ -478,7 +497,8 @@ def objective(trial: Trial) -> float:
     return (trial.capacity_low or 0) + (trial.goodput_rps or 0) / 1000
 
 
-DIMENSIONS = ("threads", "batch", "ubatch", "flash_attn", "cache_k")  # cache_v follows cache_k (candidates)
+# cache_v follows cache_k (candidates)
+DIMENSIONS = ("threads", "batch", "ubatch", "flash_attn", "cache_k", "gpu_layers")
 
 
 def search(

@@ -64,6 +64,7 @@ def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
         ("[llamacpp]\nsource = 'local'\n", "source 'local' needs llamacpp.path"),
         ("colour = 'blue'\n", "colour: unknown key 'colour'; allowed keys:"),
         ("[[variants]]\nname='a'\ntype='F16'\n[[variants]]\nname='a'\ntype='Q4_0'\n", "repeated: a"),
+        ("[tune]\ngpu_layers = [20, 999]\n", "tune.gpu_layers: only a GPU build offloads layers"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, text, expected):

@@ -107,3 +107,23 @@ def test_flash_attention_set_either_way_and_a_quantized_cache_are_guarded():
     assert Setting(cache_k="q8_0", cache_v="q8_0").changes_numerics
     assert not Setting(threads=2, batch=512, ubatch=128, cache_k="f16", cache_v="f16").changes_numerics
     assert Setting(flash_attn=False).numerics_args() == ["-fa", "off"]
+
+
+def test_gpu_layers_are_searched_as_one_more_dimension_on_a_gpu_build():
+    from harness.tools import Compute
+
+    settings = candidates([1], [2048], [512], [True], ["f16"], [20, 999])
+    assert [s.describe() for s in settings] == [
+        "-t 1 -b 2048 -ub 512 -ctk f16 -ctv f16 -fa on -ngl 20",
+        "-t 1 -b 2048 -ub 512 -ctk f16 -ctv f16 -fa on -ngl 999",
+    ]
+    assert settings[0].server_args()[-2:] == ["-fa", "on"]  # -ngl reaches the server through [server] gpu_layers
+    (run,) = bench_args(Path("m.gguf"), settings, prompt_tokens=64, output_tokens=16, repetitions=1)
+    assert run[run.index("-ngl") + 1] == "20,999"
+    assert "-ngl" not in bench_args(Path("m.gguf"), candidates([1], [2048], [512], [True], ["f16"]),
+                                    prompt_tokens=64, output_tokens=16, repetitions=1)[0]  # fmt: skip
+    # The screen's own -ngl list replaces the Compute's (which then adds none), and its rows name their layers.
+    assert Compute(gpu_layers=None, backend="cuda").args("llama-bench") == []
+    rows = parse_bench((DATA / "llama-bench-b11312.json").read_text())
+    ranked = screen_rows(rows, prompt_tokens=64, output_tokens=16, gpu_layers=True)
+    assert all(r.gpu_layers == -1 and r.setting.endswith("-ngl -1") for r in ranked)  # b11312 CPU rows: -1

@@ -293,7 +293,7 @@ def test_ctrl_c_in_the_last_variants_load_then_resume_measures_only_the_rest(env
     assert results["missing"] == []
     attempts = next(v for v in results["variants"] if v["name"] == "Q4_0")["speeds"]["llama-server"]["attempts"]
     assert [(a["outcome"], a["steps"]) for a in attempts] == [("interrupted", [1]), ("complete", [2])]
-    assert all(isinstance(a["server_pid"], int) and a["server_started_at"] > 1e9 for a in attempts)
+    assert all(isinstance(a["server"]["pid"], int) and a["server"]["started_at"] > 1e9 for a in attempts)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ def interrupt(args: argparse.Namespace, run_dir: Path, presses: int) -> dict:
         "--set", f"load.prompt_tokens={args.prompt_tokens}", "--set", f"load.output_tokens={args.output_tokens}",
         "--set", f"load.steps=[{args.users}]", "--set", "load.search=false",
         "--set", f"load.drain_grace_s={args.grace}", "--set", 'targets=[{kind="llama-server"}]',
+        "--set", "tune.enabled=false",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     locust_log = run_dir / "load" / "llama-server"

@@ -1,13 +1,18 @@
-"""Helpers for integration tests: run the real CLI, and find llama.cpp processes that mention a path."""
+"""Helpers for integration tests: run the real CLI (to the end, or started and interrupted), and find llama.cpp
+processes that mention a path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +27,35 @@ def llamasys(*args: str, env: dict[str, str] | None = None, timeout: float = 900
         env={**os.environ, **(env or {})},
         cwd=REPO,
     )
+
+
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *args], cwd=REPO, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_until(predicate: Callable[[], bool], proc: subprocess.Popen | None, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended ({proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:

@@ -89,7 +89,8 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert 'id="tune-Q4_K_M-imat"' in page and html.escape(tuned["command"]) in page
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {k: v["state"] for k, v in manifest["stages"].items()} == {
-        "build": "done", "models": "done", "mmlu": "done", "kld": "done", "load": "done", "report": "done",
+        "build": "done", "models": "done", "mmlu": "done", "kld": "done", "load": "done", "tune": "done",
+        "report": "done",
     }  # fmt: skip
     assert manifest["llamacpp"]["build_number"] == 11312 and manifest["hardware"]["cores_logical"] >= 1
     # Which instruction sets the build uses and why, and the proof that it ran here in the demo's weight types.
@@ -102,7 +103,9 @@ def test_demo_end_to_end(env, tmp_path: Path):
     assert 'id="build-check"' in page
 
     # A finished run re-runs without redoing anything: every stage output stays as it was.
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.json") if p.parent.name in ("mmlu", "kld", "load")}
+    before = {
+        p: p.stat().st_mtime_ns for p in run_dir.rglob("*.json") if p.parent.name in ("mmlu", "kld", "load", "tune")
+    }
     again = llamasys("demo", "--run-dir", str(run_dir), "--no-progress", env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from harness.buildcheck import probe_model, probe_text
 from harness.cache import CacheDir
 from harness.kld import base_logits, run_kld
 from harness.tune import Setting, candidates, guard, screen
-from tests.integration.helpers import llamasys
+from tests.integration.helpers import llamasys, start_cli, stopped_at_the_end, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -110,10 +111,26 @@ def test_a_grid_against_a_real_llama_server_finds_the_better_setting(current_bui
     experiment.write_text(TUNE_TOML)
     run_dir = tmp_path / "run"
     env = {"LLAMASYS_CACHE_DIR": str(cache_dir)}
+    # Ctrl-C while the trial's requests are being recorded: the run stops (130) with no tune result ...
+    proc = start_cli("run", str(experiment), "--run-dir", str(run_dir), "--no-progress", env=env)
+    trial_records = run_dir / "tune" / "Q4_K_M-imat"
+    with stopped_at_the_end(proc):
+        wait_until(lambda: any(p.stat().st_size for p in trial_records.glob("*/load/*/*/requests.jsonl")), proc, 1500,
+                   "the trial's first request record")  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (run_dir / "tune" / "Q4_K_M-imat.json").exists()
+    defaults_summary = run_dir / "load" / "llama-server" / "Q4_K_M-imat" / "summary.json"
+    before_resume = defaults_summary.stat().st_mtime_ns
+    # ... and the next run resumes it: the defaults are not measured again, the trial's load gets a second attempt.
     result = llamasys("run", str(experiment), "--run-dir", str(run_dir), "--no-progress", env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert defaults_summary.stat().st_mtime_ns == before_resume
     tuned = json.loads((run_dir / "tune" / "Q4_K_M-imat.json").read_text())
     defaults, trial = tuned["trials"]
+    trial_summary = json.loads((run_dir / trial["summary"]).read_text())
+    assert [a["outcome"] for a in trial_summary["attempts"]] == ["interrupted", "complete"]
     assert defaults["setting"] == "(defaults)" and defaults["server_args"] == ["-ub", "1"]
     # The setting's flags replace [server]'s own -ub 1.
     assert trial["setting"] == "-t 1 -b 2048 -ub 512 -ctk f16 -ctv f16 -fa off"

@@ -2,10 +2,10 @@
 
 Runs `harness/experiments/tune.toml` (the demo's model and load on llama-server; the tune stage over 12 settings for
 Q4_K_M-imat, 4 of the survivors measured under the load) in a fresh run directory and prints, from its results:
-the tune stage's wall time, each trial's capacity interval [last pass, first miss] within the objectives and its
-goodput against the defaults measured in the same run, the chosen command line, the guard's verdicts, and the
-Spearman rank correlation between the screen's predicted request time and the trials' measured E2E p50 at their
-first level (few trials: the correlation is reported with its p-value, not as a finding).
+the tune stage's wall time, how many settings survived the screen, each trial's capacity interval [last pass, first
+miss] within the objectives and its goodput against the defaults measured in the same run, the chosen command line,
+the guard's verdicts, and the Spearman rank correlation between the screen's predicted request time and the trials'
+measured E2E p50 at their first level (few trials: the correlation is reported with its p-value, not as a finding).
 
     .venv/bin/python benchmarks/tune.py
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> dict:
     run_dir, wall = run_experiment(args, "tune-bench")
     figures: dict = {"run_wall_s": round(wall, 1), "run_dir": str(run_dir), "variants": {}}
+    keep = tomllib.loads((run_dir / "experiment.toml").read_text())["tune"]["screen_keep"]
     for path in sorted((run_dir / "tune").glob("*.json")):
         tuned = json.loads(path.read_text())
         predicted = {row["setting"]: row["predicted_s"] for row in tuned["screen"]}
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
         figures["variants"][tuned["variant"]] = {
             "tune_wall_s": tuned["seconds"], "chosen": tuned["chosen"], "command": tuned["command"],
             "stopped_by": tuned["stopped_by"], "trials": trials, "screened": len(tuned["screen"]),
+            "survived": sum(p <= keep * min(predicted.values()) for p in predicted.values()),
             "guards": [{"setting": g["setting"], "extra_kld": g["difference"], "upper": g["ci_high"],
                         "accepted": g["accepted"]} for g in tuned["guards"]],
             "screen_vs_load_spearman": None if rho is None else {"rho": rho.statistic, "p": rho.pvalue,

@@ -107,14 +107,12 @@ def _run(exp: Experiment, stages_to_run: Sequence[str]) -> RunDir:
 
 
 def _render(exp: Experiment, run: RunDir, manifest: Manifest) -> None:
-    from reports.collect import collect_results
     from reports.render import render_report
 
     # Rendering must not hide the error that stopped the run: report its own failure and carry on.
     try:
         with manifest.stage("report"):
-            results = collect_results(exp, run, manifest.record)
-            write_record(run.results, results)
+            results = _collected(exp, run, manifest.record)
             render_report(results, run.report, run_dir=run.root)
         partial = " (partial: " + "; ".join(results.missing) + ")" if results.missing else ""
         log.info("report: %s%s", run.report.resolve(), partial)
@@ -137,7 +135,6 @@ def rerender(run_dirs: Sequence[Path]) -> Path:
 def _results_of(run: RunDir) -> Results:
     """The run's results.json; one an older version wrote (another schema) is collected again from the run's own
     records (experiment.toml, manifest.json and the stage outputs), which is the migration, and saved."""
-    from reports.collect import collect_results
     from reports.render import load_results
 
     try:
@@ -149,6 +146,13 @@ def _results_of(run: RunDir) -> Results:
     manifest = read_record(run.manifest, ManifestRecord)
     log.warning("%s was written by another version: collecting it again from the run's records", run.results)
     with sole_writer(run.root):
-        results = collect_results(exp, run, manifest)
-        write_record(run.results, results)
+        return _collected(exp, run, manifest)
+
+
+def _collected(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> Results:
+    """The run's results collected from its records, and saved as results.json."""
+    from reports.collect import collect_results
+
+    results = collect_results(exp, run, manifest)
+    write_record(run.results, results)
     return results

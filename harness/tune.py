@@ -428,8 +428,8 @@ class _Tuning:
         summaries = LoadStage().run(trial_ctx)
         summary = next(iter(summaries.values()))
         path = run.load_summary(self.target.label, self.variant)
-        trial = _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root)
-        return trial.model_copy(update={"gpu_layers": setting.gpu_layers})
+        return _trial_of(summary, setting.describe(), server.extra_args, server.threads, path, self.ctx.run.root,
+                         gpu_layers=setting.gpu_layers)  # fmt: skip
 
     def _guard(self, setting: Setting) -> Guard:
         """The guard's verdict on `setting`, measured once per set of numerics flags (threads and batch sizes do not
@@ -471,11 +471,11 @@ class _Tuning:
 
 
 def _trial_of(summary: LoadSummary, setting: str, server_args: list[str], threads: int | None, path: Path,
-              root: Path) -> Trial:  # fmt: skip
+              root: Path, *, gpu_layers: int | None = None) -> Trial:  # fmt: skip
     cap = summary.capacity
     at = next((s for s in summary.steps if cap is not None and s.level == cap.low), None)
     return Trial(
-        setting=setting, server_args=list(server_args), threads=threads,
+        setting=setting, server_args=list(server_args), threads=threads, gpu_layers=gpu_layers,
         capacity_low=cap.low if cap else None, capacity_high=cap.high if cap else None,
         goodput_rps=at.goodput_rps if at else None, output_tps=at.output_tokens_per_s if at else None,
         e2e_p90_s=at.e2e_s.p90 if at and at.e2e_s else None,
@@ -493,7 +493,8 @@ def survivors(ranked: Sequence[ScreenRow], keep: float) -> list[ScreenRow]:
 
 
 def objective(trial: Trial) -> float:
-    """What the search maximises: capacity, goodput at it breaking ties (a failed trial: 0)."""
+    """What the search maximises: `_rank`'s order as one number for optuna (capacity, goodput at it breaking ties;
+    a failed trial: 0)."""
     return (trial.capacity_low or 0) + (trial.goodput_rps or 0) / 1000
 
 
@@ -517,7 +518,7 @@ def search(
     if len(kept) <= budget:
         done = []
         for setting in kept:
-            if len(done) >= budget or stop():
+            if stop():
                 break
             if measure(setting) is not None:
                 done.append(setting)

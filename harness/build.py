@@ -64,6 +64,17 @@ class BuildCheck(Record):
         return next((t for t in self.types.values() if not t.ok), None)
 
 
+class BuildStep(Record):
+    """One thing the build stage did in this run (a compile, a check), timed: where the set-up's minutes went."""
+
+    what: str
+    seconds: float
+    ok: bool = True
+
+    def describe(self) -> str:
+        return f"{self.what} {self.seconds:,.1f} s" + ("" if self.ok else " (failed)")
+
+
 class Build(Record):
     """A finished, verified set of llama.cpp binaries (stored as build.json beside them)."""
 
@@ -82,7 +93,11 @@ class Build(Record):
     # (--no-repack, llama-bench --repack 0): the remedy for a prebuilt build whose repacked kernels this CPU cannot
     # run. A build compiled here leaves out what the CPU cannot run instead, and keeps repacking.
     repack: bool = True
+    # The llama-cpp-python release whose ctypes bindings load this build's shared libraries (the sdist its tree came
+    # from; None: a static or other build, for which llama-cpp-python compiles its own copy).
+    bindings: str | None = None
     check: BuildCheck | None = None  # the proof that it runs on this machine (attached when it is used)
+    steps: list[BuildStep] = Field(default_factory=list)  # what this run did to have it (attached, never stored)
 
     def tool(self, name: str) -> Path:
         path = self.bin_dir / name
@@ -114,4 +129,5 @@ class Build(Record):
             "isa_summary": self.isa.summary() if self.isa else "not recorded (a prebuilt build)",
             "repack": self.repack,
             "check": self.check.model_dump(mode="json") if self.check else None,
+            "steps": [step.model_dump(mode="json") for step in self.steps],
         }

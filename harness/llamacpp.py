@@ -9,6 +9,7 @@ extension they died on, once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from harness import pypi
-from harness.build import TOOLS, Build, BuildCheck, Era, TypeCheck
+from harness.build import TOOLS, Build, BuildCheck, BuildStep, Era, TypeCheck
 from harness.buildcheck import cached_check, check_build, repack_gain
 from harness.cache import CacheDir, atomic_dir, damage, file_sha256, intact, seal, tree_fingerprint
 from harness.config import LlamaCppConfig, default_variants
@@ -73,6 +75,7 @@ class SourceTree:
     description: str  # for people: "PyPI llama-cpp-python 0.3.36", "git b3661", ...
     build_number: int | None
     commit: str | None
+    pypi_version: str | None = None  # the llama-cpp-python release whose sdist vendors this tree
 
 
 # ---------------------------------------------------------------- pure helpers (unit-tested)
@@ -97,15 +100,18 @@ def cmake_configure_args(
     extra: list[str],
     isa: list[str] | None = None,
 ) -> list[str]:
-    """CMake cache arguments for a static Release build of the tools, per era and backend; `isa` is the instruction
-    set decision's arguments (harness.cpu.decide_isa: GGML_NATIVE=ON, or every extension's option ON or OFF).
+    """CMake cache arguments for a Release build of the tools, per era and backend; `isa` is the instruction set
+    decision's arguments (harness.cpu.decide_isa: GGML_NATIVE=ON, or every extension's option ON or OFF).
 
-    Static binaries need only libgomp, libssl and libstdc++ beside them; a shared build leaves stubs that need the .so
-    files. The web page is not downloaded (LLAMA_USE_PREBUILT_UI=OFF), so the build works offline.
+    A current tree is built with shared libraries (libllama, libggml-base, libggml-cpu, ... beside the tools, found
+    through a RUNPATH of $ORIGIN, so the directory can move): they are the libraries llama-cpp-python's bindings of
+    the same vendored tree load (LLAMA_CPP_LIB_PATH), so its server needs no compile of its own, and a build made
+    again with other CPU flags relinks only libggml-cpu. A b3661-era tree scatters its libraries over the build tree
+    and stays static: its binaries need only libgomp, libssl and libstdc++. The web page is not downloaded
+    (LLAMA_USE_PREBUILT_UI=OFF), so the build works offline.
     """
     args = [
         "-DCMAKE_BUILD_TYPE=Release",
-        "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_CURL=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_SERVER=ON",
@@ -113,6 +119,8 @@ def cmake_configure_args(
     if era == "current":
         # The legacy tree generates build-info from git at build time instead (see _inject_legacy_build_info).
         args += [
+            "-DBUILD_SHARED_LIBS=ON",
+            "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
             f"-DLLAMA_BUILD_NUMBER={build_number}",
             f"-DLLAMA_BUILD_COMMIT={commit}",
             "-DLLAMA_USE_PREBUILT_UI=OFF",
@@ -120,7 +128,7 @@ def cmake_configure_args(
         ]
     else:
         # In the b3661 era the tools themselves are "examples".
-        args += ["-DLLAMA_BUILD_EXAMPLES=ON"]
+        args += ["-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON"]
     if backend == "cuda":
         # A GPU image is built for other machines' GPUs: no -march=native, explicit CUDA architectures.
         args += ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}"]
@@ -189,17 +197,12 @@ def obtain_source(cfg: LlamaCppConfig, cache_dir: Path) -> SourceTree:
         raise SourceError("source 'prebuilt' has no source tree")
     number = cfg.build_number if cfg.build_number is not None else tree.build_number
     commit = cfg.build_commit or tree.commit
-    return SourceTree(tree.root, tree.era, tree.identity, tree.description, number, commit)
+    return dataclasses.replace(tree, build_number=number, commit=commit)
 
 
 def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
     try:
-        sdist = pypi.download(
-            f"llama-cpp-python=={version}",
-            cache_dir / "downloads",
-            pattern=f"llama_cpp_python-{version}.tar.gz",
-            sdist=True,
-        )
+        sdist = pypi.llama_cpp_python_sdist(version, cache_dir / "downloads")
     except HarnessError as exc:
         raise SourceError(str(exc)) from None
     digest = file_sha256(sdist)
@@ -216,7 +219,9 @@ def _pypi_source(version: str, cache_dir: Path) -> SourceTree:
 
     root = atomic_dir(cache_dir / "sources" / f"pypi-{version}-{digest[:12]}", extract)
     number, commit = PYPI_VENDORED.get(version, (None, None))
-    return SourceTree(root, detect_era(root), f"pypi:{digest}", f"PyPI llama-cpp-python {version}", number, commit)
+    return SourceTree(
+        root, detect_era(root), f"pypi:{digest}", f"PyPI llama-cpp-python {version}", number, commit, version
+    )
 
 
 def _git_source(url: str, ref: str, cache_dir: Path) -> SourceTree:
@@ -289,19 +294,29 @@ def ensure_build(
             "llamacpp.build_commit (the llama.cpp release tag bNNNN has build number NNNN)"
         )
     cpu = this_cpu(cfg.cpu_features)
+    steps: list[BuildStep] = []  # what this call did, timed: the run's set-up table
     for attempt in (1, 2):
         isa = _decide(cfg, tree, cpu, cache)
+        what = f"{'compile' if attempt == 1 else 'compile again'} ({isa.summary()})"
+        started = time.monotonic()
         try:
-            build = _compiled(tree, cfg, isa, cache_dir)
+            build, compiled = _compiled(tree, cfg, isa, cache_dir)
         except BuildDoesNotRun as died:
+            steps.append(BuildStep(what=what, seconds=time.monotonic() - started, ok=False))
             build, failure = None, died.failure
         else:
+            if compiled:
+                steps.append(BuildStep(what=what, seconds=time.monotonic() - started))
+            started = time.monotonic()
             known = None if recheck else cached_check(cache, build, machine, types)
             check = known or _check(build, types, cache, machine)
+            if known is None and check is not None:
+                steps.append(BuildStep(what=f"check ({len(check.types)} weight types)",
+                                       seconds=time.monotonic() - started, ok=check.ok))  # fmt: skip
             if check is None or check.ok:
                 if isa.turned_off and (known is None or attempt == 2):  # new here, or just made again
                     logger.warning(fallback_warning(isa, repack_gain(build, cache)))
-                return build.model_copy(update={"check": check})
+                return build.model_copy(update={"check": check, "steps": steps})
             failure = check.failure
             assert failure is not None
         off = culprits(isa, failure) if died_by_signal(_code(failure), signal.SIGILL) else set()
@@ -387,8 +402,9 @@ def rejection(isa: IsaDecision, failure: TypeCheck) -> str:
     )
 
 
-def _compiled(tree: SourceTree, cfg: LlamaCppConfig, isa: IsaDecision, cache_dir: Path) -> Build:
-    """The cached build of `tree` for `isa`, compiled first if needed (one lock per key, installed atomically)."""
+def _compiled(tree: SourceTree, cfg: LlamaCppConfig, isa: IsaDecision, cache_dir: Path) -> tuple[Build, bool]:
+    """The cached build of `tree` for `isa`, compiled first if needed (one lock per build tree, installed
+    atomically), and whether it was compiled now."""
     assert tree.build_number is not None and tree.commit is not None
     configure = cmake_configure_args(
         era=tree.era, backend=cfg.backend, cuda_architectures=cfg.cuda_architectures, build_number=tree.build_number,
@@ -401,20 +417,34 @@ def _compiled(tree: SourceTree, cfg: LlamaCppConfig, isa: IsaDecision, cache_dir
     builds = cache_dir / "builds"
     final = builds / key
     if final.is_dir() and damage(final) is None:
-        return _load_record(final)
+        return _load_record(final), False
     builds.mkdir(parents=True, exist_ok=True)
-    # One lock per key for the whole build; atomic_dir takes its own, differently named lock for the install.
-    with FileLock(str(builds / f".{key}.build.lock")):
+    work = builds / f".work-{work_key(tree, cfg.backend)}"
+    # One lock per build tree: the builds of one source take turns in it (atomic_dir takes its own, differently
+    # named lock for the install).
+    with FileLock(str(builds / f"{work.name}.lock")):
         if intact(final):  # another run finished it while we waited (a damaged entry is removed here)
-            return _load_record(final)
+            return _load_record(final), False
         env = {**os.environ, **check_toolchain(cfg.backend), **compiler_cache_env(cache_dir)}
-        return _build(tree, cfg, configure, key, final, env, isa=isa, jobs=cfg.jobs or os.cpu_count() or 1)
+        jobs = cfg.jobs or os.cpu_count() or 1
+        return _build(tree, cfg, configure, key, final, work, env, isa=isa, jobs=jobs), True
+
+
+def work_key(tree: SourceTree, backend: str) -> str:
+    """The build tree one source is compiled in for one backend, whatever its flags: a build made again with other
+    CPU flags (after a check found an instruction this CPU cannot run) or other CMake arguments is configured afresh
+    in the same tree, and make compiles only what the changed flags touch (ggml's CPU backend: under a minute),
+    with no compiler cache needed."""
+    payload = json.dumps({"identity": tree.identity, "commit": tree.commit, "backend": backend,
+                          "machine": os.uname().machine}, sort_keys=True)  # fmt: skip
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def compiler_cache_env(cache_dir: Path) -> dict[str, str]:
     """ccache settings, when ccache is installed (ggml's CMake then uses it by itself): its cache beside ours, and
-    paths under the cache rewritten relative, so that two builds of one tree that differ only in ggml's CPU flags
-    (a build made again without an extension) compile only what those flags change."""
+    paths under the cache rewritten relative, so that a tree compiled afresh (a local tree edited in a few files, a
+    cache whose work trees were removed) compiles only what differs. Builds of one source with other flags need no
+    compiler cache: they share one build tree (`work_key`)."""
     if shutil.which("ccache") is None:
         return {}
     env = {"CCACHE_BASEDIR": str(cache_dir.resolve())}
@@ -438,10 +468,13 @@ def cmake_configure(
         raise BuildError(f"cmake configure failed (exit {run.code}); see {log_path}\n" + "\n".join(run.lines[-15:]))
 
 
-def _build(tree, cfg, configure, key, final: Path, env, *, isa: IsaDecision, jobs: int) -> Build:
-    work = final.parent / f".work-{key}"  # kept on failure so a retry compiles incrementally
-    log = work / "build.log"
+def _build(tree, cfg, configure, key, final: Path, work: Path, env, *, isa: IsaDecision, jobs: int) -> Build:
+    """Configure `work`'s tree with exactly `configure` (the last configure's cache removed, so that no setting of
+    another build lingers), compile what changed, and install the tools and their libraries as the entry `final`.
+    The tree stays, also after a failure or Ctrl-C: the next build of this source compiles only what differs."""
+    log = work / f"build-{key}.log"
     work.mkdir(parents=True, exist_ok=True)
+    (work / "tree" / "CMakeCache.txt").unlink(missing_ok=True)
     if tree.era == "legacy":
         _inject_legacy_build_info(tree.root, tree.build_number, tree.commit)
         if tree.identity.startswith(("pypi:", "git:")):
@@ -461,11 +494,13 @@ def _build(tree, cfg, configure, key, final: Path, env, *, isa: IsaDecision, job
     def install(tmp: Path) -> None:
         bin_dir = tmp / "bin"
         bin_dir.mkdir()
+        built_dir = work / "tree" / "bin"
         for name in TOOLS:
-            built = work / "tree" / "bin" / name
-            if not built.is_file():
-                raise BuildError(f"the build did not produce {name} (looked in {built.parent})")
-            shutil.copy2(built, bin_dir / name)
+            if not (built_dir / name).is_file():
+                raise BuildError(f"the build did not produce {name} (looked in {built_dir})")
+            shutil.copy2(built_dir / name, bin_dir / name)
+        for library in sorted(built_dir.glob("lib*.so*")):  # a shared build's libraries, their version links too
+            shutil.copy2(library, bin_dir / library.name, follow_symlinks=False)
         code, version_text = _run_version(bin_dir / "llama-server")
         if code is not None and code < 0:
             failure = TypeCheck(type="-", ok=False, tool="llama-server --version", reason=exit_reason(code),
@@ -477,13 +512,13 @@ def _build(tree, cfg, configure, key, final: Path, env, *, isa: IsaDecision, job
         record = Build(
             bin_dir=final / "bin", backend=cfg.backend, era=tree.era, build_number=number, commit=commit,
             source=tree.description, cache_key=key, cmake_args=configure, version_text=version_text.strip(),
-            tree=tree.root, isa=isa,
+            tree=tree.root, isa=isa, bindings=tree.pypi_version if (bin_dir / "libllama.so").exists() else None,
         )  # fmt: skip
         shutil.copy2(log, tmp / "build.log")
         write_record(tmp / _BUILD_RECORD, record)
 
     atomic_dir(final, install)
-    shutil.rmtree(work, ignore_errors=True)
+    log.unlink(missing_ok=True)  # it is in the entry now
     return _load_record(final)
 
 
@@ -534,12 +569,12 @@ def install_build(build: Build, dest: Path) -> Build:
     dest = dest.expanduser().resolve()
 
     def fill(tmp: Path) -> None:
-        shutil.copytree(build.bin_dir, tmp / "bin")
+        shutil.copytree(build.bin_dir, tmp / "bin", symlinks=True)  # a shared build's library version links
         if build.tree is not None:
             ignore = shutil.ignore_patterns(".git", "build", "build-*", "*.o")
             shutil.copytree(build.tree, tmp / "src", ignore=ignore, symlinks=True)
         record = build.model_copy(
-            update={"bin_dir": dest / "bin", "tree": dest / "src" if build.tree else None, "check": None}
+            update={"bin_dir": dest / "bin", "tree": dest / "src" if build.tree else None, "check": None, "steps": []}
         )
         write_record(tmp / _BUILD_RECORD, record)
 

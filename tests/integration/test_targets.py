@@ -1,5 +1,6 @@
-"""The load stage's other targets: llama-cpp-python's OpenAI server (compiled once into a cached environment) and
-an endpoint that is already running. Real servers, real Locust, exact counts on every request.
+"""The load stage's other targets: llama-cpp-python's OpenAI server (its bindings, installed once into a cached
+environment, on the harness's own llama.cpp build) and an endpoint that is already running. Real servers, real
+Locust, exact counts on every request.
 
 llama-cpp-python streams no usage: prompts are counted by its /extras/tokenize/count before any step and outputs by
 the per-token data it streams (`logprobs`); every request below must come out exact, or fail with the reason.
@@ -24,7 +25,7 @@ from harness.loadtest import run_load_stage, run_variant
 from harness.rundir import RunDir
 from harness.server import LlamaServer, ServerSizing, free_port
 from harness.targets import TargetConfig, target_config
-from harness.targets.llama_cpp_python import llama_cpp_python_env
+from harness.targets.llama_cpp_python import LlamaCppPythonEnv, LlamaCppPythonServer, llama_cpp_python_env
 from locustfiles import read_records
 from tests.integration.helpers import processes_mentioning, write_models
 
@@ -54,19 +55,39 @@ def assert_exact(records, prompt_tokens: int, output_tokens: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def venv(cache_dir: Path, current_build: Build, tmp_path_factory) -> Path:
-    """llama-cpp-python 0.3.36 (the version whose sdist the current build comes from), compiled once and cached."""
+def venv(cache_dir: Path, current_build: Build, tmp_path_factory) -> LlamaCppPythonEnv:
+    """llama-cpp-python 0.3.36 (the version whose sdist the current build comes from), installed once and cached."""
     exp = experiment(tmp_path_factory.mktemp("venv"), cache_dir, targets=[LLAMA_CPP_PYTHON])
     return llama_cpp_python_env(context(exp, current_build), "0.3.36")
 
 
-def test_the_environment_is_compiled_once_and_reused(venv: Path, cache_dir: Path, current_build: Build, tmp_path):
-    assert (venv / "bin" / "python").exists() and venv.parent == cache_dir / "thirdparty"
-    log = venv.with_name(venv.name + ".log")
-    stamps = {p: p.stat().st_mtime_ns for p in (venv, venv / "bin" / "python", log) if p.exists()}
+def test_the_environment_is_made_once_and_reused(venv, cache_dir: Path, current_build: Build, tmp_path):
+    assert venv.python.exists() and venv.venv.parent == cache_dir / "thirdparty"
+    log = venv.venv.with_name(venv.venv.name + ".log")
+    stamps = {p: p.stat().st_mtime_ns for p in (venv.venv, venv.python, log) if p.exists()}
     exp = experiment(tmp_path, cache_dir, targets=[LLAMA_CPP_PYTHON])
     assert llama_cpp_python_env(context(exp, current_build), "0.3.36") == venv
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no pip ran: nothing was touched
+
+
+def test_its_bindings_load_the_builds_own_libraries(venv, cache_dir: Path, current_build: Build, smollm2, tmp_path):
+    # The build came from 0.3.36's sdist with shared libraries: the environment compiled no llama.cpp of its own
+    # (its package holds no library), and its server maps the build's libllama and libggml-cpu, the ones whose
+    # instruction sets the build check proved on this machine.
+    assert current_build.bindings == "0.3.36" and venv.libraries == current_build.bin_dir
+    assert not list(venv.venv.rglob("libllama*.so*")) and not list(venv.venv.rglob("libggml*.so*"))
+    exp = experiment(tmp_path, cache_dir, targets=[LLAMA_CPP_PYTHON])
+    server = LlamaCppPythonServer(context(exp, current_build), LLAMA_CPP_PYTHON, {"Q4_1": smollm2},
+                                  log_path=tmp_path / "server.log", embedding=False)  # fmt: skip
+    with server:
+        assert server.pid is not None
+        maps = {line.split()[-1] for line in Path(f"/proc/{server.pid}/maps").read_text().splitlines()
+                if ".so" in line}  # fmt: skip
+    libraries = current_build.bin_dir.resolve()
+    for name in ("libllama.so", "libggml-cpu.so", "libggml-base.so"):
+        assert any(m.startswith(str(libraries / name)) for m in maps), (name, sorted(maps))
+    assert f"LLAMA_CPP_LIB_PATH={current_build.bin_dir}" in (tmp_path / "server.log").read_text()
+    assert server.describe()["llama_cpp"].startswith("llama-cpp-python 0.3.36's bindings on the harness's")
 
 
 @pytest.mark.parametrize("api", ["openai", "chat"])

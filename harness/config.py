@@ -545,6 +545,19 @@ class Experiment(Section):
         return self
 
     @model_validator(mode="after")
+    def _targets_measure_known_variants(self) -> Experiment:
+        names = [v.name for v in self.variants]
+        for i, target in enumerate(self.targets):
+            unknown = [n for n in target.variants if n not in names]
+            if unknown:
+                raise ValueError(f"targets[{i}] ({target.label}): no variant named {unknown[0]!r}; variants: "
+                                 + ", ".join(names))  # fmt: skip
+        if self.targets[0].variants and set(self.targets[0].variants) != set(names):
+            raise ValueError(f"targets[0] ({self.targets[0].label}) is the primary target, which the recommendation "
+                             "compares: it measures every variant (give `variants` on the others)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _search_budget(self) -> Experiment:
         if not any(v.recipe for v in self.variants):
             return self

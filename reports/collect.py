@@ -16,7 +16,7 @@ from harness.config import Experiment
 from harness.kld import paired_kld
 from harness.loadtest.stage import EXTERNAL_MODEL
 from harness.loadtest.summary import LoadSummary
-from harness.manifest import ManifestRecord
+from harness.manifest import ManifestRecord, stage_times
 from harness.models.records import load_models_json, load_models_record
 from harness.models.search import SearchRecord
 from harness.records import RecordError, UnitFailure, read_record
@@ -85,7 +85,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
                 result.quality.kld_failure = _failure(run, run.kld(name))
                 missing.append(f"KL divergence: {name}" + _failed_because(result.quality.kld_failure))
         if exp.load.enabled:
-            for target in (t for t in exp.targets if t.target.managed):
+            for target in (t for t in exp.targets if t.target.managed and t.measures(name)):
                 speed = _speed_of(exp, run, target.label, name, missing)
                 if speed is not None:
                     result.speeds[target.label] = speed
@@ -106,6 +106,7 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         llamacpp={k: v for k, v in manifest.llamacpp.items() if k not in ("isa", "check", "isa_summary")},
         isa_summary=manifest.llamacpp.get("isa_summary"),
         build_check=list(((manifest.llamacpp.get("check") or {}).get("types") or {}).values()),
+        stage_times=[t for t in stage_times(manifest) if t.seconds is not None],
         hardware=dict(manifest.hardware),
         experiment_toml=exp.to_toml(),
         variants=variants,

@@ -96,7 +96,7 @@ def units(ctx: RunContext, target: TargetConfig) -> dict[str, Path | None]:
     """What `target` measures: every variant (name -> GGUF), or an external endpoint's one model."""
     if not target.target.managed:
         return {target.model_name or EXTERNAL_MODEL: None}
-    return {name: artifact.path for name, artifact in ctx.models().items()}
+    return {name: artifact.path for name, artifact in ctx.models().items() if target.measures(name)}
 
 
 def run_load_stage(ctx: RunContext) -> dict[tuple[str, str], LoadSummary]:

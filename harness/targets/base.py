@@ -30,6 +30,10 @@ class TargetConfig(BaseModel):
     api: Api | None = None
     # The `model` field the users send (servers that check it; llama-cpp-python's --config_file aliases).
     model_name: str | None = None
+    # The variants a managed target measures (names of [[variants]]); empty = every one. A server compared with
+    # another on one variant need not measure the rest (the first target measures every variant: it is the one the
+    # recommendation compares).
+    variants: list[str] = Field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -39,6 +43,10 @@ class TargetConfig(BaseModel):
     def target(self) -> type[Target]:
         """This target's kind: what it can do and how it is started."""
         return TARGETS[self.kind]
+
+    def measures(self, variant: str) -> bool:
+        """Whether this target measures `variant` (its `variants`, or all)."""
+        return not self.variants or variant in self.variants
 
     def route_api(self, load_api: str) -> str:
         """The api this target is loaded through."""

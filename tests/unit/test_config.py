@@ -135,6 +135,21 @@ def test_targets_default_to_llama_server_and_take_the_others():
     assert (ext.label, ext.url, ext.route_api("native")) == ("vllm", "http://127.0.0.1:8000", "chat")
 
 
+def test_a_target_may_measure_some_variants_but_the_primary_measures_all():
+    pair = 'variants=[{name="F16", type="F16"}, {name="Q4_0", type="Q4_0"}]'
+    exp = load_experiment(
+        None, overrides=[pair, 'targets=[{kind="llama-server"}, {kind="llama-cpp-python", variants=["Q4_0"]}]'],
+        environ={},
+    )  # fmt: skip
+    server, lcp = exp.targets
+    assert (server.measures("F16"), lcp.measures("F16"), lcp.measures("Q4_0")) == (True, False, True)
+    with pytest.raises(ConfigError, match=r"targets\[1\] \(llama-cpp-python\): no variant named 'Q4_K'; variants: F16"):
+        load_experiment(None, overrides=[pair, 'targets=[{kind="llama-server"}, {kind="llama-cpp-python", '
+                                               'variants=["Q4_K"]}]'], environ={})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"targets\[0\] \(llama-server\) is the primary target"):
+        load_experiment(None, overrides=[pair, 'targets=[{kind="llama-server", variants=["Q4_0"]}]'], environ={})
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [

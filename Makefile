@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt $(SOURCES)
 	rm -rf build
 	touch $(STAMP)
 
-.PHONY: install demo test lint system-deps
+.PHONY: install demo test check lint system-deps
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +27,10 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check --no-cache .
+
+# The inner loop: lint and the unit tests, no llama.cpp build (about a minute).
+check: lint
+	$(BIN)/pytest tests/unit -q
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest

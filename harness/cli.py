@@ -207,7 +207,9 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.manifest import ManifestRecord, stage_times, time_table
     from harness.pipeline import run_pipeline
+    from harness.records import read_record
 
     if getattr(args, "experiment_file", None) is not None:
         if args.experiment is not None:
@@ -215,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.experiment = args.experiment_file
     exp = experiment_from_args(args, default=getattr(args, "default_experiment", None))
     run = run_pipeline(exp, stages_to_run=args.stages)
+    print(time_table(stage_times(read_record(run.manifest, ManifestRecord))))
     if "report" in args.stages and run.report.is_file():
         print(f"open the report: {run.report.resolve()}")
     return 0

@@ -100,6 +100,41 @@ class ManifestRecord(Record):
     llamacpp: dict[str, Any] = Field(default_factory=dict)
 
 
+class StageTime(Record):
+    """One row of "where the time went": a stage's wall time in the last run of it, and what it spent it on."""
+
+    stage: str
+    seconds: float | None
+    state: str
+    detail: str = ""
+
+
+def stage_times(record: ManifestRecord) -> list[StageTime]:
+    """The stages in the order they ran, each with its duration; the build's row names its compiles and checks."""
+    from harness.build import BuildStep
+
+    rows = []
+    for name, state in record.stages.items():
+        detail = ""
+        if name == "build":
+            steps = [BuildStep.model_validate(s) for s in record.llamacpp.get("steps") or ()]
+            detail = "; ".join(s.describe() for s in steps) or "cached: nothing to compile or check"
+        rows.append(StageTime(stage=name, seconds=state.duration_s, state=state.state, detail=detail))
+    return rows
+
+
+def time_table(rows: list[StageTime]) -> str:
+    """The rows as the console prints them at the end of a run, with their total."""
+    lines = ["where the time went:", f"  {'stage':<8} {'seconds':>9}  detail"]
+    for row in rows:
+        seconds = f"{row.seconds:,.1f}" if row.seconds is not None else "-"
+        state = "" if row.state == "done" else f"({row.state}) "
+        lines.append(f"  {row.stage:<8} {seconds:>9}  {state}{row.detail}".rstrip())
+    total = sum(r.seconds or 0.0 for r in rows)
+    lines.append(f"  {'total':<8} {total:>9,.1f}")
+    return "\n".join(lines)
+
+
 class Manifest:
     """The run's manifest, saved after every change."""
 

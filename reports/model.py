@@ -13,6 +13,7 @@ from pydantic import Field
 from bench.records import Capacity
 from harness.kld import PairedKLD
 from harness.loadtest.summary import Attempt, StepSummary
+from harness.manifest import StageTime
 from harness.records import Record
 from harness.tune import TuneResult
 
@@ -189,6 +190,7 @@ class Results(Record):
     targets: list[TargetResult] = Field(default_factory=list)
     endpoints: list[EndpointResult] = Field(default_factory=list)
     tuning: list[TuneResult] = Field(default_factory=list)  # the tune stage's, per tuned variant
+    stage_times: list[StageTime] = Field(default_factory=list)  # where the run's time went (manifest.json)
     schema_version: int = SCHEMA_VERSION
 
     def variant(self, name: str) -> VariantResult | None:

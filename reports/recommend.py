@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from reports.model import Recommendation, Results, VariantResult
+from reports.model import Quality, Recommendation, Results, VariantResult
 
 RULE = (
     "A variant is shipped only with an MMLU verdict against the baseline. Among the variants whose verdict is "
@@ -79,11 +79,23 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def interval_text(q: Quality, alpha: float) -> str:
+    """The interval printed beside a verdict: a sequential run's confidence sequence (valid wherever it stopped),
+    else Tango's fixed-n interval."""
+    shown = q.interval
+    if shown is None:
+        return "no interval"
+    low, high, kind = shown
+    if kind == "confidence sequence":
+        return f"{100 * (q.cs_confidence or 1 - alpha):.3g}% confidence sequence {low:+.2f} to {high:+.2f}"
+    return f"{100 * (1 - alpha):.0f}% interval {low:+.2f} to {high:+.2f}"
+
+
 def _quality_detail(v: VariantResult, baseline: VariantResult, r: Results) -> str | None:
     q, bq = v.quality, baseline.quality
     if q is None or q.accuracy is None or q.delta is None or bq is None or bq.accuracy is None:
         return None
-    interval = f"{100 * (1 - r.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}"
+    interval = interval_text(q, r.alpha)
     return (
         f"{v.name}: MMLU {q.accuracy:.2f}% against {bq.accuracy:.2f}% for {baseline.name} on the same "
         f"{q.n_questions} questions, a change of {q.delta:+.2f} points ({interval}; "
@@ -137,18 +149,23 @@ def recommend(results: Results) -> Recommendation:
         closest_text = f" The closest to {baseline.name} by KL divergence is {closest.name}"
         closest_text += f" (not shown closer than {', '.join(tied)})." if tied else "."
     if by_verdict["inconclusive"]:
-        needed = [v for v in by_verdict["inconclusive"] if v.quality and v.quality.questions_needed]
-        most = max((v.quality.questions_needed for v in needed), default=None)  # type: ignore[union-attr]
-        n = by_verdict["inconclusive"][0].quality.n_questions  # type: ignore[union-attr]
-        headline = (
-            f"Nothing to ship yet: not enough questions to decide. "
-            f"{', '.join(v.name for v in by_verdict['inconclusive'])} "
-            f"{'is' if len(by_verdict['inconclusive']) == 1 else 'are'} inconclusive at a "
-            f"{results.margin_points:g}-point margin on {n} questions"
-            + (f"; about {most:,} would decide" if most else "")
-            + "."
-            + closest_text
+        undecided = by_verdict["inconclusive"]
+        # A number of questions that would decide, unless more questions of this test cannot (then: why not).
+        plans = [q for v in undecided if (q := v.quality) and q.questions_needed and not q.cannot_decide]
+        most = max(plans, key=lambda q: q.questions_needed or 0, default=None)
+        n = undecided[0].quality.n_questions  # type: ignore[union-attr]
+        verdicts = (
+            f"{', '.join(v.name for v in undecided)} {'is' if len(undecided) == 1 else 'are'} inconclusive at a "
+            f"{results.margin_points:g}-point margin on {n:,} questions"
         )
+        if most is not None:
+            rule = f" with the {most.needed_rule} test" if most.needed_rule else ""
+            headline = (f"Nothing to ship yet: not enough questions to decide. {verdicts}; about "
+                        f"{most.questions_needed:,} would decide{rule}.")  # fmt: skip
+        else:
+            why = next((v.quality.cannot_decide for v in undecided if v.quality and v.quality.cannot_decide), None)
+            headline = f"Nothing to ship: MMLU cannot decide. {verdicts}" + (f"; {why}." if why else ".")
+        headline += closest_text
         if by_verdict["worse"]:
             details.append("Worse than the baseline: " + ", ".join(v.name for v in by_verdict["worse"]) + ".")
     else:
@@ -167,8 +184,7 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
     kind = f"{best.quant_type}, 4-bit" if is_four_bit(best) else best.quant_type
     headline = (
         f"Ship {best.name} ({kind}): non-inferior to {baseline.name} on MMLU (a change of {q.delta:+.2f} points, "
-        f"{100 * (1 - results.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}, margin "
-        f"{results.margin_points:g})"
+        f"{interval_text(q, results.alpha)}, margin {results.margin_points:g})"
     )
     mine, theirs = best.speed.capacity if best.speed else None, baseline.speed.capacity if baseline.speed else None
     ratio = _ratio_at_largest_step(best, baseline)

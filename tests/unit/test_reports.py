@@ -427,3 +427,60 @@ def test_energy_per_output_token_is_shown_where_the_counters_gave_it_and_why_not
     assert page.count("<th>J / output token</th>") == 1 and "<td>0.125</td>" in page
     assert "Energy: RAPL (package-0): joules per output token are the" in page
     assert "Energy: not available (no RAPL powercap zones" in page
+
+
+def test_more_questions_are_suggested_only_where_this_test_can_use_them(tmp_path):
+    from harness.config import Experiment
+    from harness.rundir import RunDir
+    from reports.collect import plan_more_questions
+    from reports.model import Quality
+
+    run = RunDir(tmp_path)
+    pilot = Experiment(name="pilot", run_dir=tmp_path, mmlu={"per_subject": 2})
+    small = Quality(verdict="inconclusive", n_questions=114, questions_needed=3000, needed_rule="sequential")
+    plan_more_questions(pilot, run, small)
+    assert small.decide_command.endswith("--set mmlu.per_subject=53") and small.cannot_decide is None
+    beyond = Quality(verdict="inconclusive", n_questions=114, questions_needed=24_400, needed_rule="sequential")
+    plan_more_questions(pilot, run, beyond)
+    assert beyond.decide_command is None and beyond.cannot_decide == (
+        "the sequential test would need about 24,400 questions, more than the whole MMLU test split (14,042 "
+        "questions) holds: more questions of this test cannot decide it"
+    )
+    # A run that used the whole split (a sequential one that ran to its last question): never "run it again".
+    whole = Quality(verdict="inconclusive", n_questions=14_042, questions_needed=9_000, needed_rule="sequential")
+    plan_more_questions(Experiment(name="all", run_dir=tmp_path), run, whole)
+    assert whole.decide_command is None and whole.cannot_decide.startswith(
+        "the whole MMLU test split (14,042 questions) was used and left it undecided: more questions of this test"
+    )
+    at_margin = Quality(verdict="inconclusive", n_questions=114)
+    plan_more_questions(pilot, run, at_margin, "the observed change equals -margin (-1.00 points): no number of "
+                                               "questions is planned to decide it")  # fmt: skip
+    assert at_margin.cannot_decide.endswith("decide it: more questions of this test cannot decide it")
+    r = results()
+    for v in r.variants[1:]:
+        v.quality.verdict, v.quality.cannot_decide = "inconclusive", whole.cannot_decide
+    assert recommend(r).headline.startswith(
+        "Nothing to ship: MMLU cannot decide. Q8_0, Q4_0, Q4_K_M-imat are inconclusive at a 1-point margin on 200 "
+        "questions; the whole MMLU test split (14,042 questions) was used and left it undecided"
+    )
+    assert "would decide" not in recommend(r).headline
+
+
+def test_a_sequential_verdict_is_shown_with_its_confidence_sequence_and_tango_only_beside_fixed_n(tmp_path):
+    r = results()
+    q = r.variants[3].quality  # Q4_K_M-imat, sequential: decided after 600 of 14,042
+    q.questions_budget, q.n_questions, q.e_non_inferior, q.e_worse, q.e_threshold = 14042, 600, 45.0, 0.01, 40.0
+    q.delta_cs_low, q.delta_cs_high, q.cs_confidence, q.fixed_n_verdict = -0.9, 0.2, 0.95, "non-inferior"
+    r.variants[1].quality.verdict = "inconclusive"  # Q8_0: fixed-n, Tango's -1.50 to +1.50
+    rec = recommend(r)
+    assert "(a change of -0.50 points, 95% confidence sequence -0.90 to +0.20, margin 1)" in rec.headline
+    assert "Q8_0: MMLU 40.00% against 40.00% for F16 on the same 200 questions, a change of +0.00 points (95% " \
+           "interval -1.50 to +1.50;" in " ".join(rec.details)  # fmt: skip
+    r.recommendation = rec
+    page = render_report(r, tmp_path / "report.html").read_text()
+    row = re.search(r'<tr data-variant-quality="Q4_K_M-imat">.*?</tr>', page, re.S).group(0)
+    assert 'data-interval="confidence sequence">-0.90 to +0.20' in row and "-2.00 to +1.00" not in row
+    assert 'data-interval="Tango">-1.50 to +1.50' in page
+    seq = re.search(r'<li data-sequential="Q4_K_M-imat">.*?</li>', page, re.S).group(0)
+    assert "decided after\n600 of 14,042 questions (13,442 saved)" in seq
+    assert "Fixed-n on the same questions: non-inferior, Tango's\n95% interval -2.00 to +1.00" in seq

@@ -192,6 +192,7 @@ class Comparison(Record):
     needed_for: stats.Verdict | None = None  # the verdict those questions would most likely give
     needed_rule: stats.Rule | None = None  # the rule they are planned for: the one the run uses
     needed_why: str | None = None  # inconclusive with no number planned: why
+    needed_exceeds: int | None = None  # ... because the plan runs past this many questions
     subjects: list[SubjectDelta]
     method: str = stats.PAIRED_METHOD
 
@@ -283,6 +284,7 @@ def compare_all(
             drop_within_margin=stats.drop_within_margin(ni_adjusted[i], loss_adjusted[i], alpha),
             questions_needed=plan.questions if plan else None, needed_for=plan.towards if plan else None,
             needed_rule=plan.rule if plan else None, needed_why=plan.why if plan else None,
+            needed_exceeds=plan.exceeds if plan else None,
             subjects=_subject_deltas(baseline, variant),
         )  # fmt: skip
     return comparisons

@@ -197,12 +197,14 @@ def questions_for_noninferiority(psi: float, delta: float, margin: float, alpha:
 @dataclass(frozen=True)
 class QuestionsPlan:
     """How many questions would decide an inconclusive comparison, for which rule, and towards which verdict; no
-    number (`questions` None) when none is planned to, with `why`."""
+    number (`questions` None) when none is planned to, with `why`: `exceeds` PLAN_CAP when the plan runs past it,
+    None when no number can be planned at all (a change observed exactly at the margin)."""
 
     questions: int | None
     towards: Verdict
     rule: Rule
     why: str | None = None
+    exceeds: int | None = None
 
 
 def questions_to_decide(
@@ -229,17 +231,16 @@ def questions_to_decide(
     towards: Verdict = "non-inferior" if delta > -margin else "worse"
     planned = min(delta, 0.0) if towards == "non-inferior" else delta
     if planned == -margin:
-        return QuestionsPlan(None, towards, rule, f"the observed change equals -margin ({-margin * 100:+.2f} points):"
-                                                  " no number of questions is planned to decide it")  # fmt: skip
+        return QuestionsPlan(None, towards, rule, f"the observed change equals -margin ({-margin * 100:+.2f} points)")
     too_many = f"the {rule} test would need more than {PLAN_CAP:,} questions"
     if rule == "sequential":
         found = sequential_questions((psi - planned) / 2, (psi + planned) / 2, margin=margin, alpha=level,
                                      power=power, block=block, cap=PLAN_CAP)  # fmt: skip
-        return QuestionsPlan(found, towards, rule, None if found else too_many)
+        return QuestionsPlan(found, towards, rule) if found else QuestionsPlan(None, towards, rule, too_many, PLAN_CAP)
     if towards == "non-inferior":
         needed = questions_for_noninferiority(psi, planned, margin, level, power)
     else:  # mirrored: showing delta < -margin is showing -delta > margin, i.e. non-inferiority at margin -margin
         needed = questions_for_noninferiority(psi, -planned, -margin, level, power)
     if needed > PLAN_CAP:
-        return QuestionsPlan(None, towards, rule, too_many)
+        return QuestionsPlan(None, towards, rule, too_many, PLAN_CAP)
     return QuestionsPlan(math.ceil(needed), towards, rule)

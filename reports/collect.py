@@ -77,7 +77,8 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
         if exp.mmlu.enabled:
             result.quality = _quality(mmlu[name], comparisons.get(name), kld.get(name))
             if result.quality.verdict == "inconclusive":
-                plan_more_questions(exp, run, result.quality, comparisons[name].needed_why)
+                cmp = comparisons[name]
+                plan_more_questions(exp, run, result.quality, cmp.needed_why, exceeds=cmp.needed_exceeds)
             if mmlu[name] is None:
                 result.quality.mmlu_failure = _failure(run, run.mmlu(name))
                 missing.append(f"MMLU: {name}" + _failed_because(result.quality.mmlu_failure))
@@ -252,23 +253,31 @@ def _pool(exp: Experiment) -> int | None:
     return MMLU_TEST_QUESTIONS if exp.mmlu.split == "test" and not exp.mmlu.subjects else None
 
 
-def plan_more_questions(exp: Experiment, run: RunDir, quality: Quality, why_not: str | None = None) -> None:
-    """For an inconclusive verdict: the command that runs about `questions_needed` questions, or why more questions
-    of this test cannot decide it (`why_not`: why no number was planned)."""
+def plan_more_questions(
+    exp: Experiment, run: RunDir, quality: Quality, why_not: str | None = None, *, exceeds: int | None = None
+) -> None:
+    """For an inconclusive verdict: the command that runs about `questions_needed` questions; or why more questions
+    of this test cannot decide it (`cannot_decide`: the selection was all of it, or the plan needs more than it
+    holds: `exceeds`); or why no number can be promised (`no_plan`: `why_not`, a change observed at the margin)."""
     cfg, pool = exp.mmlu, _pool(exp)
     every = cfg.per_subject is None or (pool is not None and cfg.per_subject >= MMLU_LARGEST_TEST_SUBJECT)
     whole = f"the whole MMLU test split ({MMLU_TEST_QUESTIONS:,} questions)" if pool else "every question selected"
     cannot = "more questions of this test cannot decide it"
     needed = quality.questions_needed
+    rule = quality.needed_rule or "fixed-n"
     if every:
         quality.cannot_decide = f"{whole} was used and left it undecided: {cannot}"
-    elif needed is None:
-        quality.cannot_decide = f"{why_not or 'no number of questions was planned'}: {cannot}"
-    elif pool is not None and needed > pool:
+    elif needed is None and exceeds is not None:
         quality.cannot_decide = (
-            f"the {quality.needed_rule or 'fixed-n'} test would need about {needed:,} questions, more than "
-            f"{whole} holds: {cannot}"
+            f"the {rule} test would need more than {exceeds:,} questions"
+            + (f", more than {whole} holds" if pool and exceeds > pool else "")
+            + f": {cannot}"
         )
+    elif needed is None:
+        quality.no_plan = f"no number of questions can be promised to decide it: {why_not or 'none was planned'}"
+    elif pool is not None and needed > pool:
+        too_many = f"the {rule} test would need about {needed:,} questions"
+        quality.cannot_decide = f"{too_many}, more than {whole} holds: {cannot}"
     else:
         quality.decide_command = decide_command(exp, run, needed)
 

@@ -64,6 +64,7 @@ class Quality(Record):
     needed_rule: Literal["fixed-n", "sequential"] | None = None  # the rule they are planned for (the run's own)
     decide_command: str | None = None  # how to run that many
     cannot_decide: str | None = None  # inconclusive, and more questions of this test cannot decide it: why
+    no_plan: str | None = None  # inconclusive, and no number of questions can be promised to decide it: why
     subjects: list[SubjectScore] = Field(default_factory=list)
     kld_mean: float | None = None
     kld_mean_sigma: float | None = None  # llama-perplexity's +/- (one standard error)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from reports.model import Quality, Recommendation, Results, VariantResult
+from harness.loadtest.summary import StepSummary
+from reports.model import Quality, Recommendation, Results, Speed, VariantResult
 
 RULE = (
     "A variant is shipped only with an MMLU verdict against the baseline. Among the variants whose verdict is "
@@ -63,6 +64,42 @@ def closest_by_kld(variants: list[VariantResult]) -> tuple[VariantResult | None,
     best = min(measured, key=lambda v: (v.quality.kld_mean, v.name))  # type: ignore[union-attr]
     tied = [v.name for v in measured if v is not best and not kld_better(best, v)]
     return best, tied
+
+
+def _level(level: float, unit: str) -> str:
+    return f"{level:g} {unit[:-1] if level == 1 and unit == 'users' else unit}"
+
+
+def decided_pass_needs(step: StepSummary) -> str | None:
+    """What a decided pass at this step would take: the requests, and the setting that gives them (in flight at the
+    end, up to one request per other user cannot count)."""
+    n = step.requests_to_decide
+    if n is None:
+        return None
+    if step.rate is not None:
+        return f"a decided pass needs at least {n:,} requests within the limits (load.requests_per_step = {n})"
+    per_user = math.ceil((n + step.users - 1) / step.users)
+    return (f"a decided pass needs at least {n:,} requests within the limits (load.requests_per_user = {per_user} at "
+            f"{_level(step.users, 'users')})")  # fmt: skip
+
+
+def capacity_note(speed: Speed) -> str | None:
+    """When a capacity rests on a verdict the anytime-valid test did not decide (it was estimated from the step's
+    quantiles when the step ended), which one and what deciding it would take; None when both ends are decided."""
+    cap = speed.capacity
+    if cap is None:
+        return None
+    notes = []
+    low = speed.step(cap.low) if cap.low else None
+    if low is not None and low.slo_basis == "estimated":
+        need = decided_pass_needs(low)
+        notes.append(f"the pass at {_level(cap.low, speed.unit)} is estimated from {low.requests} requests, not "
+                     "decided" + (f": {need}" if need else ""))  # fmt: skip
+    high = speed.step(cap.high) if cap.high is not None else None
+    if high is not None and high.slo_basis == "estimated":
+        notes.append(f"the miss at {_level(cap.high, speed.unit)} is estimated from {high.requests} requests, not "
+                     "decided")  # fmt: skip
+    return "; ".join(notes) or None
 
 
 def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, str] | None:
@@ -138,6 +175,9 @@ def recommend(results: Results) -> Recommendation:
     if by_verdict["non-inferior"]:
         best = choose(by_verdict["non-inferior"])
         headline = _ship_headline(best, baseline, results)
+        for v in (best, baseline):
+            if v.speed and (note := capacity_note(v.speed)):
+                details.append(f"{v.name}'s capacity: {note}.")
         rest = [v.name for v in by_verdict["non-inferior"] if v is not best]
         if rest:
             details.append("Also non-inferior, but " + ("slower, tied with more KL divergence, or larger: ") +
@@ -153,18 +193,22 @@ def recommend(results: Results) -> Recommendation:
         # A number of questions that would decide, unless more questions of this test cannot (then: why not).
         plans = [q for v in undecided if (q := v.quality) and q.questions_needed and not q.cannot_decide]
         most = max(plans, key=lambda q: q.questions_needed or 0, default=None)
-        n = undecided[0].quality.n_questions  # type: ignore[union-attr]
+        sizes = sorted({v.quality.n_questions or 0 for v in undecided if v.quality})
+        on = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
         verdicts = (
             f"{', '.join(v.name for v in undecided)} {'is' if len(undecided) == 1 else 'are'} inconclusive at a "
-            f"{results.margin_points:g}-point margin on {n:,} questions"
+            f"{results.margin_points:g}-point margin on {on} questions"
         )
+        no_plan = next((q.no_plan for v in undecided if (q := v.quality) and q.no_plan), None)
+        cannot = next((q.cannot_decide for v in undecided if (q := v.quality) and q.cannot_decide), None)
         if most is not None:
             rule = f" with the {most.needed_rule} test" if most.needed_rule else ""
             headline = (f"Nothing to ship yet: not enough questions to decide. {verdicts}; about "
                         f"{most.questions_needed:,} would decide{rule}.")  # fmt: skip
+        elif no_plan:
+            headline = f"Nothing to ship yet: not enough questions to decide. {verdicts}; {no_plan}."
         else:
-            why = next((v.quality.cannot_decide for v in undecided if v.quality and v.quality.cannot_decide), None)
-            headline = f"Nothing to ship: MMLU cannot decide. {verdicts}" + (f"; {why}." if why else ".")
+            headline = f"Nothing to ship: MMLU cannot decide. {verdicts}" + (f"; {cannot}." if cannot else ".")
         headline += closest_text
         if by_verdict["worse"]:
             details.append("Worse than the baseline: " + ", ".join(v.name for v in by_verdict["worse"]) + ".")
@@ -193,7 +237,10 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
             what = f"{mine.low:g} concurrent {'user' if mine.low == 1 else 'users'}"
         else:
             what = f"{mine.low:g} requests/s"
-        headline += f", and it serves {what} within the latency objectives against {theirs.low:g} for {baseline.name}"
+        # A capacity resting on a verdict the test did not decide is marked so (the details say which and why).
+        estimated = {v.name: " (estimated)" if v.speed and capacity_note(v.speed) else "" for v in (best, baseline)}
+        headline += (f", and it serves {what}{estimated[best.name]} within the latency objectives against "
+                     f"{theirs.low:g}{estimated[baseline.name]} for {baseline.name}")  # fmt: skip
     elif ratio is not None:
         value, at = ratio
         if value >= 1:

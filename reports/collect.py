@@ -256,30 +256,26 @@ def _pool(exp: Experiment) -> int | None:
 def plan_more_questions(
     exp: Experiment, run: RunDir, quality: Quality, why_not: str | None = None, *, exceeds: int | None = None
 ) -> None:
-    """For an inconclusive verdict: the command that runs about `questions_needed` questions; or why more questions
-    of this test cannot decide it (`cannot_decide`: the selection was all of it, or the plan needs more than it
-    holds: `exceeds`); or why no number can be promised (`no_plan`: `why_not`, a change observed at the margin)."""
+    """For an inconclusive verdict: the command that runs about `questions_needed` questions (all of them when the
+    plan asks for more than MMLU holds: `questions_available` says so); or why more questions of this test cannot
+    decide it (`cannot_decide`: every question was used, or the plan runs past `exceeds`); or why no number can be
+    promised (`no_plan`: `why_not`, a loss shown exactly at the margin)."""
     cfg, pool = exp.mmlu, _pool(exp)
     every = cfg.per_subject is None or (pool is not None and cfg.per_subject >= MMLU_LARGEST_TEST_SUBJECT)
     whole = f"the whole MMLU test split ({MMLU_TEST_QUESTIONS:,} questions)" if pool else "every question selected"
-    cannot = "more questions of this test cannot decide it"
-    needed = quality.questions_needed
-    rule = quality.needed_rule or "fixed-n"
+    quality.questions_available = pool
     if every:
-        quality.cannot_decide = f"{whole} was used and left it undecided: {cannot}"
-    elif needed is None and exceeds is not None:
+        quality.cannot_decide = f"{whole} was used and left it undecided: more questions of this test cannot decide it"
+    elif quality.questions_needed is None and exceeds is not None:
         quality.cannot_decide = (
-            f"the {rule} test would need more than {exceeds:,} questions"
+            f"the {quality.needed_rule or 'fixed-n'} test would need more than {exceeds:,} questions"
             + (f", more than {whole} holds" if pool and exceeds > pool else "")
-            + f": {cannot}"
+            + ": more questions of this test cannot be expected to decide it"
         )
-    elif needed is None:
+    elif quality.questions_needed is None:
         quality.no_plan = f"no number of questions can be promised to decide it: {why_not or 'none was planned'}"
-    elif pool is not None and needed > pool:
-        too_many = f"the {rule} test would need about {needed:,} questions"
-        quality.cannot_decide = f"{too_many}, more than {whole} holds: {cannot}"
     else:
-        quality.decide_command = decide_command(exp, run, needed)
+        quality.decide_command = decide_command(exp, run, quality.questions_needed)
 
 
 def decide_command(exp: Experiment, run: RunDir, needed: int) -> str:

@@ -62,7 +62,8 @@ class Quality(Record):
     questions_needed: int | None = None  # inconclusive: questions that would decide, at Results.power
     needed_for: Verdict | None = None
     needed_rule: Literal["fixed-n", "sequential"] | None = None  # the rule they are planned for (the run's own)
-    decide_command: str | None = None  # how to run that many
+    decide_command: str | None = None  # how to run that many (or all there are: see questions_available)
+    questions_available: int | None = None  # what the MMLU selection can draw from, when known
     cannot_decide: str | None = None  # inconclusive, and more questions of this test cannot decide it: why
     no_plan: str | None = None  # inconclusive, and no number of questions can be promised to decide it: why
     subjects: list[SubjectScore] = Field(default_factory=list)

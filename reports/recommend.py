@@ -203,8 +203,11 @@ def recommend(results: Results) -> Recommendation:
         cannot = next((q.cannot_decide for v in undecided if (q := v.quality) and q.cannot_decide), None)
         if most is not None:
             rule = f" with the {most.needed_rule} test" if most.needed_rule else ""
+            available = most.questions_available
+            short = (f" (more than the {available:,} MMLU holds: all of them decide it less often)"
+                     if available and (most.questions_needed or 0) > available else "")  # fmt: skip
             headline = (f"Nothing to ship yet: not enough questions to decide. {verdicts}; about "
-                        f"{most.questions_needed:,} would decide{rule}.")  # fmt: skip
+                        f"{most.questions_needed:,} would decide{rule}{short}.")  # fmt: skip
         elif no_plan:
             headline = f"Nothing to ship yet: not enough questions to decide. {verdicts}; {no_plan}."
         else:

@@ -440,12 +440,18 @@ def test_more_questions_are_suggested_only_where_this_test_can_use_them(tmp_path
     small = Quality(verdict="inconclusive", n_questions=114, questions_needed=3000, needed_rule="sequential")
     plan_more_questions(pilot, run, small)
     assert small.decide_command.endswith("--set mmlu.per_subject=53") and small.cannot_decide is None
+    # A plan beyond the split (at the discordance's upper bound: a plan, not a verdict) runs all of it, and says so.
     beyond = Quality(verdict="inconclusive", n_questions=114, questions_needed=24_400, needed_rule="sequential")
     plan_more_questions(pilot, run, beyond)
-    assert beyond.decide_command is None and beyond.cannot_decide == (
-        "the sequential test would need about 24,400 questions, more than the whole MMLU test split (14,042 "
-        "questions) holds: more questions of this test cannot decide it"
-    )
+    assert beyond.cannot_decide is None and beyond.questions_available == 14_042
+    assert beyond.decide_command.startswith("the whole MMLU test split (14,042 questions): llamasys mmlu")
+    r = results()
+    r.variants[1].quality.verdict, r.variants[3].quality.verdict = "inconclusive", "worse"
+    r.variants[1].quality = r.variants[1].quality.model_copy(update=beyond.model_dump(include={
+        "questions_needed", "needed_rule", "decide_command", "questions_available"}))  # fmt: skip
+    r.variants[2].quality.verdict = "worse"
+    assert "about 24,400 would decide with the sequential test (more than the 14,042 MMLU holds: all of them " \
+           "decide it less often)." in recommend(r).headline  # fmt: skip
     # A run that used the whole split (a sequential one that ran to its last question): never "run it again".
     whole = Quality(verdict="inconclusive", n_questions=14_042, questions_needed=9_000, needed_rule="sequential")
     plan_more_questions(Experiment(name="all", run_dir=tmp_path), run, whole)
@@ -462,7 +468,7 @@ def test_more_questions_are_suggested_only_where_this_test_can_use_them(tmp_path
                         exceeds=100_000)  # fmt: skip
     assert capped.cannot_decide == ("the sequential test would need more than 100,000 questions, more than the whole "
                                     "MMLU test split (14,042 questions) holds: more questions of this test cannot "
-                                    "decide it")  # fmt: skip
+                                    "be expected to decide it")  # fmt: skip
     r = results()
     for v in r.variants[1:]:
         v.quality.verdict, v.quality.cannot_decide = "inconclusive", whole.cannot_decide

@@ -199,8 +199,13 @@ def recommend(results: Results) -> Recommendation:
             f"{', '.join(v.name for v in undecided)} {'is' if len(undecided) == 1 else 'are'} inconclusive at a "
             f"{results.margin_points:g}-point margin on {on} questions"
         )
-        no_plan = next((q.no_plan for v in undecided if (q := v.quality) and q.no_plan), None)
-        cannot = next((q.cannot_decide for v in undecided if (q := v.quality) and q.cannot_decide), None)
+
+        # Why no number is given, for the first variant it applies to (named when several are undecided).
+        def why(field: str) -> str | None:
+            text = next(((v.name, t) for v in undecided if v.quality and (t := getattr(v.quality, field))), None)
+            return None if text is None else (text[1] if len(undecided) == 1 else f"{text[0]}: {text[1]}")
+
+        no_plan, cannot = why("no_plan"), why("cannot_decide")
         if most is not None:
             rule = f" with the {most.needed_rule} test" if most.needed_rule else ""
             available = most.questions_available

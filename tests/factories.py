@@ -95,13 +95,14 @@ def results_with_search() -> Results:
 AMX_OFF = ("explicit (GGML_NATIVE=OFF): sse42 avx avx2 fma f16c bmi2 avx_vnni avx512 avx512_vbmi avx512_vnni "
            "avx512_bf16; off: amx_tile, amx_int8, amx_bf16 (llama-perplexity on the Q4_K_M probe model was killed by "
            "SIGILL at `tilezero %tmm4`)")  # fmt: skip
-EDGE_QUESTIONS = 114
+EDGE_QUESTIONS = 5700
 
 
 def edge_case_run(root):  # noqa: ANN001, ANN201
     """A run directory whose records hold every edge the report must survive, collected into its Results by the
-    pipeline's own collector: MMLU variants that answer every question differently (after 2, 20 and all 114), one
-    whose change is exactly -margin (100 questions, one more lost than gained), one with no question scored; load
+    pipeline's own collector: MMLU variants that answer every question differently (sequential runs stopped after
+    2, 20 and 114 questions, and a fixed-n one on all 5,700), one that loses exactly the margin (57 of 5,700 right ->
+    wrong, none the other way: a loss shown, at the margin), one with no question scored; load
     steps whose pass is estimated (2 requests at 1 user) beside decided ones, on two targets, with every optional
     column of the speed tables (objectives, bandwidth, energy); the AMX machine's instruction-set line."""
     from bench.records import Capacity
@@ -131,19 +132,16 @@ def edge_case_run(root):  # noqa: ANN001, ANN201
                              e_worse=0.5)  # fmt: skip
 
     flipped = [not b for b in base]
-    at_margin = list(base[:100])
-    lost = [i for i in range(100) if at_margin[i]][:4]
-    gained = [i for i in range(100) if not at_margin[i]][:3]
-    for i in lost:
+    at_margin = list(base)
+    for i in [i for i in range(EDGE_QUESTIONS) if at_margin[i]][:57]:
         at_margin[i] = False
-    for i in gained:
-        at_margin[i] = True
     records = {
         "F16": scored("F16", base),
         "all-differ-2": scored("all-differ-2", flipped[:2], stopped(2)),
         "all-differ-20": scored("all-differ-20", flipped[:20], stopped(20)),
-        "all-differ-114": scored("all-differ-114", flipped),
-        "at-margin": scored("at-margin", at_margin, stopped(100)),
+        "all-differ-114": scored("all-differ-114", flipped[:114], stopped(114)),
+        "all-differ": scored("all-differ", flipped),
+        "at-margin": scored("at-margin", at_margin, stopped(EDGE_QUESTIONS)),
     }
     empty = scored("none-scored", base).model_copy(update={"questions": [], "subjects": [], "n_questions": 0,
                                                            "n_correct": 0, "accuracy": 0.0})  # fmt: skip

@@ -172,7 +172,7 @@ def test_the_report_of_every_edge_case_renders_fits_1300_px_and_puts_the_decisio
     # The instruction sets are said once, in the set-up, with the reason they are off said once too.
     assert text.count("killed by SIGILL") == 1 and "amx_tile, amx_int8, amx_bf16 (llama-perplexity" in layout["setup"]
     # Every MMLU edge is on the page, as the collector judged it.
-    for name in ("all-differ-2", "all-differ-20", "all-differ-114", "at-margin", "none-scored"):
+    for name in ("all-differ-2", "all-differ-20", "all-differ-114", "all-differ", "at-margin", "none-scored"):
         assert name in text
     assert "no number of questions can be promised to decide it: the observed change equals -margin" in text
     assert "--0.01" not in text and "NaN" not in text and "822,055,822" not in text

@@ -474,7 +474,7 @@ def test_more_questions_are_suggested_only_where_this_test_can_use_them(tmp_path
         v.quality.verdict, v.quality.cannot_decide = "inconclusive", whole.cannot_decide
     assert recommend(r).headline.startswith(
         "Nothing to ship: MMLU cannot decide. Q8_0, Q4_0, Q4_K_M-imat are inconclusive at a 1-point margin on 200 "
-        "questions; the whole MMLU test split (14,042 questions) was used and left it undecided"
+        "questions; Q8_0: the whole MMLU test split (14,042 questions) was used and left it undecided"
     )
     assert "would decide" not in recommend(r).headline
 

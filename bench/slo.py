@@ -5,8 +5,10 @@ A request is good when it meets every objective's limit (goodput counts only tho
 objective, the quantile of its measured requests (numpy's linear interpolation, as the report's percentiles; a
 failed request counts as missing every limit) is within the limit. Before a step has all its requests, its verdict
 is decided once an anytime-valid test says so (bench.sequential.MissRate on the share of requests over the limit,
-the error split across the objectives; the requests still in flight counted against the claim): then the step may
-end early, and the claim holds however often it was looked at.
+the error split across the objectives, over the requests in the order they were sent: `SentRequests`): then the
+step may end early, and the claim holds however often it was looked at. A request still in flight has not missed
+yet, unless it has already run longer than an E2E limit (then it has, whatever happens next); the test treats the
+others as censored (bench.sequential).
 
 Pure functions, used by the step controller (Locust's process) and the harness's summaries alike.
 """
@@ -14,13 +16,13 @@ Pure functions, used by the step controller (Locust's process) and the harness's
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from bench.sequential import MissRate
+from bench.sequential import HIT, MISS, OPEN, MissRate
 
 Metric = Literal["ttft_s", "tpot_s", "e2e_s"]
 METRIC_LABELS = {"ttft_s": "TTFT", "tpot_s": "TPOT", "e2e_s": "E2E"}
@@ -109,32 +111,85 @@ def quantile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q * 100))
 
 
-def add_sample(samples: dict[str, list[float]], record: Any) -> None:
-    """Add one measured request (a RequestRecord or its dict) to a step's samples: its metrics when it succeeded,
-    FAILED for each metric when it failed."""
+def sample_values(record: Any) -> dict[str, float]:
+    """One finished request's metrics (a RequestRecord or its dict): its values when it succeeded, FAILED for every
+    metric when it failed (it missed every limit)."""
 
     def get(key: str) -> Any:
         return record.get(key) if isinstance(record, Mapping) else getattr(record, key, None)
 
-    ok = bool(get("ok"))
-    for metric in METRIC_LABELS:
-        value = get(metric)
-        if not ok:
-            samples.setdefault(metric, []).append(FAILED)
-        elif isinstance(value, int | float):
-            samples.setdefault(metric, []).append(float(value))
+    if not get("ok"):
+        return dict.fromkeys(METRIC_LABELS, FAILED)
+    return {m: float(v) for m in METRIC_LABELS if isinstance(v := get(m), int | float) and not isinstance(v, bool)}
+
+
+def add_sample(samples: dict[str, list[float]], record: Any) -> None:
+    """Add one measured request to a step's samples: its metrics when it succeeded, FAILED for each when it failed."""
+    for metric, value in sample_values(record).items():
+        samples.setdefault(metric, []).append(value)
+
+
+@dataclass
+class SentRequests:
+    """The requests of one level in the order they were sent (open loop: arrived), each in flight or finished: what
+    the anytime-valid test runs over. The order is fixed when a request is sent, before its outcome is known, so a
+    prefix of it is a sample the test may trust; a request that finished without being announced (an open-loop
+    arrival dropped before it was sent) takes its place when its record arrives."""
+
+    _position: dict[Hashable, int] = field(default_factory=dict)
+    _sent_at: list[float] = field(default_factory=list)
+    _values: list[dict[str, float] | None] = field(default_factory=list)  # None: in flight
+
+    def sent(self, key: Hashable, at: float) -> None:
+        """A request was sent at `at` (the clock the looks use; no earlier than its latency starts counting)."""
+        if key not in self._position:
+            self._position[key] = len(self._values)
+            self._sent_at.append(at)
+            self._values.append(None)
+
+    def finished(self, key: Hashable, values: dict[str, float], at: float) -> None:
+        """A request's outcome (sample_values of its record)."""
+        if key not in self._position:
+            self.sent(key, at)
+        self._values[self._position[key]] = values
+
+    def forget(self, key: Hashable) -> None:
+        """A request that will not be measured (interrupted when the test stopped) leaves the sequence."""
+        i = self._position.pop(key, None)
+        if i is not None:
+            self._values[i] = {}  # no observation for any objective
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(v is None for v in self._values)
+
+    def outcomes(self, objective: Objective, now: float) -> np.ndarray:
+        """HIT, MISS or OPEN per request in the order sent, against `objective` at time `now`. A request in flight
+        for longer than an E2E limit has missed it already (its E2E can only grow); every other one in flight is
+        open. A finished request without this metric (a one-token output has no TPOT) is no observation of it."""
+        codes = []
+        for sent_at, values in zip(self._sent_at, self._values, strict=True):
+            if values is None:
+                over = objective.metric == "e2e_s" and now - sent_at > objective.limit_s
+                codes.append(MISS if over else OPEN)
+            elif objective.metric in values:
+                codes.append(MISS if values[objective.metric] > objective.limit_s else HIT)
+        return np.asarray(codes, dtype=np.int8)
 
 
 def evaluate(
     samples: Mapping[str, Sequence[float]],
     objectives: Sequence[Objective],
     *,
-    sent: int | None = None,
-    in_flight: int = 0,
+    sent: SentRequests | None = None,
+    now: float = 0.0,
     alpha: float = EARLY_STOP_ALPHA,
 ) -> StepVerdict:
     """Each objective against the step's samples (metric -> values of its measured requests; failures as FAILED);
-    with `sent` (requests sent in the step so far, `in_flight` of them unfinished), what the anytime-valid test has
+    with `sent` (the level's requests in the order they were sent, at time `now`), what the anytime-valid test has
     decided, at `alpha` per claim split across the objectives."""
     results = []
     for objective in objectives:
@@ -147,9 +202,18 @@ def evaluate(
         decided = None
         if sent is not None:
             test = MissRate(p0=1 - objective.quantile, alpha=alpha / len(objectives))
-            decided = test.decide(max(sent, len(values)), misses, in_flight)
+            decided = test.decide_outcomes(sent.outcomes(objective, now))
         results.append(ObjectiveResult(objective, len(values), value, misses, failed, decided))
     return StepVerdict(tuple(results))
+
+
+def fewest_to_decide(objectives: Sequence[Objective], alpha: float = EARLY_STOP_ALPHA) -> int | None:
+    """The fewest measured requests from which the test can show a level within every objective (all of them
+    within every limit, none in flight): below it a pass can only be estimated. None without objectives."""
+    if not objectives:
+        return None
+    needed = [MissRate(p0=1 - o.quantile, alpha=alpha / len(objectives)).fewest_within() for o in objectives]
+    return max((n for n in needed if n is not None), default=None)
 
 
 def meets(values: Mapping[str, float | None], objectives: Sequence[Objective]) -> bool:

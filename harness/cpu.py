@@ -243,14 +243,15 @@ class IsaDecision(Record):
         """One line for people: what the build uses and, when something is off, why."""
         if self.source == "backend":
             return "CPU part at ggml's portable defaults (a GPU build is for another machine's CPU)"
-        if self.native:
-            how = "native (-march=native)"
-        else:
-            how = "explicit (GGML_NATIVE=OFF)"
-        line = f"{how}: {' '.join(self.enabled) or 'no extensions'}"
+        line = self.uses()
         if self.disabled:
-            line += "; off: " + "; ".join(f"{name} ({why})" for name, why in self.disabled.items())
+            line += "; off: " + reasons_once(self.disabled)
         return line
+
+    def uses(self) -> str:
+        """How the build is made and the extensions it uses (the summary without what is off and why)."""
+        how = "native (-march=native)" if self.native else "explicit (GGML_NATIVE=OFF)"
+        return f"{how}: {' '.join(self.enabled) or 'no extensions'}"
 
     def without(self, names: Iterable[str]) -> set[str]:
         """The enabled extensions to turn off for `names`: those, and every enabled one that needs one of them."""
@@ -262,6 +263,15 @@ class IsaDecision(Record):
             off |= needing
             grew = bool(needing)
         return off
+
+
+def reasons_once(why: Mapping[str, str]) -> str:
+    """Extensions and why each is off, every reason said once: `amx_tile, amx_int8, amx_bf16 (llama-perplexity ...
+    was killed by SIGILL ...)`, not the same sentence three times."""
+    names: dict[str, list[str]] = {}
+    for name, reason in why.items():
+        names.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(group)} ({reason})" for reason, group in names.items())
 
 
 def decide_isa(

@@ -41,6 +41,7 @@ from harness.cpu import (
     exclude_extensions,
     extension_cost,
     known_cpu,
+    reasons_once,
     this_cpu,
     tree_options,
 )
@@ -373,7 +374,7 @@ def fallback_warning(isa: IsaDecision, repack: tuple[float, float] | None = None
     """The one warning for a build made without extensions the CPU advertises: which, why, and what it costs."""
     names = list(isa.turned_off)
     it = "it" if len(names) == 1 else "them"
-    reasons = "; ".join(f"{n}: {why}" for n, why in isa.turned_off.items())
+    reasons = reasons_once(isa.turned_off)
     text = (
         f"llama.cpp is built without {', '.join(names)}: this CPU advertises {it} but cannot execute {it} "
         f"({reasons}). Cost: {extension_cost(names)}."
@@ -385,7 +386,7 @@ def fallback_warning(isa: IsaDecision, repack: tuple[float, float] | None = None
             f"without it on this CPU (llama-bench on the probe model), which the run-time switch (--no-repack) "
             "would lose."
         )
-    return text + f" The build uses {isa.summary()}; to choose yourself, set llamacpp.cpu_features or cmake_args."
+    return text + f" The build uses {isa.uses()}; to choose yourself, set llamacpp.cpu_features or cmake_args."
 
 
 def rejection(isa: IsaDecision, failure: TypeCheck) -> str:

@@ -108,8 +108,8 @@ class LoadSession:
     def send_record(self, record: RequestRecord) -> None:
         self._send(MSG_RECORD, record.model_dump())
 
-    def send_sent(self, run: str, epoch: int) -> None:
-        self._send(MSG_SENT, {"run": run, "epoch": epoch})
+    def send_sent(self, run: str, epoch: int, user_id: str, seq: int) -> None:
+        self._send(MSG_SENT, {"run": run, "epoch": epoch, "user_id": user_id, "seq": seq})
 
     def send_gone(self, user_id: str) -> None:
         self._send(MSG_GONE, {"user_id": user_id})

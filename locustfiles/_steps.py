@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from bench.arrivals import LATE_S, Arrival, arrival_from
 from bench.plan import LoadPlan
 from bench.records import StepRecord
-from bench.slo import StepVerdict, add_sample, evaluate
+from bench.slo import SentRequests, StepVerdict, add_sample, evaluate, sample_values
 
 EXIT_ABORTED = 3  # Locust's exit code when the step shape aborts the run
 
@@ -75,7 +75,9 @@ class StepController:
         self._per_user: dict[str, int] = {}
         self._measured = 0
         self._unmeasured = 0
-        self._sent = 0  # requests sent in this level (its measured set once they finish)
+        # This level's requests in the order they were sent (open loop: arrived, dropped ones included): the early
+        # stop's sample, each in flight until its record arrives.
+        self._requests = SentRequests()
         self._after_window = 0  # of them, those that finished after the window ended
         self._late = 0
         self._dropped = 0
@@ -137,11 +139,13 @@ class StepController:
                 f"only {len(self._ready)} of {self.users} users were ready "
                 f"{self.plan.ready_timeout_s:.0f} s after step {self.index} ({self._describe()}) began"
             )
-        elif self.phase == "run" and self.plan.step_duration_s is not None:
-            if now - self._window_start >= self.plan.step_duration_s:
+        elif self.phase == "run":
+            timed_out = self.plan.step_duration_s is not None and now - self._window_start >= self.plan.step_duration_s
+            # Requests in flight past an E2E limit have missed it: time alone can decide a level.
+            if timed_out or self._decided_early():
                 self._end_window()
         elif self.phase == "settle":
-            if self._measured >= self._sent or now - self._window_end > self.plan.drain_s:
+            if self._requests.in_flight == 0 or now - self._window_end > self.plan.drain_s:
                 self._enter_drain()
         elif self.phase == "drain":
             if self._acked >= set(self.nodes()):
@@ -170,10 +174,10 @@ class StepController:
             self._enter_run()
 
     def on_sent(self, message: dict[str, Any]) -> None:
-        """A request of this level was sent: until its record arrives it is in flight, and counts against any claim
-        the early stop makes (a slow request cannot be left out by finishing late)."""
+        """A request of this level was sent: it takes its place in the level's sample now, before its outcome is
+        known, and is in flight until its record arrives (a slow request cannot be left out by finishing late)."""
         if message.get("run") == self.run and message.get("epoch") == self.epoch:
-            self._sent += 1
+            self._requests.sent(_request_key(message), self.clock())
 
     def on_record(self, record: dict[str, Any]) -> None:
         """A request finished (its record arrived here)."""
@@ -181,6 +185,7 @@ class StepController:
             return
         if not record.get("measured"):
             self._unmeasured += 1
+            self._requests.forget(_request_key(record))  # interrupted as the test stopped: never measured
             return
         if self.phase in ("settle", "drain"):
             self._measured += 1  # a request of the window that finished after it: counted (and settling on)
@@ -199,11 +204,16 @@ class StepController:
             need = self.plan.requests_per_user if self.plan.step_duration_s is None else None
             enough = need is not None and len(self._per_user) >= self.users and min(self._per_user.values()) >= need
         capped = bool(self.plan.max_requests) and self._measured >= (self.plan.max_requests or 0)
-        if enough or capped:
+        if enough or capped or self._decided_early():
             self._end_window()
-        elif self.plan.min_requests and self._measured >= self.plan.min_requests and self.verdict().certain:
-            self._early = True  # the anytime-valid test has decided: the claim holds whenever it stops
-            self._end_window()
+
+    def _decided_early(self) -> bool:
+        """From min_requests measured requests on, whether the anytime-valid test has decided (the claim then holds
+        whenever the level stops)."""
+        if not self.plan.min_requests or self._measured < self.plan.min_requests or not self.verdict().certain:
+            return False
+        self._early = True
+        return True
 
     def _count(self, record: dict[str, Any]) -> None:
         self._late += (record.get("queue_s") or 0.0) > LATE_S
@@ -211,12 +221,12 @@ class StepController:
         user = str(record.get("user_id"))
         self._per_user[user] = self._per_user.get(user, 0) + 1
         add_sample(self._samples, record)
+        self._requests.finished(_request_key(record), sample_values(record), self.clock())
 
     def verdict(self) -> StepVerdict:
-        """This level's objectives against its measured requests so far; what the anytime-valid test has decided,
-        with the requests still in flight counted against each claim."""
-        sent = max(self._sent, self._measured)
-        return evaluate(self._samples, self.plan.objectives, sent=sent, in_flight=sent - self._measured)
+        """This level's objectives against its measured requests so far; what the anytime-valid test has decided
+        over every request sent (arrived) in it, in that order, those still in flight censored."""
+        return evaluate(self._samples, self.plan.objectives, sent=self._requests, now=self.clock())
 
     def on_drained(self, node: str, message: dict[str, Any]) -> None:
         """A process's gate has no request in flight any more after the drain of `message['epoch']`."""
@@ -250,7 +260,8 @@ class StepController:
         self.phase = "ramp"
         self._ramp_started = self.clock()
         self._per_user = {}
-        self._measured = self._unmeasured = self._late = self._dropped = self._sent = self._after_window = 0
+        self._measured = self._unmeasured = self._late = self._dropped = self._after_window = 0
+        self._requests = SentRequests()
         self._acked = set()
         self.outbox.append(("phase", self.phase_message()))
         self._maybe_run()  # a step with as many users as the last needs no new one
@@ -266,7 +277,7 @@ class StepController:
         measured request ran entirely at the level and the slow ones are not left out; then drain. Open loop: the
         arrivals stop and the in-flight requests drain (they are measured wherever they finish)."""
         self._window_end = self.clock()
-        if self.plan.open_loop or self._measured >= self._sent:
+        if self.plan.open_loop or self._requests.in_flight == 0:
             self._enter_drain()
             return
         self.phase = "settle"
@@ -325,6 +336,11 @@ class StepController:
             slo_decided=verdict.decided if verdict else None,
             slo_detail=verdict.describe() if verdict else None,
         )
+
+
+def _request_key(message: dict[str, Any]) -> tuple[str, int | None]:
+    """A request's identity in its sent message and its record: its user and that user's request number."""
+    return str(message.get("user_id")), message.get("seq")
 
 
 class Signal(Protocol):

@@ -126,8 +126,6 @@ class StreamingUser(FastHttpUser):
         if ticket is None:
             return  # the gate closed between waking and sending; wait_time waits for it to open
         record = self._new_record(ticket)
-        if ticket.in_step and not ticket.dropped:
-            self.session.send_sent(ticket.run, ticket.epoch)
         interrupted: BaseException | None = None
         try:
             if ticket.dropped:
@@ -181,6 +179,7 @@ class StreamingUser(FastHttpUser):
         state = StreamState()
         record.sent_at = time.time()
         sent = time.perf_counter()
+        self._announce(record, ticket)
         with self.client.request(
             "POST", self.route, data=payload, headers=STREAM_HEADERS, stream=True, catch_response=True, name=name
         ) as resp:
@@ -204,6 +203,13 @@ class StreamingUser(FastHttpUser):
             self._fire("TTFT", name, record.ttft_s, record.prompt_tokens or 0)
             if record.tpot_s is not None:
                 self._fire("TPOT", name, record.tpot_s, record.output_tokens or 0)
+
+    def _announce(self, record: RequestRecord, ticket: Ticket) -> None:
+        """Tell the step controller this request of its level is sent: it takes its place in the level's sample
+        before its outcome is known. Called once its latency has started counting, so that the time the controller
+        sees it in flight never exceeds its latency (a request in flight past an E2E limit has missed it)."""
+        if ticket.in_step:
+            self.session.send_sent(ticket.run, ticket.epoch, self.user_id, record.seq)
 
     def _read_stream(self, resp: Any, state: StreamState) -> str | None:
         """Consume the response; returns an error, or None with `state` filled in."""

@@ -86,6 +86,7 @@ class EmbeddingsUser(StreamingUser):
         name = f"{self.route} ({ticket.users} users)" if ticket.users else self.route
         record.sent_at = time.time()
         sent = time.perf_counter()
+        self._announce(record, ticket)
         with self.client.request(
             "POST", self.route, data=payload, headers=JSON_HEADERS, catch_response=True, name=name
         ) as resp:

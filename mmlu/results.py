@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
+from bench.sequential import paired_interval
 from harness.errors import MMLUError
 from harness.kld import KLDStats
 from harness.records import Record, StageRecord
@@ -162,9 +163,14 @@ class Comparison(Record):
     baseline_accuracy: float
     variant_accuracy: float
     delta: float  # variant - baseline, fraction
-    delta_ci_low: float  # Tango score interval at `confidence` (unadjusted)
+    delta_ci_low: float  # Tango score interval at `confidence` (unadjusted): a fixed-n interval
     delta_ci_high: float
     confidence: float
+    # A sequential run: the confidence sequence of its own e-processes at the stop (valid wherever it stopped, at
+    # `cs_confidence` = 1 - 2 x each test's level), the interval beside its verdict.
+    cs_low: float | None = None
+    cs_high: float | None = None
+    cs_confidence: float | None = None
     both_correct: int
     baseline_only: int  # right -> wrong flips
     variant_only: int  # wrong -> right flips
@@ -184,6 +190,9 @@ class Comparison(Record):
     drop_within_margin: bool  # a real loss, but smaller than the margin
     questions_needed: int | None = None  # inconclusive: questions that would decide at `power`
     needed_for: stats.Verdict | None = None  # the verdict those questions would most likely give
+    needed_rule: stats.Rule | None = None  # the rule they are planned for: the one the run uses
+    needed_why: str | None = None  # inconclusive with no number planned: why
+    needed_exceeds: int | None = None  # ... because the plan runs past this many questions
     subjects: list[SubjectDelta]
     method: str = stats.PAIRED_METHOD
 
@@ -239,7 +248,7 @@ def compare_all(
 
     `margin` is a fraction of accuracy (1 point = 0.01).
     """
-    variants = [v for v in variants if v.variant != baseline.variant]
+    variants = [v for v in variants if v.variant != baseline.variant and v.n_questions > 0]
     for variant in variants:
         _check_paired(baseline, variant)
     counts = [stats.paired_counts(_prefix(baseline, v.n_questions), v.correct_flags) for v in variants]
@@ -253,10 +262,15 @@ def compare_all(
         fixed_n = stats.verdict(ni_adjusted[i], worse_adjusted[i], alpha)
         # A sequential run's verdict is its anytime-valid test's (valid wherever it stopped); Tango's fixed-n
         # verdict is kept beside it (valid as such only for a run that answered every question).
-        verdict = variant.sequential.verdict if variant.sequential else fixed_n
-        needed = needed_for = None
+        seq = variant.sequential
+        verdict = seq.verdict if seq else fixed_n
+        cs = paired_interval(c.baseline_only, c.both_correct + c.both_wrong, c.variant_only, seq.alpha) if seq else None
+        plan = None
         if verdict == "inconclusive" and c.n >= 2:
-            needed, needed_for = stats.questions_to_decide(c, margin, alpha, power, comparisons=len(variants))
+            plan = stats.questions_to_decide(
+                c, margin, alpha, power, comparisons=len(variants), rule="sequential" if seq else "fixed-n",
+                block=seq.block_questions if seq else 200,
+            )  # fmt: skip
         comparisons[variant.variant] = Comparison(
             variant=variant.variant, baseline=baseline.variant, n_questions=c.n,
             baseline_accuracy=baseline.accuracy, variant_accuracy=variant.accuracy, delta=c.delta,
@@ -265,9 +279,13 @@ def compare_all(
             alpha=alpha, power=power, comparisons=len(variants), p_noninferior=p_ni[i], p_worse=p_worse[i],
             p_noninferior_adjusted=ni_adjusted[i], p_worse_adjusted=worse_adjusted[i],
             mcnemar_p=stats.mcnemar_exact(c), verdict=verdict, fixed_n_verdict=fixed_n,
-            sequential=variant.sequential,
+            sequential=seq, cs_low=cs[0] if cs else None, cs_high=cs[1] if cs else None,
+            cs_confidence=1 - 2 * seq.alpha if seq else None,
             drop_within_margin=stats.drop_within_margin(ni_adjusted[i], loss_adjusted[i], alpha),
-            questions_needed=needed, needed_for=needed_for, subjects=_subject_deltas(baseline, variant),
+            questions_needed=plan.questions if plan else None, needed_for=plan.towards if plan else None,
+            needed_rule=plan.rule if plan else None, needed_why=plan.why if plan else None,
+            needed_exceeds=plan.exceeds if plan else None,
+            subjects=_subject_deltas(baseline, variant),
         )  # fmt: skip
     return comparisons
 

@@ -185,7 +185,8 @@ def _frontier_figure(
 
 
 def frontier_figure(results: Results) -> go.Figure | None:
-    """The MMLU change against the baseline (paired interval as bars) against speed; stars are the frontier."""
+    """The MMLU change against the baseline (the interval beside its verdict as bars: a sequential run's confidence
+    sequence, else Tango's) against speed; stars are the frontier."""
     label, speed = _speed_axis(results)
     points = []
     for v in results.variants:
@@ -194,8 +195,8 @@ def frontier_figure(results: Results) -> go.Figure | None:
             continue
         if v.is_baseline and q.accuracy is not None:
             points.append(_point(v, speed[v.name], 0.0))
-        elif q.delta is not None and q.delta_ci_low is not None and q.delta_ci_high is not None:
-            points.append(_point(v, speed[v.name], q.delta, q.delta_ci_high - q.delta, q.delta - q.delta_ci_low))
+        elif q.delta is not None and (shown := q.interval) is not None:  # the interval beside its verdict
+            points.append(_point(v, speed[v.name], q.delta, shown[1] - q.delta, q.delta - shown[0]))
     if not points:
         return None
     fig = _frontier_figure(points, x_higher_is_better=True, y_higher_is_better=True)

@@ -76,8 +76,9 @@ def collect_results(exp: Experiment, run: RunDir, manifest: ManifestRecord) -> R
             result.search = _search_summary(art.recipe.parent / "search.json")
         if exp.mmlu.enabled:
             result.quality = _quality(mmlu[name], comparisons.get(name), kld.get(name))
-            if result.quality.questions_needed:
-                result.quality.decide_command = decide_command(exp, run, result.quality.questions_needed)
+            if result.quality.verdict == "inconclusive":
+                cmp = comparisons[name]
+                plan_more_questions(exp, run, result.quality, cmp.needed_why, exceeds=cmp.needed_exceeds)
             if mmlu[name] is None:
                 result.quality.mmlu_failure = _failure(run, run.mmlu(name))
                 missing.append(f"MMLU: {name}" + _failed_because(result.quality.mmlu_failure))
@@ -196,6 +197,8 @@ def _quality(mine: MMLUResult | None, cmp: Comparison | None, kld: KLDResult | N
         q.subjects = [SubjectScore(subject=s.subject, n=s.n, accuracy=100 * s.accuracy) for s in mine.subjects]
     if cmp is not None:
         q.delta, q.delta_ci_low, q.delta_ci_high = 100 * cmp.delta, 100 * cmp.delta_ci_low, 100 * cmp.delta_ci_high
+        if cmp.cs_low is not None and cmp.cs_high is not None:
+            q.delta_cs_low, q.delta_cs_high, q.cs_confidence = 100 * cmp.cs_low, 100 * cmp.cs_high, cmp.cs_confidence
         q.verdict, q.drop_within_margin, q.fixed_n_verdict = cmp.verdict, cmp.drop_within_margin, cmp.fixed_n_verdict
         if cmp.sequential is not None:
             seq = cmp.sequential
@@ -203,7 +206,7 @@ def _quality(mine: MMLUResult | None, cmp: Comparison | None, kld: KLDResult | N
             q.e_threshold = seq.threshold
         q.p_noninferior, q.p_worse, q.mcnemar_p = cmp.p_noninferior_adjusted, cmp.p_worse_adjusted, cmp.mcnemar_p
         q.lost, q.gained = cmp.baseline_only, cmp.variant_only
-        q.questions_needed, q.needed_for = cmp.questions_needed, cmp.needed_for
+        q.questions_needed, q.needed_for, q.needed_rule = cmp.questions_needed, cmp.needed_for, cmp.needed_rule
         by_subject = {s.subject: s for s in cmp.subjects}
         for s in q.subjects:
             if s.subject in by_subject:
@@ -246,14 +249,42 @@ def pair_klds(variants: list[VariantResult], *, alpha: float) -> None:
                     v.quality.kld_paired[other.name] = pair  # type: ignore[union-attr]
 
 
+def _pool(exp: Experiment) -> int | None:
+    """How many questions the experiment's MMLU selection can draw from (None: not known offline)."""
+    return MMLU_TEST_QUESTIONS if exp.mmlu.split == "test" and not exp.mmlu.subjects else None
+
+
+def plan_more_questions(
+    exp: Experiment, run: RunDir, quality: Quality, why_not: str | None = None, *, exceeds: int | None = None
+) -> None:
+    """For an inconclusive verdict: the command that runs about `questions_needed` questions (all of them when the
+    plan asks for more than MMLU holds: `questions_available` says so); or why more questions of this test cannot
+    decide it (`cannot_decide`: every question was used, or the plan runs past `exceeds`); or why no number can be
+    promised (`no_plan`: `why_not`, a loss shown exactly at the margin)."""
+    cfg, pool = exp.mmlu, _pool(exp)
+    every = cfg.per_subject is None or (pool is not None and cfg.per_subject >= MMLU_LARGEST_TEST_SUBJECT)
+    whole = f"the whole MMLU test split ({MMLU_TEST_QUESTIONS:,} questions)" if pool else "every question selected"
+    quality.questions_available = pool
+    if every:
+        quality.cannot_decide = f"{whole} was used and left it undecided: more questions of this test cannot decide it"
+    elif quality.questions_needed is None and exceeds is not None:
+        quality.cannot_decide = (
+            f"the {quality.needed_rule or 'fixed-n'} test would need more than {exceeds:,} questions"
+            + (f", more than {whole} holds" if pool and exceeds > pool else "")
+            + ": more questions of this test cannot be expected to decide it"
+        )
+    elif quality.questions_needed is None:
+        quality.no_plan = f"no number of questions can be promised to decide it: {why_not or 'none was planned'}"
+    else:
+        quality.decide_command = decide_command(exp, run, quality.questions_needed)
+
+
 def decide_command(exp: Experiment, run: RunDir, needed: int) -> str:
     """How to run about `needed` MMLU questions with this experiment: a larger stratified subset, or all."""
     subjects = len(exp.mmlu.subjects) or MMLU_SUBJECTS
     per_subject = math.ceil(needed / subjects)
     base = f"llamasys mmlu -e {run.experiment}"
-    if exp.mmlu.split == "test" and not exp.mmlu.subjects and needed > MMLU_TEST_QUESTIONS:
-        return f"more than the MMLU test split holds ({MMLU_TEST_QUESTIONS:,} questions): MMLU cannot decide this"
-    if exp.mmlu.split == "test" and not exp.mmlu.subjects and per_subject > MMLU_SMALLEST_TEST_SUBJECT:
+    if _pool(exp) is not None and per_subject > MMLU_SMALLEST_TEST_SUBJECT:
         return (
             f"the whole MMLU test split ({MMLU_TEST_QUESTIONS:,} questions): "
             f"{base} --set mmlu.per_subject={MMLU_LARGEST_TEST_SUBJECT}"

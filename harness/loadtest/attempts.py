@@ -230,8 +230,10 @@ class VariantLoad:
         summary = self.summary()
         if (found := summary.capacity) is not None:
             unit = self.ctx.experiment.plan().arrival.unit
-            log.info("load: %s on %s: capacity %g %s within %s (first miss: %s)", self.variant, self.target.label,
-                     found.low, unit, ", ".join(summary.objectives), found.high)  # fmt: skip
+            at = next((s for s in summary.steps if s.level == found.low), None)
+            how = f"{at.slo_basis} from {at.requests} requests" if at is not None and at.slo_basis else "no pass"
+            log.info("load: %s on %s: capacity %g %s within %s (%s; first miss: %s)", self.variant, self.target.label,
+                     found.low, unit, ", ".join(summary.objectives), how, found.high)  # fmt: skip
         return summary
 
     def _open(self) -> Endpoint:

@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, computed_field
 
 from bench.arrivals import LATE_S
 from bench.records import Capacity, RequestRecord, StepRecord
 from bench.search import CapacitySearch
-from bench.slo import Objective, add_sample, evaluate, meets
+from bench.slo import Objective, add_sample, evaluate, fewest_to_decide, meets
 from bench.timing import token_arrivals
 from harness.bandwidth import Bandwidth, DecodeCost, bound_tokens_per_s
 from harness.energy import mean_power
@@ -82,6 +82,9 @@ class StepSummary(Record):
     slo_passed: bool | None = None
     slo_decided: str | None = None  # "within" / "missed" when the anytime-valid test decided it (the early stop)
     slo_detail: str | None = None
+    # The fewest measured requests (every one within every limit) from which the test can decide a pass at these
+    # objectives: a step with fewer can only estimate one.
+    requests_to_decide: int | None = None
     good_requests: int | None = None  # measured requests that met every objective
     goodput_rps: float | None = None  # good requests / duration
     goodput_tps: float | None = None  # their output tokens / duration
@@ -100,6 +103,15 @@ class StepSummary(Record):
     def level(self) -> float:
         """The load level: the offered rate (open loop) or the users (closed loop)."""
         return self.rate if self.rate is not None else self.users
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def slo_basis(self) -> Literal["decided", "estimated"] | None:
+        """How the verdict was reached: "decided" by the anytime-valid test (its claim holds at 2.5 %), or
+        "estimated" from the quantiles of the step's requests when it ended (the test had not crossed)."""
+        if self.slo_passed is None:
+            return None
+        return "decided" if self.slo_decided else "estimated"
 
 
 class Decode(Record):
@@ -210,6 +222,7 @@ def summarize_step(
             # The early stop's claim, when it made one, is the step's verdict; otherwise the estimate.
             "slo_passed": step.slo_decided == "within" if step.slo_decided else verdict.passed,
             "slo_decided": step.slo_decided, "slo_detail": verdict.describe(), "good_requests": len(good),
+            "requests_to_decide": fewest_to_decide(objectives),
             "goodput_rps": len(good) / duration, "goodput_tps": sum(r.output_tokens or 0 for r in good) / duration,
         }  # fmt: skip
     resources = summarize_resources(samples, step.started_at, last_end)

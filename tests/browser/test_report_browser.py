@@ -11,7 +11,7 @@ import pytest
 from reports.recommend import recommend
 from reports.render import render_report
 from tests.browser import launch_chromium
-from tests.factories import results, results_with_search
+from tests.factories import edge_case_run, results, results_with_search
 
 pytestmark = pytest.mark.browser
 
@@ -113,3 +113,70 @@ def test_injected_script_does_not_run(tmp_path: Path):
     seen = open_in_chromium(report, tmp_path / "shot.png")
     assert not any("pwned" in e for e in seen["errors"])
     assert seen["errors"] == []
+
+
+# At 1,300 px: the page never scrolls sideways; a table fits its box or scrolls inside it (its own overflow), never
+# past the text column; each speed-table row stays a line or two (the objectives' detail is a list below it).
+READ_LAYOUT = """() => {
+  const column = document.body.getBoundingClientRect().right - parseFloat(getComputedStyle(document.body).paddingRight);
+  return {
+    page: [document.documentElement.scrollWidth, window.innerWidth],
+    tables: [...document.querySelectorAll('table')].map(t => ({
+      id: t.id || t.className, right: t.getBoundingClientRect().right, column: column,
+      fits: t.scrollWidth <= t.clientWidth + 1, scrolls: ['auto', 'scroll'].includes(getComputedStyle(t).overflowX),
+    })),
+    rows: [...document.querySelectorAll('.speed-table tr[data-level]')].map(r => r.getBoundingClientRect().height),
+    first: [...document.querySelectorAll('#recommendation, #missing, #facts, #quality')].map(e => [e.id || e.tagName,
+      e.getBoundingClientRect().top + window.scrollY]),
+    text: document.body.innerText,
+    setup: document.querySelector('#isa').innerText,
+  };
+}"""
+
+
+def test_the_report_of_every_edge_case_renders_fits_1300_px_and_puts_the_decision_first(tmp_path: Path):
+    """MMLU variants that answer every question differently (after 2, 20 and 114), one exactly at the margin, one
+    with no question; load steps passed by their estimate beside decided ones; wide speed tables on two targets; the
+    AMX machine's instruction-set line. Collected from run records by the pipeline's collector, opened in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    r = edge_case_run(tmp_path)
+    report = render_report(r, tmp_path / "report.html")
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(report.as_uri(), wait_until="load")
+            layout = page.evaluate(READ_LAYOUT)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "report-edges-first-screen.png"))
+            page.screenshot(path=str(ARTIFACTS / "report-edges.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    width, viewport = layout["page"]
+    assert width <= viewport, "the page scrolls sideways"
+    for table in layout["tables"]:
+        assert table["right"] <= table["column"] + 1, table
+        assert table["fits"] or table["scrolls"], table
+    assert any(not t["fits"] for t in layout["tables"])  # the speed tables are wider than the page: they scroll
+    assert max(layout["rows"]) < 70, "a speed-table row wraps into a tall cell"
+    # The first screen: the decision with its figures, before the partial-run notice and everything else.
+    tops = dict(layout["first"])
+    assert tops["recommendation"] < 200 and tops["recommendation"] < tops["missing"] < tops["facts"] < tops["quality"]
+    text = layout["text"]
+    assert "Nothing to ship yet: not enough questions to decide." in text
+    # The instruction sets are said once, in the set-up, with the reason they are off said once too.
+    assert text.count("killed by SIGILL") == 1 and "amx_tile, amx_int8, amx_bf16 (llama-perplexity" in layout["setup"]
+    # Every MMLU edge is on the page, as the collector judged it.
+    for name in ("all-differ-2", "all-differ-20", "all-differ-114", "all-differ", "at-margin", "none-scored"):
+        assert name in text
+    assert "no number of questions can be promised to decide it: the observed change equals -margin" in text
+    assert "--0.01" not in text and "NaN" not in text and "822,055,822" not in text
+    # The undecided steps say so, and what would decide them.
+    assert "met (estimated)" in text and "missed (decided)" in text
+    assert "Estimated, not decided: the pass at 2 users is estimated from 4 requests" in text
+    assert "a decided pass needs at least 56 requests within the limits (load.requests_per_user = 56 at 1 user)" in text

@@ -208,6 +208,20 @@ def test_the_messages_say_what_was_turned_off_why_and_what_overrides_it(tmp_path
     assert "llamacpp.cmake_args" in error and "even without amx_tile" in error and "/tmp/x.log" in error
 
 
+def test_a_reason_shared_by_several_extensions_is_said_once(tmp_path):
+    # The AMX machine: the build's own check found llama-perplexity killed by SIGILL in a tile instruction, and
+    # every AMX extension was left out for it. The summary the report prints says that sentence once.
+    cpu = cpuinfo("xeon-amx.txt")
+    ok = {e.name: ProbeOutcome(ok=True) for e in advertised(cpu)}
+    why = "llama-perplexity on the Q4_K_M probe model was killed by SIGILL at `tilezero %tmm4`"
+    isa = decide_isa(cpu, ok, options=options("b11312", tmp_path),
+                     excluded=dict.fromkeys(("amx_tile", "amx_int8", "amx_bf16"), why))  # fmt: skip
+    summary = isa.summary()
+    assert summary.count("killed by SIGILL") == 1
+    assert summary.endswith(f"; off: amx_tile, amx_int8, amx_bf16 ({why})")
+    assert fallback_warning(isa).count("killed by SIGILL") == 1
+
+
 def test_extension_costs_are_one_clause_per_family():
     assert extension_cost(["amx_tile", "amx_int8"]).count("AMX tiles") == 1
     assert "AVX2 kernels" in extension_cost(["avx512"])

@@ -191,3 +191,32 @@ def test_open_loop_plans_check_their_own_rules():
     assert open_plan().requests_per_step == 32  # the open loop's default step length
     assert open_plan(steps=(0.5, 1.5)).steps == (0.5, 1.5)  # rates need not be whole
     assert open_plan(max_in_flight=6).concurrency == 6
+
+
+def test_the_early_stop_counts_every_arrival_dropped_and_in_flight_ones_included():
+    # 315 arrivals: 15 dropped (never sent, failed: misses), 15 sent early in the level and still in flight (they
+    # may be the slow ones), 285 finished well within the limit. Every arrival is in the sample, in the order it
+    # arrived; counted against "within", the 30 are 10 % of it, the boundary: nothing is shown, the level runs on.
+    # (Counting only the 300 records, as the controller once did, showed "within" on a sample the test must not
+    # trust.)
+    plan = open_plan("constant", steps=(4,), requests_per_step=1000, max_in_flight=16,
+                     objectives=(Objective("ttft_s", 2.0, 0.9),), min_requests=10)  # fmt: skip
+    now = [0.0]
+    controller = StepController(plan, clock=lambda: now[0], nodes=lambda: {"local"}, run="r")
+    controller.tick()
+    for i in range(plan.concurrency):
+        controller.on_ready(f"u{i}")
+    assert controller.phase == "run"
+    base = {"run": "r", "epoch": controller.epoch, "measured": True}
+    for i in range(315):
+        now[0] += 0.25
+        key = {"user_id": f"u{i % 16}", "seq": i}
+        if i % 21 == 5:
+            controller.on_record({**base, **key, "ok": False, "dropped": True, "queue_s": 61.0})
+            continue
+        controller.on_sent({**base, **key})
+        if i % 21 != 15:
+            controller.on_record({**base, **key, "ok": True, "ttft_s": 0.4, "e2e_s": 0.9, "queue_s": 0.0})
+    assert controller.phase == "run" and controller.verdict().decided is None
+    assert len(controller._requests) == 315 and controller._requests.in_flight == 15
+    assert controller._dropped == 15 and controller._measured == 300

@@ -93,7 +93,8 @@ class Simulation:
                 sent = user.pop("sent")
                 waited = ticket.queue_s if ticket.scheduled_at is not None else 0.0  # latency counts from arrival
                 record = {
-                    "user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch if ticket.run else None,
+                    "user_id": user["id"], "seq": user.pop("seq"), "run": ticket.run,
+                    "epoch": ticket.epoch if ticket.run else None,
                     "step": ticket.step, "users": ticket.users, "measured": measured,
                     "sent": sent, "ended": self.now, "node": user["node"],
                     "ok": True, "ttft_s": (self.now - sent) / 2 + waited, "e2e_s": self.now - sent + waited,
@@ -110,21 +111,24 @@ class Simulation:
                 ticket = gate.begin()
                 if ticket is None:
                     break
+                seq = user["sent_count"] = user.get("sent_count", 0) + 1
                 if ticket.dropped:  # an open-loop arrival that waited too long: recorded as failed, never sent
                     measured, _ = gate.end(ticket)
-                    record = {"user_id": user["id"], "run": ticket.run, "epoch": ticket.epoch, "step": ticket.step,
-                              "users": ticket.users, "measured": measured, "sent": self.now, "ended": self.now,
-                              "node": user["node"], "ok": False, "dropped": True, "queue_s": ticket.queue_s,
-                              "scheduled_at": ticket.scheduled_at}  # fmt: skip
+                    record = {"user_id": user["id"], "seq": seq, "run": ticket.run, "epoch": ticket.epoch,
+                              "step": ticket.step, "users": ticket.users, "measured": measured, "sent": self.now,
+                              "ended": self.now, "node": user["node"], "ok": False, "dropped": True,
+                              "queue_s": ticket.queue_s, "scheduled_at": ticket.scheduled_at}  # fmt: skip
                     self.records.append(record)
                     self.controller.on_record(record)
                     self.deliver()
                     continue
                 if ticket.in_step:
-                    self.controller.on_sent({"run": ticket.run, "epoch": ticket.epoch})
+                    self.controller.on_sent({"run": ticket.run, "epoch": ticket.epoch, "user_id": user["id"],
+                                             "seq": seq})  # fmt: skip
+                    self.deliver()
                 in_flight = sum(g.in_flight for g in self.gates.values())
                 duration = self.request_s(ticket.users or 1, in_flight) if callable(self.request_s) else self.request_s
-                user.update(ticket=ticket, sent=self.now, ends=self.now + duration)
+                user.update(ticket=ticket, sent=self.now, ends=self.now + duration, seq=seq)
 
     def in_flight_between(self, start: float, end: float) -> set[int]:
         return {n for t, n in self.in_flight_log if start < t < end}
@@ -416,3 +420,15 @@ def test_done_steps_round_trip_and_bad_ones_are_refused():
     assert parse_done(format_done(((0.5, True),))) == ((0.5, True),)
     with pytest.raises(ValueError, match="done steps look like"):
         parse_done("1:maybe")
+
+
+def test_requests_in_flight_under_concurrency_are_censored_not_counted_as_misses():
+    # 8 users, every request 1 s (TTFT 0.5 s, within 2 s). At every look 7 requests are in flight: counted as misses
+    # (the rule this replaced) they held a pass off until about 179 requests; in the order sent they are the last
+    # ones, not over the limit yet, so the known ones before them decide: from 48 within, plus the 7 in flight.
+    plan = StepPlan(users=(8,), requests_per_user=40, objectives=TTFT_2S, min_requests=8)
+    sim = Simulation(plan, request_s=1.0)
+    sim.run()
+    (step,) = sim.steps
+    assert step.early_stop and step.slo_decided == "within" and step.slo_passed
+    assert 48 <= step.measured_requests <= 64

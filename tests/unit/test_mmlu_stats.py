@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
+from bench.sequential import PairedMargin, paired_interval
 from harness.errors import MMLUError
 from mmlu.dataset import Question
 from mmlu.results import MMLUResult, compare_all, score
 from mmlu.stats import (
+    PLAN_CAP,
     PairedCounts,
+    QuestionsPlan,
     holm,
     mcnemar_exact,
     noninferiority_p,
@@ -121,32 +125,44 @@ def test_sample_size_matches_published_examples() -> None:
 
 def test_questions_to_decide_leans_the_way_the_data_do() -> None:
     even = PairedCounts(both_correct=40, baseline_only=5, variant_only=5, both_wrong=50)  # no change, 10% disagree
-    needed, towards = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8)
+    plan = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8)
+    needed, towards = plan.questions, plan.towards
     # Planned from the discordance's one-sided 95 % Clopper-Pearson upper bound (10 of 100: 16.4 %, the upper end of
     # statsmodels' two-sided 90 % "beta" interval), not the observed 10 %: a pilot this small cannot pin it down.
     upper = stats.beta.ppf(0.95, 11, 90)
     assert upper == pytest.approx(proportion_confint(10, 100, alpha=0.10, method="beta")[1], rel=1e-9)
     assert upper == pytest.approx(0.1637, abs=1e-4)
-    assert towards == "non-inferior" and needed == math.ceil(questions_for_noninferiority(upper, 0.0, 0.01, 0.025, 0.8))
+    assert towards == "non-inferior" and plan.rule == "fixed-n"
+    assert needed == math.ceil(questions_for_noninferiority(upper, 0.0, 0.01, 0.025, 0.8))
     assert needed > math.ceil(questions_for_noninferiority(0.1, 0.0, 0.01, 0.025, 0.8))
     # More variants against the same baseline: a stricter level, more questions.
-    assert questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8, comparisons=3)[0] > needed
+    assert questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8, comparisons=3).questions > needed
     # An observed gain is not counted on: planned as no change, it needs as many questions as an even split.
     gaining = PairedCounts(both_correct=40, baseline_only=3, variant_only=7, both_wrong=50)  # +4 points
-    assert questions_to_decide(gaining, margin=0.01, alpha=0.05, power=0.8) == (needed, "non-inferior")
-    # An observed small loss is: it needs more.
-    slipping = PairedCounts(
-        both_correct=40, baseline_only=6, variant_only=5, both_wrong=49
-    )  # -1 point of a 2-point margin
-    assert (
-        questions_to_decide(slipping, margin=0.02, alpha=0.05, power=0.8)[0]
-        > questions_to_decide(PairedCounts(40, 5, 5, 50), margin=0.02, alpha=0.05, power=0.8)[0]
-    )
+    assert questions_to_decide(gaining, margin=0.01, alpha=0.05, power=0.8) == plan
+    # Nor is an observed loss the data do not show (its one-sided test of "no loss" not rejected): a pilot that lost
+    # a point or six by chance is planned as no change, towards non-inferior (from the 10 % discordant of 100).
+    slipping = PairedCounts(both_correct=40, baseline_only=6, variant_only=5, both_wrong=49)  # -1 point
     losing = PairedCounts(both_correct=40, baseline_only=9, variant_only=3, both_wrong=48)  # -6 points
-    assert questions_to_decide(losing, margin=0.01, alpha=0.05, power=0.8)[1] == "worse"
+    assert worse_p(slipping) > 0.025 and worse_p(losing) > 0.025
+    for chance in (slipping, losing):
+        upper = stats.beta.ppf(0.95, chance.discordant + 1, 100 - chance.discordant)
+        at_no_change = questions_for_noninferiority(upper, 0.0, 0.01, 0.025, 0.8)
+        assert questions_to_decide(chance, margin=0.01, alpha=0.05, power=0.8) == QuestionsPlan(
+            math.ceil(at_no_change), "non-inferior", "fixed-n"
+        )
+    # A loss shown is planned at its size: within the margin it needs more than no change; beyond it, towards worse.
+    shown = PairedCounts(both_correct=9000, baseline_only=1100, variant_only=900, both_wrong=9000)  # -1 of 2 points
+    assert worse_p(shown) < 0.025
+    assert (
+        questions_to_decide(shown, margin=0.02, alpha=0.05, power=0.8).questions
+        > questions_to_decide(PairedCounts(9000, 1000, 1000, 9000), margin=0.02, alpha=0.05, power=0.8).questions
+    )
+    lost = PairedCounts(both_correct=40, baseline_only=20, variant_only=3, both_wrong=37)  # -17 points
+    assert questions_to_decide(lost, margin=0.01, alpha=0.05, power=0.8).towards == "worse"
     # No discordant pair yet: the plan still uses a rate the data allow (not 0 questions, nor a tiny number).
     silent = PairedCounts(both_correct=60, baseline_only=0, variant_only=0, both_wrong=54)
-    assert questions_to_decide(silent, margin=0.01, alpha=0.05, power=0.8)[0] > 1000
+    assert questions_to_decide(silent, margin=0.01, alpha=0.05, power=0.8).questions > 1000
     with pytest.raises(MMLUError, match="cannot plan"):
         questions_to_decide(PairedCounts(1, 0, 0, 0), margin=0.01, alpha=0.05, power=0.8)
 
@@ -174,12 +190,74 @@ def test_worse_means_a_loss_beyond_the_margin() -> None:
     assert high < 0 and low < -0.01 < high
     assert worse_p(counts) < 0.025 and worse_p(counts, 0.01) > 0.025
     assert verdict(noninferiority_p(counts, 0.01), worse_p(counts, 0.01), 0.05) == "inconclusive"
-    assert questions_to_decide(counts, margin=0.01, alpha=0.05, power=0.8)[1] == "worse"
+    assert questions_to_decide(counts, margin=0.01, alpha=0.05, power=0.8).towards == "worse"
 
 
 def test_no_question_is_a_clear_error() -> None:
     with pytest.raises(MMLUError, match="at least one question"):
         paired_delta_interval(PairedCounts(0, 0, 0, 0))
+    with pytest.raises(MMLUError, match="at least one question"):
+        _ = PairedCounts(0, 0, 0, 0).delta
+
+
+@pytest.mark.parametrize("n", [2, 20, 114])
+@pytest.mark.parametrize("rule", ["fixed-n", "sequential"])
+def test_every_question_answered_differently_plans_without_crashing(n, rule) -> None:
+    # b + c = n: the discordance's Clopper-Pearson upper bound is 1 (scipy's beta.ppf(0.95, n + 1, 0) is NaN).
+    counts = PairedCounts(0, n // 2, n - n // 2, 0)
+    low, high = paired_delta_interval(counts)
+    assert -1 <= low <= counts.delta <= high <= 1
+    plan = questions_to_decide(counts, margin=0.01, alpha=0.05, power=0.8, rule=rule)
+    assert plan.towards == "non-inferior" and plan.rule == rule
+    assert plan.questions is None or plan.questions > n
+    assert (plan.questions is None) == (plan.why is not None)
+
+
+@pytest.mark.parametrize("rule", ["fixed-n", "sequential"])
+def test_a_change_exactly_at_the_margin_plans_without_crashing(rule) -> None:
+    # -1 point exactly, on 100 and 5,700 questions: it raised "... at or below --0.01". Not shown to be a loss, it is
+    # planned as no change; a loss of exactly the margin that the data do show plans no number, and says why.
+    for chance in (PairedCounts(80, 6, 5, 9), PairedCounts(4000, 600, 543, 557)):
+        assert chance.delta == -0.01
+        plan = questions_to_decide(chance, margin=0.01, alpha=0.05, power=0.8, rule=rule)
+        assert plan.towards == "non-inferior" and plan.questions is not None
+    shown = PairedCounts(5000, 57, 0, 643)
+    assert shown.delta == -0.01 and worse_p(shown) < 0.025
+    plan = questions_to_decide(shown, margin=0.01, alpha=0.05, power=0.8, rule=rule)
+    assert plan.questions is None and plan.why == "the observed change equals -margin (-1.00 points)"
+
+
+def test_a_loss_a_hair_inside_the_margin_plans_no_meaningless_figure() -> None:
+    # 14,042 questions, 140 more lost than gained: -0.997 points against a 1-point margin. Nam's formula asked for
+    # 822,055,822 questions; a plan beyond PLAN_CAP is "more than" it, for either rule.
+    counts = PairedCounts(7000, 700, 560, 14042 - 8260)
+    for rule in ("fixed-n", "sequential"):
+        plan = questions_to_decide(counts, margin=0.01, alpha=0.05, power=0.8, rule=rule)
+        assert plan.questions is None and f"more than {PLAN_CAP:,} questions" in plan.why
+    with pytest.raises(MMLUError, match=r"true change \+0.01 is at or below \+0.01"):
+        questions_for_noninferiority(0.1, 0.01, -0.01, 0.025, 0.8)  # the mirrored call: no double minus
+
+
+def test_the_sequential_plan_is_for_the_sequential_test_and_asks_more_than_the_fixed_n_one() -> None:
+    even = PairedCounts(both_correct=400, baseline_only=25, variant_only=25, both_wrong=550)  # 5 % disagree
+    fixed = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8)
+    sequential = questions_to_decide(even, margin=0.01, alpha=0.05, power=0.8, rule="sequential")
+    assert sequential.rule == "sequential" and sequential.questions % 200 == 0  # looked at after every block
+    assert sequential.questions > 1.2 * fixed.questions
+    # Its own promise: PairedMargin run on that many questions at the planned rates decides in 80 % of runs (the
+    # same simulation, seeded apart; 400 runs: a standard error of 2 points).
+    psi = stats.beta.ppf(0.95, 51, 951)
+    rng = np.random.default_rng(5)
+    decided = 0
+    for _ in range(400):
+        test = PairedMargin(margin=0.01, alpha=0.025)
+        for _block in range(sequential.questions // 200):
+            u = rng.random(200)
+            test.add(np.where(u < psi / 2, -1.0, np.where(u < psi, 1.0, 0.0)))
+            if test.verdict() is not None:
+                decided += 1
+                break
+    assert 0.74 <= decided / 400 <= 0.86
 
 
 def test_holm_and_the_three_way_verdict() -> None:
@@ -289,3 +367,36 @@ def test_compare_refuses_different_questions() -> None:
     b.task_file = "other.bin"
     with pytest.raises(MMLUError, match="different questions"):
         compare_all(a, [b], alpha=0.05, margin=0.01, power=0.8)
+
+
+def _sequential(name: str, flags: list[bool], verdict: str, budget: int, alpha: float = 0.025) -> MMLUResult:
+    from mmlu.results import SequentialRun
+
+    result = _result(name, flags)
+    result.sequential = SequentialRun(verdict=verdict, questions_used=len(flags), questions_budget=budget,
+                                      block_questions=200, margin=0.01, alpha=alpha, comparisons=1,
+                                      e_non_inferior=1.0, e_worse=1.0)  # fmt: skip
+    return result
+
+
+def test_a_sequential_comparison_carries_its_confidence_sequence_and_plans_for_its_own_rule() -> None:
+    # 2,000 questions, 100 lost and 100 gained, inconclusive at a 1-point margin: its confidence sequence is wider
+    # than Tango's fixed-n interval (it pays for looking after every block) and reaches below -margin like its
+    # verdict; the plan is for the sequential test, which needs more questions than Nam's fixed-n formula.
+    base = [True] * 900 + [False] * 1100
+    same = list(base)
+    for i in range(100):
+        same[i], same[1000 + i] = False, True
+    run = _sequential("V0", same, "inconclusive", budget=2000)
+    cmp = compare_all(_result("F16", base), [run], alpha=0.05, margin=0.01, power=0.8)["V0"]
+    assert cmp.cs_confidence == pytest.approx(0.95)
+    assert cmp.cs_low < cmp.delta_ci_low < 0 < cmp.delta_ci_high < cmp.cs_high
+    assert (cmp.cs_low, cmp.cs_high) == paired_interval(100, 1800, 100, 0.025)
+    assert cmp.cs_low < -0.01  # the sequential verdict is inconclusive, and so is its interval against -margin
+    assert cmp.needed_rule == "sequential" and cmp.questions_needed % 200 == 0
+    fixed = compare_all(_result("F16", base), [_result("V0", same)], alpha=0.05, margin=0.01, power=0.8)["V0"]
+    assert fixed.needed_rule == "fixed-n" and fixed.cs_low is None and fixed.questions_needed < cmp.questions_needed
+    # A variant with no question scored (a hand-made record) has no comparison, rather than a crash.
+    empty = _result("V1", [True])
+    empty.questions, empty.n_questions = [], 0
+    assert "V1" not in compare_all(_result("F16", base), [run, empty], alpha=0.05, margin=0.01, power=0.8)

@@ -427,3 +427,119 @@ def test_energy_per_output_token_is_shown_where_the_counters_gave_it_and_why_not
     assert page.count("<th>J / output token</th>") == 1 and "<td>0.125</td>" in page
     assert "Energy: RAPL (package-0): joules per output token are the" in page
     assert "Energy: not available (no RAPL powercap zones" in page
+
+
+def test_more_questions_are_suggested_only_where_this_test_can_use_them(tmp_path):
+    from harness.config import Experiment
+    from harness.rundir import RunDir
+    from reports.collect import plan_more_questions
+    from reports.model import Quality
+
+    run = RunDir(tmp_path)
+    pilot = Experiment(name="pilot", run_dir=tmp_path, mmlu={"per_subject": 2})
+    small = Quality(verdict="inconclusive", n_questions=114, questions_needed=3000, needed_rule="sequential")
+    plan_more_questions(pilot, run, small)
+    assert small.decide_command.endswith("--set mmlu.per_subject=53") and small.cannot_decide is None
+    # A plan beyond the split (at the discordance's upper bound: a plan, not a verdict) runs all of it, and says so.
+    beyond = Quality(verdict="inconclusive", n_questions=114, questions_needed=24_400, needed_rule="sequential")
+    plan_more_questions(pilot, run, beyond)
+    assert beyond.cannot_decide is None and beyond.questions_available == 14_042
+    assert beyond.decide_command.startswith("the whole MMLU test split (14,042 questions): llamasys mmlu")
+    r = results()
+    r.variants[1].quality.verdict, r.variants[3].quality.verdict = "inconclusive", "worse"
+    r.variants[1].quality = r.variants[1].quality.model_copy(update=beyond.model_dump(include={
+        "questions_needed", "needed_rule", "decide_command", "questions_available"}))  # fmt: skip
+    r.variants[2].quality.verdict = "worse"
+    assert "about 24,400 would decide with the sequential test (more than the 14,042 MMLU holds: all of them " \
+           "decide it less often)." in recommend(r).headline  # fmt: skip
+    # A run that used the whole split (a sequential one that ran to its last question): never "run it again".
+    whole = Quality(verdict="inconclusive", n_questions=14_042, questions_needed=9_000, needed_rule="sequential")
+    plan_more_questions(Experiment(name="all", run_dir=tmp_path), run, whole)
+    assert whole.decide_command is None and whole.cannot_decide.startswith(
+        "the whole MMLU test split (14,042 questions) was used and left it undecided: more questions of this test"
+    )
+    at_margin = Quality(verdict="inconclusive", n_questions=114)
+    plan_more_questions(pilot, run, at_margin, "the observed change equals -margin (-1.00 points)")
+    assert at_margin.cannot_decide is None and at_margin.decide_command is None
+    assert at_margin.no_plan == ("no number of questions can be promised to decide it: the observed change equals "
+                                 "-margin (-1.00 points)")  # fmt: skip
+    capped = Quality(verdict="inconclusive", n_questions=114, needed_rule="sequential")
+    plan_more_questions(pilot, run, capped, "the sequential test would need more than 100,000 questions",
+                        exceeds=100_000)  # fmt: skip
+    assert capped.cannot_decide == ("the sequential test would need more than 100,000 questions, more than the whole "
+                                    "MMLU test split (14,042 questions) holds: more questions of this test cannot "
+                                    "be expected to decide it")  # fmt: skip
+    r = results()
+    for v in r.variants[1:]:
+        v.quality.verdict, v.quality.cannot_decide = "inconclusive", whole.cannot_decide
+    assert recommend(r).headline.startswith(
+        "Nothing to ship: MMLU cannot decide. Q8_0, Q4_0, Q4_K_M-imat are inconclusive at a 1-point margin on 200 "
+        "questions; Q8_0: the whole MMLU test split (14,042 questions) was used and left it undecided"
+    )
+    assert "would decide" not in recommend(r).headline
+
+
+def test_a_sequential_verdict_is_shown_with_its_confidence_sequence_and_tango_only_beside_fixed_n(tmp_path):
+    r = results()
+    q = r.variants[3].quality  # Q4_K_M-imat, sequential: decided after 600 of 14,042
+    q.questions_budget, q.n_questions, q.e_non_inferior, q.e_worse, q.e_threshold = 14042, 600, 45.0, 0.01, 40.0
+    q.delta_cs_low, q.delta_cs_high, q.cs_confidence, q.fixed_n_verdict = -0.9, 0.2, 0.95, "non-inferior"
+    r.variants[1].quality.verdict = "inconclusive"  # Q8_0: fixed-n, Tango's -1.50 to +1.50
+    rec = recommend(r)
+    assert "(a change of -0.50 points, 95% confidence sequence -0.90 to +0.20, margin 1)" in rec.headline
+    assert "Q8_0: MMLU 40.00% against 40.00% for F16 on the same 200 questions, a change of +0.00 points (95% " \
+           "interval -1.50 to +1.50;" in " ".join(rec.details)  # fmt: skip
+    r.recommendation = rec
+    page = render_report(r, tmp_path / "report.html").read_text()
+    row = re.search(r'<tr data-variant-quality="Q4_K_M-imat">.*?</tr>', page, re.S).group(0)
+    assert 'data-interval="confidence sequence">-0.90 to +0.20' in row and "-2.00 to +1.00" not in row
+    assert 'data-interval="Tango">-1.50 to +1.50' in page
+    seq = re.search(r'<li data-sequential="Q4_K_M-imat">.*?</li>', page, re.S).group(0)
+    assert "decided after\n600 of 14,042 questions (13,442 saved)" in seq
+    assert "Fixed-n on the same questions: non-inferior, Tango's\n95% interval -2.00 to +1.00" in seq
+
+
+def test_each_step_says_whether_its_verdict_was_decided_or_estimated(tmp_path):
+    """The demo's case: capacity 1 user resting on 2 requests at 1 user, which the anytime-valid test cannot decide
+    (a pass needs at least 56 at two p90 objectives): the step, the capacity and the headline say "estimated"."""
+    from bench.records import Capacity as CapacityResult
+    from bench.records import RequestRecord, StepRecord
+    from bench.slo import Objective
+    from harness.loadtest.summary import summarize_step
+
+    objectives = (Objective("ttft_s", 2.0, 0.9), Objective("tpot_s", 0.1, 0.9))
+    record = StepRecord(step=0, users=1, epoch=1, run="r", started_at=0.0, ended_at=4.0, drained_at=4.0,
+                        measured_requests=2, unmeasured_requests=0, slo_passed=True)  # fmt: skip
+    requests = [RequestRecord(user_id="u", seq=i, api="native", route="/completion", sent_at=2.0 * i,
+                              ended_at=2.0 * i + 1.5, prompt_tokens_asked=8, output_tokens_asked=4, ok=True,
+                              run="r", epoch=1, measured=True, ttft_s=0.5, tpot_s=0.05, e2e_s=1.5)
+                for i in range(2)]  # fmt: skip
+    estimated = summarize_step(record, requests, objectives=objectives)
+    assert estimated.slo_passed and estimated.slo_basis == "estimated" and estimated.requests_to_decide == 56
+    decided = summarize_step(record.model_copy(update={"slo_decided": "missed", "early_stop": True}), requests,
+                             objectives=objectives)  # fmt: skip
+    assert decided.slo_passed is False and decided.slo_basis == "decided"
+    assert json.loads(estimated.model_dump_json())["slo_basis"] == "estimated"  # in results.json, with the step
+
+    r = results()
+    for v in r.variants:
+        steps = v.speed.steps
+        steps[0] = estimated.model_copy(update={"output_tokens_per_s": steps[0].output_tokens_per_s})
+        steps[1] = decided.model_copy(update={"users": 2, "step": 1})
+        v.speed.objectives = [o.describe() for o in objectives]
+        v.speed.capacity = CapacityResult(low=1, high=2, stopped_by="resolution", bound=8)
+    rec = recommend(r)
+    assert "it serves 1 concurrent user (estimated) within the latency objectives against 1 (estimated) for F16" \
+        in rec.headline  # fmt: skip
+    assert (
+        "Q8_0's capacity: the pass at 1 user is estimated from 2 requests, not decided: a decided pass "
+        "needs at least 56 requests within the limits (load.requests_per_user = 56 at 1 user)."
+    ) in rec.details
+    r.recommendation = rec
+    page = render_report(r, tmp_path / "report.html").read_text()
+    table = re.search(r'<table class="speed-table" data-variant="Q4_K_M-imat".*?</table>', page, re.S).group(0)
+    assert '<td class="l slo good" data-basis="estimated">met (estimated)' in table
+    assert '<td class="l slo bad" data-basis="decided">missed (decided)' in table
+    assert "Estimated, not decided: the pass at 1 user is estimated from 2 requests" in page
+    assert 'data-variant-capacity="Q4_K_M-imat"><td class="l">Q4_K_M-imat</td>\n' in page
+    assert '<td>1 <span class="estimated">(estimated)</span></td>' in page

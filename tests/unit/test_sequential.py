@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from bench.sequential import MissRate, PairedMargin, log_mixture_e
+from bench.sequential import (
+    BET_FRACTIONS,
+    MissRate,
+    PairedMargin,
+    log_mixture_e,
+    paired_interval,
+    paired_log_e,
+    sequential_questions,
+)
 
 
 @pytest.mark.parametrize(("n", "s", "p0", "side"), [(20, 0, 0.1, "below"), (50, 12, 0.1, "above"),
@@ -87,3 +95,66 @@ def test_the_paired_margin_test_decides_a_clear_case():
     assert undecided.verdict() is None
     with pytest.raises(ValueError):
         PairedMargin(margin=0.0, alpha=0.05)
+
+
+def test_the_paired_e_process_is_the_average_of_its_bets_products():
+    # By its definition: the mean over the bet fractions f of prod(1 + f / (1 + d0) (D_i - d0)) ("above") and of
+    # prod(1 - f / (1 - d0) (D_i - d0)) ("below"), over the differences themselves in any order.
+    rng = np.random.default_rng(3)
+    d = rng.choice([-1.0, 0.0, 1.0], size=300, p=[0.06, 0.9, 0.04])
+    for d0 in (-0.05, -0.01, 0.0, 0.02):
+        up = np.mean([np.prod(1 + f / (1 + d0) * (d - d0)) for f in BET_FRACTIONS])
+        down = np.mean([np.prod(1 - f / (1 - d0) * (d - d0)) for f in BET_FRACTIONS])
+        counts = ((d == -1).sum(), (d == 0).sum(), (d == 1).sum())
+        assert paired_log_e(*counts, d0, side="above") == pytest.approx(math.log(up), rel=1e-9, abs=1e-12)
+        assert paired_log_e(*counts, d0, side="below") == pytest.approx(math.log(down), rel=1e-9, abs=1e-12)
+    test = PairedMargin(margin=0.01, alpha=0.05)
+    test.add(d)
+    assert test.e_non_inferior == pytest.approx(math.exp(paired_log_e(*counts, -0.01, side="above")))
+    with pytest.raises(ValueError, match="-1, 0 or \\+1"):
+        test.add([0.5])
+
+
+def test_the_confidence_sequence_inverts_the_tests_and_agrees_with_the_verdict():
+    for lost, tied, gained in ((60, 9900, 40), (30, 1000, 60), (5, 104, 5), (0, 0, 2), (400, 600, 0)):
+        low, high = paired_interval(lost, tied, gained, 0.025)
+        assert -1 <= low <= (gained - lost) / (lost + tied + gained) <= high <= 1
+        threshold = math.log(40)
+        if low > -1:  # at its ends each e-process meets the threshold: everything outside is rejected
+            assert paired_log_e(lost, tied, gained, low, side="above") == pytest.approx(threshold, abs=1e-6)
+        if high < 1:
+            assert paired_log_e(lost, tied, gained, high, side="below") == pytest.approx(threshold, abs=1e-6)
+        for margin in (0.005, 0.01, 0.03, 0.2):
+            test = PairedMargin(margin=margin, alpha=0.025, lost=lost, tied=tied, gained=gained)
+            verdict = test.verdict()
+            assert (verdict == "non-inferior") == (low >= -margin)
+            assert (verdict == "worse") == (high <= -margin and low < -margin)
+            assert test.interval() == (low, high)
+    assert paired_interval(0, 0, 0, 0.025) == (-1.0, 1.0)
+
+
+def test_the_confidence_sequence_covers_the_change_wherever_the_test_stopped():
+    # A sequential run that stops at its verdict (blocks of 200, up to 6,000 questions, 20 % answered differently,
+    # true change -0.5 points): the interval at the stop covers the true change in at least 1 - 2 alpha of runs.
+    rng = np.random.default_rng(17)
+    runs, covered = 300, 0
+    for _ in range(runs):
+        test = PairedMargin(margin=0.01, alpha=0.025)
+        for _block in range(30):
+            u = rng.random(200)
+            test.add(np.where(u < 0.1025, -1.0, np.where(u < 0.2, 1.0, 0.0)))
+            if test.verdict() is not None:
+                break
+        low, high = test.interval()
+        covered += low <= -0.005 <= high
+    assert covered / runs >= 0.93  # nominal 0.95; Binomial(300, 0.95) falls below 0.93 with probability ~5 %
+
+
+def test_a_sequential_plan_is_the_questions_by_which_power_of_runs_decide():
+    n = sequential_questions(0.05, 0.05, margin=0.01, alpha=0.025, power=0.8, block=200)
+    assert n is not None and n % 200 == 0
+    assert sequential_questions(0.05, 0.05, margin=0.01, alpha=0.025, power=0.8, block=200) == n  # seeded
+    assert sequential_questions(0.05, 0.05, margin=0.01, alpha=0.025, power=0.9, block=200) > n
+    assert sequential_questions(0.015, 0.015, margin=0.01, alpha=0.025, power=0.8, block=200) < n
+    # A true change at the margin is never decided: no number, however many are allowed.
+    assert sequential_questions(0.055, 0.045, margin=0.01, alpha=0.025, power=0.8, block=200, cap=20_000) is None

@@ -101,7 +101,8 @@ def main() -> int:
         for row in figures["stages"]:  # type: ignore[attr-defined]
             seconds = row["seconds"] if row["seconds"] is not None else float("nan")
             print(f"  {row['stage']:<19} {seconds:8.1f} s  {row['detail']}", flush=True)
-    print(f"  make {args.target:<14} {command_s:8.1f} s\n  total (with pip)    {total_s:8.1f} s = {total_s / 60:.1f} min")
+    print(f"  make {args.target:<14} {command_s:8.1f} s")
+    print(f"  total (with pip)    {total_s:8.1f} s = {total_s / 60:.1f} min")
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -81,6 +81,15 @@ def test_build_progress_lines():
     assert parse_build_progress("[ 45%] Building CXX object src/llama.cpp.o") == 45
     assert parse_build_progress("[100%] Built target llama-server") == 100
     assert parse_build_progress("-- Configuring done") is None
+    assert parse_build_progress("[104/232] Building CXX object common/CMakeFiles/llama-common.dir/arg.cpp.o") == 44
+    assert parse_build_progress("[232/232] Linking CXX executable bin/llama-imatrix") == 100
+
+
+def test_the_ninja_generator_when_its_wheel_is_installed():
+    from harness.llamacpp import build_generator
+
+    generator = build_generator()  # the `ninja` wheel is a requirement of the project
+    assert generator[:2] == ["-G", "Ninja"] and Path(generator[2].split("=", 1)[1]).is_file()
 
 
 def test_detect_era(tmp_path: Path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,31 @@ def any_build(request: pytest.FixtureRequest) -> Build:
 @pytest.fixture(scope="session")
 def smollm2(cache_dir: Path) -> Path:
     return smollm2_gguf(CacheDir(cache_dir))
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One finished `llamasys demo`, as a user runs it: what it printed, and what it left in its run directory when it
+    finished (read then, so that a test that runs it again cannot change what the others read)."""
+
+    root: Path
+    result: subprocess.CompletedProcess
+    results: dict
+    manifest: dict
+    page: str
+
+
+@pytest.fixture(scope="session")
+def demo_run(cache_dir: Path, current_build: Build, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`llamasys demo` run once for the whole session: every test that needs a finished run reads this one (the
+    pipeline's own tests, the report in Chromium, the models it made)."""
+    from tests.integration.helpers import llamasys
+
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    result = llamasys("demo", "--run-dir", str(root), "--no-progress", env={"LLAMASYS_CACHE_DIR": str(cache_dir)},
+                      timeout=3000)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return DemoRun(
+        root, result, json.loads((root / "results.json").read_text()), json.loads((root / "manifest.json").read_text()),
+        (root / "report.html").read_text(),
+    )  # fmt: skip

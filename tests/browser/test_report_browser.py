@@ -90,6 +90,16 @@ def test_report_renders_offline_without_errors(tmp_path: Path):
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
 
+def test_the_demos_own_report_renders_offline_without_errors(demo_run):
+    # The report of the session's real demo run (tests/conftest.py), not a made-up one: the same checks.
+    seen = open_in_chromium(demo_run.root / "report.html", ARTIFACTS / "report-demo.png")
+    assert seen["errors"] == []
+    assert all(url.startswith(("file://", "data:", "about:")) for url in seen["requests"]), seen["requests"]
+    assert seen["charts"] >= 4
+    assert_charts_read_right(seen["chart_data"])
+    assert seen["recommendation"].startswith("Nothing to ship yet")
+
+
 def test_charts_label_log_axes_in_full_and_draw_lines_in_level_order(tmp_path: Path):
     """A capacity search measures its probe (3 users) after 8, on two targets, beside a searched recipe variant."""
     r = results_with_search()

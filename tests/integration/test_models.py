@@ -363,22 +363,12 @@ def test_hugging_face_snapshot_path_offline(checkpoint: Path, current_build: Bui
 # ---------------------------------------------------------------- the offline demo model
 
 
-def test_demo_experiment_walks_checkpoint_gguf_quantize(cache_dir: Path, current_build: Build, tmp_path: Path):
-    # The demo checkpoint (SmolLM2 dequantized, ~540 MB) is made once in the shared cache; conversion and
-    # quantization run in this test's own cache every time.
-    shared = demo_checkpoint(CacheDir(cache_dir), log_dir=tmp_path / "logs")
-    private = tmp_path / "cache" / "models"
-    private.mkdir(parents=True)
-    (private / shared.name).symlink_to(shared)
-    (private / "smollm2").symlink_to(smollm2_gguf(CacheDir(cache_dir)).parent)
-    overrides = [f"cache_dir='{tmp_path / 'cache'}'", f"run_dir='{tmp_path / 'run'}'", "model.threads=2"]
-    overrides += ["imatrix.chunks=2", "imatrix.ctx_size=128"]
-    # The demo's stock variants (its searched recipe: tests/integration/test_recipe.py and the demo's own test).
-    overrides += ['variants=[{name="F16", type="F16"}, {name="Q4_K_M-imat", type="Q4_K_M", imatrix=true}]']
-    exp = load_experiment(REPO / "harness" / "experiments" / "demo.toml", overrides=overrides, environ={})
-    artifacts = prepare_models(RunContext.of(exp, current_build, RunDir(tmp_path / "run")))
-
-    assert list(artifacts) == ["F16", "Q4_K_M-imat"]
+def test_the_demo_model_walks_checkpoint_gguf_quantize(demo_run, cache_dir: Path, current_build: Build, tmp_path):
+    # The demo's models (the session's one demo run): SmolLM2 dequantized into a checkpoint (made once in the shared
+    # cache), converted by llama.cpp's converter and quantized; tiny checkpoints are converted afresh above.
+    listed = json.loads((demo_run.root / "models" / "models.json").read_text())
+    artifacts = {v["name"]: ModelArtifact.model_validate(v) for v in listed["variants"]}
+    assert list(artifacts) == ["F16", "Q4_K_M-imat", "recipe"]
     f16, q4 = artifacts["F16"], artifacts["Q4_K_M-imat"]
     assert f16.n_params == 134_515_008  # SmolLM2-135M, tied embeddings counted once
     assert 16 < f16.bits_per_weight < 16.5
@@ -387,7 +377,6 @@ def test_demo_experiment_walks_checkpoint_gguf_quantize(cache_dir: Path, current
     info = gguf_info(f16.path, current_build, log=tmp_path / "info.log")
     assert info.pre_tokenizer == "smollm" and info.architecture == "llama"
     # The rebuilt tokenizer hashes like SmolLM's own: llama.cpp recognizes it, demo.toml's fallback stays unused.
-    listed = json.loads((tmp_path / "run" / "models" / "models.json").read_text())
     assert listed["model"]["pretokenizer_fallback"] is False
 
     # The round trip keeps the tokenizer: the converted model tokenizes exactly like the original GGUF.
@@ -400,5 +389,7 @@ def test_demo_experiment_walks_checkpoint_gguf_quantize(cache_dir: Path, current
         body = {"prompt": original, "n_predict": 4, "ignore_eos": True, "cache_prompt": False}
         assert s.post_json("/completion", body)["timings"]["predicted_n"] == 4
     assert listed["model"]["source"] == "demo"
-    assert Path(listed["model"]["checkpoint"]).resolve() == shared.resolve()
-    assert isinstance(ModelArtifact.model_validate(listed["variants"][0]), ModelArtifact)
+    assert (
+        Path(listed["model"]["checkpoint"]).resolve()
+        == demo_checkpoint(CacheDir(cache_dir), log_dir=tmp_path).resolve()
+    )

@@ -305,7 +305,11 @@ def check_build(build: Build, types: Sequence[str], cache: CacheDir, cpu: CpuInf
         checked_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), types=results,
     )  # fmt: skip
     if check.ok:
-        write_record(check_path(cache, build, cpu), check)
+        # The types an earlier passed check of this build on this CPU proved and this one did not run stay proven
+        # (a `llamasys build --check` of the default types must not narrow what a wider experiment's check covered).
+        earlier = cached_check(cache, build, cpu, ())
+        kept = {t: r for t, r in (earlier.types if earlier else {}).items() if t not in results}
+        write_record(check_path(cache, build, cpu), check.model_copy(update={"types": {**results, **kept}}))
     logger.info(
         "build check: %s in %.1f s (%s)", "passed" if check.ok else "FAILED", time.monotonic() - started,
         ", ".join(f"{t} {r.describe() if not r.ok else 'ok'}" for t, r in results.items()),

@@ -202,12 +202,12 @@ def test_a_build_forced_to_use_an_extension_this_cpu_lacks_is_caught_and_rebuilt
     assert build.isa is not None and ext.name in build.isa.turned_off and ext.name not in build.isa.enabled
     assert "SIGILL" in build.isa.turned_off[ext.name]
     assert any(not step.ok and step.what.startswith("check") for step in build.steps), build.steps
-    died = re.search(r"llama.cpp build (\w+) does not run here", text)
-    assert died is not None
-    for entry in (cache_dir / "builds" / died.group(1), build.bin_dir.parent):
-        lines = (entry / "build.log").read_text().splitlines()
-        compiled = [ln for ln in lines if ln.startswith("[") and "Building C" in ln]
-        assert compiled and all("ggml-cpu.dir" in ln for ln in compiled), (entry, compiled[:5])
+    # The build made again was configured in the tree the dying one was just compiled in: it compiled ggml's CPU
+    # backend alone. (The first one compiles only that too when the machine's own build left the tree; a cache whose
+    # work tree is gone compiles it whole once.)
+    lines = (build.bin_dir.parent / "build.log").read_text().splitlines()
+    compiled = [ln for ln in lines if ln.startswith("[") and "Building C" in ln]
+    assert compiled and all("ggml-cpu.dir" in ln for ln in compiled), compiled[:5]
     forced = this_cpu(features)
     assert ext.name in known_cpu(forced, cache_dir, probe=False).excluded
     assert cpu_record_path(cache_dir, forced) != cpu_record_path(cache_dir, this_cpu())  # the real CPU's is untouched
@@ -220,6 +220,11 @@ def test_a_build_forced_to_use_an_extension_this_cpu_lacks_is_caught_and_rebuilt
 
 
 def test_build_check_prints_the_cpu_the_isa_and_every_type(current_build: Build, cache_dir: Path):
+    from harness.build import BuildCheck
+    from harness.records import read_record
+
+    record = check_path_of(current_build)
+    before = set(read_record(record, BuildCheck).types)
     result = llamasys("build", "--check", "--no-progress", env={"LLAMASYS_CACHE_DIR": str(cache_dir)}, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -229,3 +234,5 @@ def test_build_check_prints_the_cpu_the_isa_and_every_type(current_build: Build,
     for weight_type in ("F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"):
         assert re.search(rf"^  {weight_type}\s+ok\s+[\d,]+\s+[\d,]+$", out, re.MULTILINE), out
     assert "build check: passed" in result.stderr  # --check runs the probe again, it does not read the record
+    # What an earlier check of more types proved (another experiment's, such as the demo's) stays proven.
+    assert set(read_record(record, BuildCheck).types) >= before | {"F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_XS"}

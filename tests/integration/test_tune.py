@@ -76,8 +76,9 @@ ctx_size = 256
 source = "llamacpp-docs"
 [mmlu]
 enabled = false
+kld_chunks = 4         # the quality guard's held-out chunks
 [load]
-prompt_tokens = 256
+prompt_tokens = 128
 output_tokens = 16
 steps = [1]
 requests_per_user = 2
@@ -85,7 +86,7 @@ min_requests = 4
 search = true
 max_users = 2
 [slo]
-ttft_s = { limit = 2.5, quantile = 0.9 }
+ttft_s = { limit = 1.5, quantile = 0.9 }
 [[targets]]
 kind = "llama-server"
 [server]
@@ -135,7 +136,7 @@ def test_a_grid_against_a_real_llama_server_finds_the_better_setting(current_bui
     # The setting's flags replace [server]'s own -ub 1.
     assert trial["setting"] == "-t 1 -b 2048 -ub 512 -ctk f16 -ctv f16 -fa off"
     assert trial["server_args"] == ["-b", "2048", "-ub", "512", "-ctk", "f16", "-ctv", "f16", "-fa", "off"]
-    # Prefilling 256 tokens at once is much faster than one at a time: the trial's TTFT is lower, so it serves at
+    # Prefilling 128 tokens at once is much faster than one at a time: the trial's TTFT is lower, so it serves at
     # least as many users within the objective, with more goodput, and is chosen.
     summary = json.loads((run_dir / trial["summary"]).read_text())
     base = json.loads((run_dir / defaults["summary"]).read_text())

@@ -33,7 +33,8 @@ def test_shipped_experiments_load():
     assert (study.llamacpp.source, study.llamacpp.ref) == ("git", "b3661")
     demo = load_experiment(root / "demo.toml", environ={})
     assert demo.llamacpp.source == "pypi" and demo.model.source == "demo"
-    assert demo.load.steps == [1, 2, 4, 8]
+    assert demo.load.steps == [1, 2] and demo.load.search  # the search finds the capacity beyond the steps
+    assert [t.variants for t in demo.targets] == [[], ["Q4_K_M-imat"]]  # llama-cpp-python on one variant
 
 
 def test_layers_file_then_env_then_cli(tmp_path):

@@ -24,7 +24,7 @@ after every request (or every block of questions) and stopping when it crosses i
   it.
 
 Pure (numpy, scipy), tested against the mixture's definition (numerical integration) and by seeded simulation of
-the error at the boundary (benchmarks/verdicts.py prints the tables the README gives).
+the error at the boundary (benchmarks/verdicts.py prints the tables docs/quality.md and docs/load.md give).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: how often each verdict rule is wrong at the boundary, and what it costs, by seeded simulation.
 
-Seven parts, each printed as a table (the README gives them, with the command that prints each):
+Seven parts, each printed as a table (docs/quality.md and docs/load.md give them, with the command that prints each):
 
 1. early-stop: early stop of a load level, one request at a time (one latency objective, p90, or two at once): the
    rule the project had (a one-look 95 % order-statistic interval checked after every request) against the

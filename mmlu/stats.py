@@ -20,9 +20,9 @@ McNemar test (two-sided, scipy) is kept beside them. The sample size is Nam's sc
 non-inferiority (Nam 1997, Biometrics 53:1422; with M = 0 it is Connor's 1987 McNemar formula). Each formula is
 tested against published worked examples in tests/unit/test_mmlu_stats.py.
 
-At the margin these asymptotic tests are not exact: benchmarks/verdicts.py enumerates their error exactly (the
-README gives the figures; "worse" exceeds alpha / 2 slightly at a low discordance, by at most a few tenths of a
-point from 1,000 questions).
+At the margin these asymptotic tests are not exact: benchmarks/verdicts.py enumerates their error exactly
+(docs/quality.md gives the figures; "worse" exceeds alpha / 2 slightly at a low discordance, by at most a few tenths of
+a point from 1,000 questions).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults injected into real runs, and what survives them (the README's fault table, row by row).
+"""Faults injected into real runs, and what survives them (the fault table of docs/reliability.md, row by row).
 
 Each case asserts that nothing finished is lost, nothing is left running (no llama-server, Locust, llama-perplexity
 or compiler mentioning the test's private paths) and the error is one clear line. Real builds, real llama.cpp

@@ -28,9 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check --no-cache .
 
-# The inner loop: lint and the unit tests, no llama.cpp build (about a minute).
+# The inner loop: lint and the unit tests, no llama.cpp build, on every core (pytest-xdist: the unit tests share
+# nothing). The integration tests run one at a time: those that measure latency need the cores to themselves.
 check: lint
-	$(BIN)/pytest tests/unit -q
+	$(BIN)/pytest tests/unit -q -n auto
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest

@@ -297,18 +297,20 @@ def a_variant_mid_request(
     )
     child = spawn([sys.executable, "-c", code], log_path=tmp_path / "child.log", cwd=REPO, env=dict(os.environ))
     with running(child, grace_s=30):
-        locust = out / "locust.log"  # Locust spawned every user of the step; the server is generating
-        wait_until(lambda: locust.exists() and "All users spawned" in locust.read_text(errors="replace"), None, 180,
-                   "requests in flight")  # fmt: skip
-        time.sleep(2)
+        # Both users' requests are in flight: the server has started a task for each (its log says so).
+        server = out / "server.log"
+        wait_until(lambda: server.exists() and server.read_text(errors="replace").count("processing task") >= 2, None,
+                   180, "requests in flight")  # fmt: skip
         yield child, out
 
 
 def test_ctrl_c_twice_stops_at_once(current_build: Build, smollm2: Path, tmp_path: Path):
     # Long requests and a long grace: the first Ctrl-C would wait up to 120 s for them; the second does not wait.
-    with a_variant_mid_request(tmp_path, current_build, smollm2, drain_grace_s=120) as (child, _):
+    with a_variant_mid_request(tmp_path, current_build, smollm2, drain_grace_s=120) as (child, out):
         os.kill(child.pid, signal.SIGINT)
-        time.sleep(1)
+        # The first Ctrl-C reached Locust (it says so as it begins to wait for its users) before the second is sent.
+        log = out / "locust.log"
+        wait_until(lambda: "Exiting due to CTRL+C" in log.read_text(errors="replace"), None, 60, "Locust stopping")
         os.kill(child.pid, signal.SIGINT)
         started = time.monotonic()
         child.wait(timeout=100)

@@ -57,12 +57,16 @@ static void on_sigill(int sig, siginfo_t *info, void *context) {
         n += snprintf(line + n, sizeof line - n, "%02x", pc[i]);
     line[n++] = '\n';
     if (write(2, line, n) < 0) {}
+    /* Only now the default action, which kills when the instruction is executed again on return. Resetting before
+       the write (SA_RESETHAND) lost the line whenever two threads faulted at once, as ggml's workers do: the second
+       one's signal found the default action and killed the process before the first one had written. */
+    signal(SIGILL, SIG_DFL);
 }
 __attribute__((constructor)) static void install(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sigill;
-    sa.sa_flags = SA_SIGINFO | SA_RESETHAND; /* returning re-executes the instruction: the default action kills */
+    sa.sa_flags = SA_SIGINFO;
     sigaction(SIGILL, &sa, NULL);
 }
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -150,6 +151,50 @@ def test_a_probe_program_that_dies_leaves_its_extension_out():
     assert target.name in isa.turned_off and plain.name in isa.enabled and not isa.native
     if x86:
         assert "-DGGML_AVX2=OFF" in isa.cmake_args and "-DGGML_AVX=ON" in isa.cmake_args
+
+
+_THREADS_FAULTING = r"""
+#include <pthread.h>
+static pthread_barrier_t start;
+static void *fault(void *arg) {
+    (void) arg;
+    pthread_barrier_wait(&start);  /* every thread executes the undefined instruction at the same moment */
+    __asm__ volatile("%s");
+    return 0;
+}
+int main(void) {
+    enum { N = 8 };
+    pthread_t threads[N];
+    pthread_barrier_init(&start, 0, N);
+    for (int i = 0; i < N; i++) pthread_create(&threads[i], 0, fault, 0);
+    for (int i = 0; i < N; i++) pthread_join(threads[i], 0);
+    return 0;
+}
+"""
+
+
+def test_the_sigill_reporter_names_the_instruction_when_many_threads_fault_at_once(tmp_path: Path):
+    # ggml's worker threads run the same kernel, so they hit an instruction the CPU lacks together: the reporter must
+    # print the faulting bytes whichever thread's signal comes first (it lost them when it reset its handler before
+    # writing), and the process must still die of SIGILL.
+    from harness.buildcheck import fault_bytes, sigill_reporter
+    from harness.cache import CacheDir
+    from harness.cpu import c_compiler, this_cpu
+
+    machine = this_cpu().machine
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"no undefined instruction written for {machine}")
+    source = tmp_path / "faults.c"
+    source.write_text(_THREADS_FAULTING % ("ud2" if machine == "x86_64" else "udf #0"))
+    program = tmp_path / "faults"
+    subprocess.run([c_compiler(), "-O1", "-pthread", "-o", str(program), str(source)], check=True)
+    reporter = sigill_reporter(CacheDir(tmp_path / "cache"))
+    assert reporter is not None
+    for _ in range(30):
+        run = subprocess.run([str(program)], capture_output=True, text=True, env={"LD_PRELOAD": str(reporter)})
+        assert run.returncode == -signal.SIGILL, run
+        code = fault_bytes(run.stderr.splitlines())
+        assert code is not None and code.startswith(b"\x0f\x0b" if machine == "x86_64" else b"\x00\x00"), run.stderr
 
 
 # Tried in this order: the extensions whose code is all over ggml's CPU kernels, so a build with them dies at once.

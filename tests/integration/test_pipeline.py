@@ -43,7 +43,7 @@ def test_demo_measures_every_variant_on_both_targets(demo_run):
             # Where the boundary lies depends on the machine (a slow one misses even at 1 user); the reason must match.
             expected_stop = "fails at 1 user" if low == 0 else "resolution"
             assert high is None or (high - low == 1 and speed["capacity"]["stopped_by"] == expected_stop)
-            assert speed["objectives"] == ["TTFT p90 <= 2 s", "TPOT p90 <= 100 ms"]
+            assert speed["objectives"] == ["TTFT p90 <= 1 s", "TPOT p90 <= 100 ms"]
             # Each step says whether the anytime-valid test decided its verdict or its estimate judged it.
             assert all(s["slo_basis"] in ("decided", "estimated") for s in speed["steps"])
     lcp = results["variants"][1]["speeds"]["llama-cpp-python"]

@@ -84,9 +84,11 @@ steps = [1]
 requests_per_user = 2
 min_requests = 4
 search = true
-max_users = 2
+max_users = 3
 [slo]
-ttft_s = { limit = 1.5, quantile = 0.9 }
+# Prefilling 128 tokens one at a time misses it at 1 user; 128 at once meets it at 2 and 3: the trial has levels
+# left to measure when it is interrupted at its first request.
+ttft_s = { limit = 1.0, quantile = 0.9 }
 [[targets]]
 kind = "llama-server"
 [server]

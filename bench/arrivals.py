@@ -9,8 +9,8 @@ latency is counted from its arrival, so the wait is in it: it is *late*); one th
 `max_wait_s` is *dropped* (recorded as a failed request). Offered rate = the level; achieved rate = requests
 sent per second of the step.
 
-Adding a kind is one class with `@register("name")` in any module imported before plans are read; an unknown kind's
-error lists the known ones.
+Adding a kind is one class with `@register("name")` (the ARRIVALS registry's decorator) in any module imported
+before plans are read; an unknown kind's error lists the known ones.
 """
 
 from __future__ import annotations
@@ -22,21 +22,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ARRIVALS: dict[str, type[Arrival]] = {}
+from bench.registry import Registry
+
+ARRIVALS: Registry[type[Arrival]] = Registry("arrival kind")
 # A request that waited longer than this for a free user after arriving counts as late (timer jitter stays below).
 LATE_S = 0.05
 
 
-def register(kind: str):
-    """Class decorator: make an arrival process available as `arrival.kind = kind` (a duplicate is refused)."""
-
-    def add(cls: type[Arrival]) -> type[Arrival]:
-        if kind in ARRIVALS:
-            raise ValueError(f"arrival kind {kind!r} is registered twice ({ARRIVALS[kind].__name__}, {cls.__name__})")
-        ARRIVALS[kind] = cls
-        return cls
-
-    return add
+register = ARRIVALS.add  # `@register("poisson")`: an arrival process available as `arrival.kind = "poisson"`
 
 
 def arrival_from(data: Any) -> Arrival:
@@ -47,10 +40,7 @@ def arrival_from(data: Any) -> Arrival:
         data = {"kind": data}
     if not isinstance(data, dict):
         raise ValueError(f"an arrival process is a table with a kind, e.g. {{kind = 'poisson'}}; got {data!r}")
-    kind = data.get("kind", "users")
-    if kind not in ARRIVALS:
-        raise ValueError(f"unknown arrival kind {kind!r}; known kinds: {', '.join(ARRIVALS)}")
-    return ARRIVALS[kind].model_validate(data)
+    return ARRIVALS[data.get("kind", "users")].model_validate(data)
 
 
 class Arrival(BaseModel):

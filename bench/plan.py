@@ -176,8 +176,6 @@ class LoadPlan(BaseModel):
             return plan.model_copy(update={"run_id": ns.run_id}) if getattr(ns, "run_id", "") else plan
         duration = float(getattr(ns, "step_duration", 0.0) or 0.0)
         kind = str(getattr(ns, "arrival", "users") or "users")
-        if kind not in ARRIVALS:
-            raise ValueError(f"unknown arrival kind {kind!r}; known kinds: {', '.join(ARRIVALS)}")
         fields = ARRIVALS[kind].model_fields
         arrival: dict[str, Any] = {"kind": kind}
         for option, cast in (("max_in_flight", int), ("burstiness", float)):  # the arrival options on the CLI

@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from bench.apis import Api, generates_tokens
 from bench.plan import LoadPlan, plan_error
 from bench.slo import Objective
 from harness.cache import default_cache_dir
@@ -372,7 +373,7 @@ class LoadConfig(Section):
     enabled: bool = True
     # native: llama-server's /completion; openai: /v1/completions; chat: /v1/chat/completions; embeddings:
     # /v1/embeddings (exact input tokens, no generation: output_tokens is not used).
-    api: Literal["native", "openai", "chat", "embeddings"] = "native"
+    api: Api = "native"
     prompt_tokens: int = _PLAN.prompt_tokens
     output_tokens: int = _PLAN.output_tokens
     # How requests arrive: {kind = "users"} (closed loop: steps are user counts, the default), or an open-loop rate
@@ -532,7 +533,7 @@ class Experiment(Section):
         return ServerSizing(
             parallel=parallel or self.plan().concurrency,
             prompt_tokens=self.load.prompt_tokens,
-            output_tokens=0 if self.load.api == "embeddings" else self.load.output_tokens,
+            output_tokens=self.load.output_tokens if generates_tokens(self.load.api) else 0,
             margin_tokens=self.server.margin_tokens,
         )
 

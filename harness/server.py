@@ -202,6 +202,7 @@ class ManagedEndpoint(Endpoint):
     it to become ready (it may die while loading; the deadline is the experiment's server.startup_timeout_s)."""
 
     _proc: subprocess.Popen | None = None
+    command: Sequence[str] = ()  # the command line its process was started with (set by each kind's start)
     started_at: float | None = None  # wall clock when its process was started
     exit_code: int | None = None  # how it ended by itself (a crash), once it has; None while running or stopped by us
 
@@ -222,7 +223,8 @@ class ManagedEndpoint(Endpoint):
             self._proc = None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "started_at": self.started_at, "pid": self.pid}
+        """What served the load, for its attempt's record: with the exact command line (`argv`) that started it."""
+        return {**super().describe(), "started_at": self.started_at, "pid": self.pid, "argv": list(self.command)}
 
     def _spawned(self, proc: subprocess.Popen) -> None:
         self._proc, self.started_at = proc, time.time()

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from harness.cache import file_identity
 from harness.config import TargetConfig
 from harness.context import RunContext
@@ -280,6 +282,8 @@ class Trial(Record):
     summary: str  # its load summary, relative to the run directory
     complete: bool = True
     error: str | None = None
+    # The command line of the llama-server the trial's last attempt measured, as it ran (harness.server records it).
+    argv: list[str] = Field(default_factory=list)
 
 
 class TuneResult(StageRecord):
@@ -291,7 +295,7 @@ class TuneResult(StageRecord):
     guards: list[Guard]
     trials: list[Trial]  # the defaults first
     chosen: str  # the chosen trial's setting
-    command: str  # the llama-server command line to serve it with
+    command: str  # the llama-server command line to serve it with: the chosen trial's measured argv, named
     stopped_by: str  # "survivors" (all measured) or "time budget"
     seconds: float
 
@@ -393,7 +397,7 @@ class _Tuning:
         best = max(trials, key=_rank)
         return TuneResult(
             variant=self.variant, target=self.target.label, screen=ranked, guards=guards, trials=trials,
-            chosen=best.setting, command=self._command(best), stopped_by=stopped,
+            chosen=best.setting, command=served_command(best.argv, self.model, self.variant), stopped_by=stopped,
             seconds=round(time.monotonic() - self.started, 1),
         )  # fmt: skip
 
@@ -456,26 +460,26 @@ class _Tuning:
             )  # fmt: skip
         return self._guards[key].model_copy(update={"setting": setting.describe()})
 
-    def _command(self, trial: Trial) -> str:
-        sizing = self.ctx.experiment.sizing()
-        args = ["llama-server", "-m", str(self.model), "--host", "127.0.0.1", "-np", str(sizing.parallel),
-                "-c", str(sizing.ctx_size)]  # fmt: skip
-        if trial.threads:
-            args += ["-t", str(trial.threads)]
-        if self.ctx.build.has_gpu:
-            args += [
-                "-ngl",
-                str(trial.gpu_layers if trial.gpu_layers is not None else self.ctx.experiment.server.gpu_layers),
-            ]
-        return shlex.join(args + trial.server_args)
+
+def served_command(argv: Sequence[str], model: Path, variant: str) -> str:
+    """The command line to serve a variant with: exactly the `argv` its trial was measured with, the binary by its
+    name (`llama-server`, from the build's bin directory) and the model by its path in the run directory
+    (`models/<variant>.gguf`, a link to the cached file); empty when the trial recorded none."""
+    if not argv:
+        return ""
+    named = [Path(argv[0]).name]
+    for arg in argv[1:]:
+        named.append(f"models/{variant}.gguf" if arg == str(model) else arg)
+    return shlex.join(named)
 
 
 def _trial_of(summary: LoadSummary, setting: str, server_args: list[str], threads: int | None, path: Path,
               root: Path, *, gpu_layers: int | None = None) -> Trial:  # fmt: skip
     cap = summary.capacity
     at = next((s for s in summary.steps if cap is not None and s.level == cap.low), None)
+    argv = next((a.argv for a in reversed(summary.attempts) if a.argv), [])
     return Trial(
-        setting=setting, server_args=list(server_args), threads=threads, gpu_layers=gpu_layers,
+        setting=setting, server_args=list(server_args), threads=threads, gpu_layers=gpu_layers, argv=argv,
         capacity_low=cap.low if cap else None, capacity_high=cap.high if cap else None,
         goodput_rps=at.goodput_rps if at else None, output_tps=at.output_tokens_per_s if at else None,
         e2e_p90_s=at.e2e_s.p90 if at and at.e2e_s else None,

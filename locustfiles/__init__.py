@@ -8,38 +8,8 @@ table of users without gevent patching its process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
+from bench.apis import LOCUSTFILES, USER_KINDS, UserKind
 from bench.records import RequestRecord, StepRecord, read_records
 from locustfiles._steps import EXIT_ABORTED
-
-LOCUSTFILES = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class UserKind:
-    """One kind of load: the experiment's `load.api` name, the route it streams, and the user class that sends it."""
-
-    api: str
-    route: str
-    locustfile: str
-    user_class: str
-
-    @property
-    def path(self) -> Path:
-        return LOCUSTFILES / self.locustfile
-
-
-# The one table of users: the user classes take their api and route from it, the harness their file and name.
-USER_KINDS: dict[str, UserKind] = {
-    kind.api: kind
-    for kind in (
-        UserKind("native", "/completion", "native.py", "NativeCompletionUser"),
-        UserKind("openai", "/v1/completions", "openai_compat.py", "OpenAICompletionUser"),
-        UserKind("chat", "/v1/chat/completions", "openai_compat.py", "OpenAIChatUser"),
-        UserKind("embeddings", "/v1/embeddings", "embeddings.py", "EmbeddingsUser"),
-    )
-}
 
 __all__ = ["EXIT_ABORTED", "LOCUSTFILES", "USER_KINDS", "RequestRecord", "StepRecord", "UserKind", "read_records"]

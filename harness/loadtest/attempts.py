@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.apis import generates_tokens
 from bench.plan import DoneLevel, LoadPlan
 from bench.records import RequestRecord, StepRecord, read_records
 from harness.cache import content_sha256
@@ -333,7 +334,7 @@ class VariantLoad:
         kept, requests = self.kept()
         samples = _read_samples(self.out / "resources.jsonl")
         decode = self.plan.decode if self.plan else None
-        context = cfg.prompt_tokens + (0 if self.api == "embeddings" else cfg.output_tokens / 2)  # mean in decode
+        context = cfg.prompt_tokens + (cfg.output_tokens / 2 if generates_tokens(self.api) else 0)  # mean in decode
         configured = sorted((k for k in kept if k[0].level in cfg.steps), key=lambda k: k[0].level)
         probes = sorted((k for k in kept if k[0].level not in cfg.steps), key=lambda k: (k[1].number, k[0].step))
         ordered = configured + probes
@@ -361,7 +362,7 @@ class VariantLoad:
             api=self.api,
             route=next((r.route for r in mine), ""),
             prompt_tokens=cfg.prompt_tokens,
-            output_tokens=0 if self.api == "embeddings" else cfg.output_tokens,
+            output_tokens=cfg.output_tokens if generates_tokens(self.api) else 0,
             steps=steps,
             load_model=LOAD_MODELS[load_plan.open_loop],
             arrival=load_plan.arrival.model_dump(mode="json"),

@@ -31,7 +31,7 @@ PROJECT_ROOT = LOCUSTFILES.parent
 def user_for(api: str) -> tuple[Path, str]:
     """The locustfile and user class of `load.api`."""
     if api not in USER_KINDS:
-        raise LoadTestError(f"unknown load api {api!r}; choose one of {', '.join(USER_KINDS)}")
+        raise LoadTestError(USER_KINDS.unknown(api))
     kind = USER_KINDS[api]
     return kind.path, kind.user_class
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.apis import generates_tokens
 from bench.plan import DEFAULT_PROMPT_TEXT, LoadPlan
 from harness.bandwidth import decode_cost, kv_memory_bound, llama_bench_generation, memory_bandwidth
 from harness.config import LoadConfig, TargetConfig
@@ -30,7 +31,7 @@ def start_server(ctx: RunContext, model: Path, log_path: Path, *, port: int | No
         settings = settings.model_copy(update={"port": port})
     return LlamaServer(
         ctx.build, model, ctx.experiment.sizing(), log_path=log_path, settings=settings,
-        embeddings=ctx.experiment.load.api == "embeddings",
+        embeddings=not generates_tokens(ctx.experiment.load.api),
     )  # fmt: skip
 
 

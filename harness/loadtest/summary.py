@@ -151,6 +151,11 @@ class Attempt(Record):
         return self.server.get("pid")
 
     @property
+    def argv(self) -> list[str]:
+        """The command line of the server this attempt measured (empty for an external endpoint)."""
+        return list(self.server.get("argv") or [])
+
+    @property
     def server_exit(self) -> str | None:
         """How the server ended (`killed by SIGILL: ...`), when it died."""
         return None if self.server_exit_code is None else exit_reason(self.server_exit_code)

@@ -40,7 +40,7 @@ def web_ui_command(
     embeddings: the embeddings user; otherwise the completion and chat users), all ticked, and the step shape
     (Locust's class picker); the plan's settings are its editable custom arguments. With objectives, each step's
     pass or miss shows in its statistics as an "SLO" row (a miss as a failure)."""
-    kinds = [k for k in USER_KINDS.values() if (k.api == "embeddings") == embeddings]
+    kinds = [k for k in USER_KINDS.values() if k.generates_tokens != embeddings]
     files = sorted({str(kind.path) for kind in kinds})
     return [
         sys.executable, "-m", "locust", "-f", ",".join(files),

@@ -8,15 +8,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bench.apis import Api
+from bench.registry import Registry
 
 if TYPE_CHECKING:
     from harness.context import RunContext
     from harness.server import Endpoint
-
-Api = Literal["native", "openai", "chat", "embeddings"]
 
 
 class TargetConfig(BaseModel):
@@ -69,9 +70,13 @@ class Target(ABC):
     runs_llama_bench: ClassVar[bool] = False  # the build's llama-bench is its single-stream reference
     sized_by_slots: ClassVar[bool] = False  # its slots are the concurrency: the search is bounded by the memory
 
+    # The load APIs (bench.apis) it serves; the first stands in for one it does not (llama-cpp-python has no native
+    # /completion route: its users load /v1/completions).
+    apis: ClassVar[tuple[str, ...]] = ("native", "openai", "chat", "embeddings")
+
     @classmethod
     def route_api(cls, api: str) -> str:
-        return api
+        return api if api in cls.apis else cls.apis[0]
 
     @classmethod
     @abstractmethod
@@ -82,15 +87,12 @@ class Target(ABC):
         started; `parallel`: the requests it must serve at once (None: the load's bound)."""
 
 
-TARGETS: dict[str, type[Target]] = {}
+TARGETS: Registry[type[Target]] = Registry("target kind")
 
 
 def register(cls: type[Target]) -> type[Target]:
     """Class decorator: make `cls` the target of `cls.kind` (a kind registered twice is refused)."""
-    if cls.kind in TARGETS:
-        raise ValueError(f"target kind {cls.kind!r} is registered twice ({TARGETS[cls.kind].__name__}, {cls.__name__})")
-    TARGETS[cls.kind] = cls
-    return cls
+    return TARGETS.register(cls.kind, cls)
 
 
 def target_config(data: Any) -> TargetConfig:
@@ -100,8 +102,6 @@ def target_config(data: Any) -> TargetConfig:
     if not isinstance(data, dict):
         raise ValueError(f"a target is a table with a kind, e.g. {{kind = 'llama-server'}}; got {data!r}")
     kind = data.get("kind", "llama-server")
-    if kind not in TARGETS:
-        raise ValueError(f"unknown target kind {kind!r}; known kinds: {', '.join(TARGETS)}")
     config = TARGETS[kind].config
     try:
         return config.model_validate(data)

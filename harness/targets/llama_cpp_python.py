@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import model_validator
 
+from bench.apis import USER_KINDS, generates_tokens
 from harness.buildcheck import probe_models
 from harness.cache import atomic_dir
 from harness.cpu import this_cpu
@@ -56,9 +57,10 @@ class LlamaCppPythonConfig(TargetConfig):
         return self.multi_model
 
     @model_validator(mode="after")
-    def _no_native_route(self) -> LlamaCppPythonConfig:
-        if self.api == "native":
-            raise ValueError("llama-cpp-python has no native /completion route; use api openai, chat or embeddings")
+    def _a_route_it_serves(self) -> LlamaCppPythonConfig:
+        if self.api is not None and self.api not in LlamaCppPython.apis:
+            route, routes = USER_KINDS[self.api].route, ", ".join(LlamaCppPython.apis)
+            raise ValueError(f"llama-cpp-python has no {self.api} {route} route; use api {routes}")
         return self
 
 
@@ -67,14 +69,11 @@ class LlamaCppPython(Target):
     kind = "llama-cpp-python"
     config = LlamaCppPythonConfig
     serializes = True  # one Llama object per model, one request at a time: concurrent requests queue
-
-    @classmethod
-    def route_api(cls, api: str) -> str:
-        return "openai" if api == "native" else api
+    apis = ("openai", "chat", "embeddings")  # no native /completion: its users load /v1/completions instead
 
     @classmethod
     def open(cls, ctx, target, models, *, log_path, parallel):  # type: ignore[no-untyped-def]
-        embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
+        embeddings = not generates_tokens(target.route_api(ctx.experiment.load.api))
         return LlamaCppPythonServer(ctx, target, models, log_path=log_path, embedding=embeddings)  # type: ignore[arg-type]
 
 
@@ -258,7 +257,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
             settings["n_threads"] = settings["n_threads_batch"] = exp.server.threads
         return settings
 
-    def command(self, python: Path, config_file: Path) -> list[str]:
+    def server_command(self, python: Path, config_file: Path) -> list[str]:
         return [str(python), "-m", "llama_cpp.server", "--config_file", str(config_file)]
 
     def start(self) -> None:
@@ -276,7 +275,7 @@ class LlamaCppPythonServer(ManagedEndpoint):
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         config_file = atomic_write(self.log_path.with_name("llama-cpp-python.json"), json.dumps(config, indent=2))
-        cmd = self.command(self.env.python, config_file)
+        cmd = self.command = self.server_command(self.env.python, config_file)
         extra = self.env.environ()
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join([*(f'{k}={v}' for k, v in extra.items()), *cmd])}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from bench.apis import generates_tokens
 from harness.errors import LoadTestError
 from harness.server import LlamaServer
 from harness.targets.base import Target, TargetConfig, register
@@ -29,7 +30,7 @@ class LlamaServerTarget(Target):
         if len(models) != 1:
             raise LoadTestError(f"llama-server serves one model at a time, not {len(models)}")
         (model,) = models.values()
-        embeddings = target.route_api(ctx.experiment.load.api) == "embeddings"
+        embeddings = not generates_tokens(target.route_api(ctx.experiment.load.api))
         return LlamaServer(
             ctx.build, model, ctx.experiment.sizing(parallel), log_path=log_path, settings=ctx.experiment.server,
             embeddings=embeddings,

@@ -4,6 +4,7 @@ test_faults.py). The demo runs once per session (tests/conftest.py `demo_run`); 
 from __future__ import annotations
 
 import html
+import shlex
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,10 @@ def test_demo_tunes_one_setting_against_the_defaults(demo_run):
     defaults, *measured = tuned["trials"]
     assert defaults["setting"] == "(defaults)" and len(measured) + len(tuned["guards"]) >= 1
     assert all(t["complete"] and t["capacity_low"] is not None for t in tuned["trials"])
-    assert tuned["chosen"] in [t["setting"] for t in tuned["trials"]] and tuned["command"].startswith("llama-server")
+    chosen = next(t for t in tuned["trials"] if t["setting"] == tuned["chosen"])
+    # The command to serve it is the chosen trial's measured command line (its binary and model named).
+    assert chosen["argv"] and shlex.split(tuned["command"])[0] == "llama-server"
+    assert shlex.split(tuned["command"])[3:] == chosen["argv"][3:] and "models/Q4_K_M-imat.gguf" in tuned["command"]
     assert all("-fa " in g["setting"] for g in tuned["guards"])  # of this grid, only flash attention may change them
     assert 'id="tune-Q4_K_M-imat"' in demo_run.page and html.escape(tuned["command"]) in demo_run.page
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from harness.build import Build
 from harness.buildcheck import probe_model, probe_text
 from harness.cache import CacheDir
 from harness.kld import base_logits, run_kld
-from harness.tune import Setting, candidates, guard, screen
+from harness.tune import Setting, candidates, guard, screen, served_command
 from tests.integration.helpers import llamasys, start_cli, stopped_at_the_end, wait_until
 
 pytestmark = pytest.mark.integration
@@ -144,8 +145,14 @@ def test_a_grid_against_a_real_llama_server_finds_the_better_setting(current_bui
     base = json.loads((run_dir / defaults["summary"]).read_text())
     assert summary["steps"][0]["ttft_s"]["p50"] < base["steps"][0]["ttft_s"]["p50"]
     assert (trial["capacity_low"], trial["goodput_rps"] or 0) > (defaults["capacity_low"], defaults["goodput_rps"] or 0)
-    assert tuned["chosen"] == trial["setting"] and "-ub 512" in tuned["command"]
-    assert tuned["command"].startswith("llama-server -m ") and "-np 2" in tuned["command"]
+    # The command to serve it is the command line the chosen trial's server ran with, to the flag (its own
+    # --no-kv-unified and sizing included), the binary and the model named.
+    measured = summary["attempts"][-1]["server"]["argv"]
+    assert trial["argv"] == measured and "--no-kv-unified" in measured and "512" in measured
+    model = Path(measured[measured.index("--model") + 1])
+    assert tuned["chosen"] == trial["setting"] and tuned["command"] == served_command(measured, model, "Q4_K_M-imat")
+    assert shlex.split(tuned["command"]) == ["llama-server", "--model", "models/Q4_K_M-imat.gguf", *measured[3:]]
+    assert (run_dir / "models" / "Q4_K_M-imat.gguf").resolve() == model.resolve()
     assert [r["setting"] for r in tuned["screen"]] == [trial["setting"]]
     # -fa off is not b11312's default (-fa auto runs flash attention on the CPU): guarded, and kept.
     assert [(g["setting"], g["accepted"]) for g in tuned["guards"]] == [(trial["setting"], True)]

@@ -162,7 +162,7 @@ def test_a_target_may_measure_some_variants_but_the_primary_measures_all():
             "url: unknown key for a llama-server target; its keys: kind",
         ),
         ('{kind="llama-server", multi_model=true}', "multi_model: unknown key for a llama-server target"),
-        ('{kind="llama-cpp-python", api="native"}', "has no native /completion route"),
+        ('{kind="llama-cpp-python", api="native"}', "has no native /completion route; use api openai, chat"),
         ('{kind="vllm"}', "unknown target kind 'vllm'; known kinds: external, llama-cpp-python, llama-server"),
     ],
 )

@@ -127,3 +127,14 @@ def test_gpu_layers_are_searched_as_one_more_dimension_on_a_gpu_build():
     rows = parse_bench((DATA / "llama-bench-b11312.json").read_text())
     ranked = screen_rows(rows, prompt_tokens=64, output_tokens=16, gpu_layers=True)
     assert all(r.gpu_layers == -1 and r.setting.endswith("-ngl -1") for r in ranked)  # b11312 CPU rows: -1
+
+
+def test_the_command_to_serve_with_is_the_measured_one_with_the_binary_and_the_model_named():
+    from harness.tune import served_command
+
+    argv = ["/cache/builds/k/bin/llama-server", "--model", "/cache/models/x/model-Q4_K_M.gguf", "--host", "127.0.0.1",
+            "--port", "40123", "--parallel", "2", "--no-kv-unified", "-ub", "512", "-t", "1"]  # fmt: skip
+    command = served_command(argv, Path("/cache/models/x/model-Q4_K_M.gguf"), "Q4_K_M-imat")
+    assert command == ("llama-server --model models/Q4_K_M-imat.gguf --host 127.0.0.1 --port 40123 --parallel 2 "
+                       "--no-kv-unified -ub 512 -t 1")  # fmt: skip
+    assert served_command([], Path("m.gguf"), "v") == ""

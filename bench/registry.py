@@ -52,6 +52,10 @@ class Registry(Generic[T]):
         known = ", ".join(self._items) or "none registered"
         return f"unknown {self.family} {name!r}; known {self.family.split()[-1]}s: {known}"
 
+    def __delitem__(self, name: str) -> None:
+        """Remove a registration (a test's own plug-in, when it is done)."""
+        del self._items[name]
+
     def get(self, name: str) -> T | None:
         return self._items.get(name)
 
